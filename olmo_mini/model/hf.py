@@ -90,7 +90,12 @@ def config_from_hf(hf: dict) -> OLMo2Config:
     )
 
 
-def config_to_hf(config: OLMo2Config, torch_dtype: torch.dtype = torch.float32) -> dict:
+def config_to_hf(
+    config: OLMo2Config,
+    torch_dtype: torch.dtype = torch.float32,
+    special_tokens: dict[str, int | None] | None = None,
+) -> dict:
+    """HF ``config.json`` content; ``special_tokens`` maps e.g. ``eos_token_id`` to an id."""
     if config.block != "reordered" or config.qk_norm != "full":
         raise ValueError(
             "Hugging Face Olmo2 is block='reordered' with qk_norm='full'; this model has "
@@ -119,6 +124,11 @@ def config_to_hf(config: OLMo2Config, torch_dtype: torch.dtype = torch.float32) 
         "use_cache": True,
         "torch_dtype": str(torch_dtype).removeprefix("torch."),
         "dtype": str(torch_dtype).removeprefix("torch."),
+        # Unset ids would otherwise default to GPT-NeoX's (50279), wrong for any other tokenizer.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        **(special_tokens or {}),
     }
 
 

@@ -96,7 +96,9 @@ class Attention(nn.Module):
         self.pre_norm_probe = Probe()
         self.logit_probe = Probe()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k = self.pre_norm_probe(q, k)
@@ -109,10 +111,37 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k = self.logit_probe(q, k)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v, mask = cache.update(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class LayerCache:
+    """Keys and values of one layer for incremental decoding, preallocated to ``max_len``."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.length = 0
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append ``k, v`` ``[B, H, T, D]``; return all keys, values and the causal mask."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache of length {self.k.shape[2]} cannot hold {end} positions")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        query_pos = torch.arange(start, end, device=k.device)[:, None]
+        mask = torch.arange(end, device=k.device)[None, :] <= query_pos
+        return self.k[:, :, :end], self.v[:, :, :end], mask
 
 
 class MLP(nn.Module):
@@ -139,11 +168,13 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_backend)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         if self.reordered:  # OLMo 2: h = x + norm(attn(x)); out = h + norm(mlp(h))
-            h = self.attention_norm.add(x, self.attention(x, cos, sin))
+            h = self.attention_norm.add(x, self.attention(x, cos, sin, cache))
             return self.mlp_norm.add(h, self.mlp(h))
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -184,21 +215,38 @@ class OLMo2(nn.Module):
         positions = torch.arange(offset, offset + seq_len, device=self.rope.inv_freq.device)
         return self.rope(positions)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states ``[B, T, d_model]``, the LM head's input."""
-        if input_ids.shape[-1] > self.config.max_seq_len:
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, d_model]``, the LM head's input.
+
+        With ``cache`` (from :meth:`new_cache`) the ids continue the cached sequence.
+        """
+        offset = cache[0].length if cache else 0
+        if offset + input_ids.shape[-1] > self.config.max_seq_len:
             raise ValueError(
-                f"sequence length {input_ids.shape[-1]} exceeds max_seq_len {self.config.max_seq_len}"
+                f"sequence length {offset + input_ids.shape[-1]} exceeds "
+                f"max_seq_len {self.config.max_seq_len}"
             )
-        cos, sin = self.rope_tables(input_ids.shape[-1])
+        cos, sin = self.rope_tables(input_ids.shape[-1], offset)
         x = self.embed_tokens(input_ids)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache[i] if cache else None)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None
+    ) -> torch.Tensor:
         """Logits ``[B, T, vocab_size]`` for token ids ``[B, T]``."""
-        return self.lm_head(self.hidden_states(input_ids))
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+        """An empty KV cache, one :class:`LayerCache` per block, for incremental decoding."""
+        like = self.embed_tokens.weight
+        cfg = self.config
+        return [
+            LayerCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, like) for _ in self.blocks
+        ]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -223,12 +271,21 @@ class OLMo2(nn.Module):
         model.rope.inv_freq = model.rope.frequencies()
         return model
 
-    def save_hf(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+    def save_hf(
+        self,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        special_tokens: dict[str, int | None] | None = None,
+    ) -> None:
+        """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+        ``special_tokens`` (``eos_token_id``, ``pad_token_id``, ``bos_token_id``) go into
+        ``config.json``; tokenizer files are the caller's to add.
+        """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.embed_tokens.weight.dtype
-        hf_config = hf.config_to_hf(self.config, dtype)
+        hf_config = hf.config_to_hf(self.config, dtype, special_tokens)
+        path.mkdir(parents=True, exist_ok=True)
         state = {hf.to_hf_key(k): v.detach().to("cpu", dtype) for k, v in self.state_dict().items()}
         hf.save_hf_state_dict(state, path)
         (path / "config.json").write_text(json.dumps(hf_config, indent=2))
