@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-QK_NORMS = ("full", "head", "none")
+QK_NORMS = ("full", "head", "none", "l2", "qkv")
 BLOCKS = ("reordered", "pre")
+NORM_TYPES = ("rms", "layer")
 NORM_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -20,6 +21,14 @@ class OLMo2Config:
     Defaults are OLMo 2's choices (RoPE theta 500k, eps 1e-6, full-width QK-norm,
     reordered norm, init std 0.02) on a tiny shape; the named sizes live in
     ``configs/model/*.yaml``. ``n_kv_heads=None`` means plain multi-head attention.
+
+    Stability interventions, all off (OLMo 2) by default:
+    ``qk_norm``: ``full`` (one norm over all heads, OLMo 2), ``head`` (per head, Qwen 3),
+    ``none``, ``l2`` (Henry et al. 2020: unit q and k per head times a learnable scale that
+    replaces 1/sqrt(head_dim)), ``qkv`` (full-width norms on q, k and v; Rybakov et al. 2024).
+    ``norm_type``: ``rms`` or ``layer`` (LayerNorm without bias); ``norm_affine=False``
+    drops the norms' learnable weights (OLMo 1's non-parametric LayerNorm).
+    ``attn_logit_softcap`` / ``final_logit_softcap``: ``cap * tanh(x / cap)`` (Gemma 2).
     """
 
     vocab_size: int = 4096
@@ -35,6 +44,10 @@ class OLMo2Config:
     block: str = "reordered"
     init_std: float = 0.02
     norm_backend: str = "auto"
+    norm_type: str = "rms"
+    norm_affine: bool = True
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -44,8 +57,11 @@ class OLMo2Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"OLMo2Config.{name} must be a positive integer, got {value!r}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "norm_eps", "init_std", "attn_logit_softcap",
+                     "final_logit_softcap"):
             value = getattr(self, name)
+            if value is None and name.endswith("softcap"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"OLMo2Config.{name} must be a positive number, got {value!r}")
         if self.d_model % self.n_heads:
@@ -65,6 +81,18 @@ class OLMo2Config:
         _check_choice("qk_norm", self.qk_norm, QK_NORMS)
         _check_choice("block", self.block, BLOCKS)
         _check_choice("norm_backend", self.norm_backend, NORM_BACKENDS)
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        if self.norm_backend == "triton" and self.norm_type != "rms":
+            raise ValueError("OLMo2Config.norm_backend 'triton' has kernels for norm_type 'rms' only")
+
+    @property
+    def is_olmo2(self) -> bool:
+        """True when the architecture is exactly OLMo 2 (what HF ``Olmo2ForCausalLM`` expresses)."""
+        return (
+            self.block == "reordered" and self.qk_norm == "full" and self.norm_type == "rms"
+            and self.norm_affine and self.attn_logit_softcap is None
+            and self.final_logit_softcap is None
+        )
 
     @property
     def head_dim(self) -> int:

@@ -96,10 +96,13 @@ def config_to_hf(
     special_tokens: dict[str, int | None] | None = None,
 ) -> dict:
     """HF ``config.json`` content; ``special_tokens`` maps e.g. ``eos_token_id`` to an id."""
-    if config.block != "reordered" or config.qk_norm != "full":
+    if not config.is_olmo2:
         raise ValueError(
-            "Hugging Face Olmo2 is block='reordered' with qk_norm='full'; this model has "
-            f"block={config.block!r}, qk_norm={config.qk_norm!r} and cannot be exported as Olmo2"
+            "Hugging Face Olmo2 is block='reordered', qk_norm='full', norm_type='rms' with "
+            f"weights and no soft-capping; this model has block={config.block!r}, "
+            f"qk_norm={config.qk_norm!r}, norm_type={config.norm_type!r}, "
+            f"norm_affine={config.norm_affine}, attn_logit_softcap={config.attn_logit_softcap}, "
+            f"final_logit_softcap={config.final_logit_softcap} and cannot be exported as Olmo2"
         )
     return {
         "architectures": ["Olmo2ForCausalLM"],

@@ -7,7 +7,10 @@ that let the stability monitor see q and k without the model knowing about metri
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,21 +22,31 @@ from olmo_mini.model import hf
 from olmo_mini.model.config import OLMo2Config
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnable weight; fp32 statistics and weight multiply (HF Olmo2RMSNorm)."""
+class Norm(nn.Module):
+    """RMSNorm (HF ``Olmo2RMSNorm`` numerics) or bias-free LayerNorm, weight optional.
 
-    def __init__(self, size: int, eps: float, backend: str) -> None:
+    Statistics and the weight multiply run in fp32; the result is cast back to the input
+    dtype. RMSNorm goes through ``olmo_mini.kernels`` (fused Triton on GPU).
+    """
+
+    def __init__(self, size: int, config: OLMo2Config) -> None:
         super().__init__()
-        self.eps = eps
-        self.backend = backend
-        self.weight = nn.Parameter(torch.ones(size))
+        self.kind = config.norm_type
+        self.eps = config.norm_eps
+        self.backend = config.norm_backend
+        self.weight = nn.Parameter(torch.ones(size)) if config.norm_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.backend)
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps, self.backend)
+        weight = None if self.weight is None else self.weight.float()
+        return F.layer_norm(x.float(), x.shape[-1:], weight, None, self.eps).to(x.dtype)
 
     def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)`` in one fused pass where the backend allows."""
-        return add_rms_norm(residual, x, self.weight, self.eps, self.backend)
+        if self.kind == "rms":
+            return add_rms_norm(residual, x, self.weight, self.eps, self.backend)
+        return residual + self(x)
 
 
 class Probe(nn.Module):
@@ -73,6 +86,55 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention with logits ``cap * tanh(s / cap)`` (Gemma 2).
+
+    Fused SDPA kernels cannot cap, so this is FlexAttention (a ``score_mod``, compiled) on
+    CUDA for training, and otherwise a math path that materializes the ``[T, S]`` logits
+    of every head: fine for the short sequences of small-scale studies, not for long ones.
+    """
+    if k.shape[1] != q.shape[1]:  # GQA: repeat each key/value head for its query group
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if q.is_cuda and mask is None:
+        return _flex_softcapped_attention(q, k, v, cap, scale)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    logits = cap * torch.tanh(logits / cap)
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return (logits.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def _flex_softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, scale: float
+) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
+        return q_idx >= kv_idx
+
+    def tanh_cap(score: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
+        return cap * torch.tanh(score / cap)
+
+    seq = q.shape[2]
+    block_mask = create_block_mask(causal, None, None, seq, seq, device=q.device)
+    return _compiled_flex_attention()(
+        q, k, v, score_mod=tanh_cap, block_mask=block_mask, scale=scale
+    )
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """FlexAttention is only fast compiled; compile it once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with optional GQA, QK-norm before RoPE, and SDPA."""
 
@@ -82,17 +144,25 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.qk_norm = config.qk_norm
+        self.softcap = config.attn_logit_softcap
         q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.d_model, q_size, bias=False)
         self.k_proj = nn.Linear(config.d_model, kv_size, bias=False)
         self.v_proj = nn.Linear(config.d_model, kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.d_model, bias=False)
-        if config.qk_norm != "none":
-            # "full": one norm over all heads (OLMo 2); "head": one norm of head_dim shared by heads.
-            full = config.qk_norm == "full"
-            eps, backend = config.norm_eps, config.norm_backend
-            self.q_norm = RMSNorm(q_size if full else config.head_dim, eps, backend)
-            self.k_norm = RMSNorm(kv_size if full else config.head_dim, eps, backend)
+        if config.qk_norm in ("full", "qkv"):  # one norm over all heads (OLMo 2)
+            self.q_norm, self.k_norm = Norm(q_size, config), Norm(kv_size, config)
+        elif config.qk_norm == "head":  # one norm of head_dim, shared by the heads
+            self.q_norm, self.k_norm = Norm(config.head_dim, config), Norm(config.head_dim, config)
+        if config.qk_norm == "qkv":
+            self.v_norm = Norm(kv_size, config)
+        if config.qk_norm == "l2":
+            # Henry et al. 2020 initialize the scale to log2(L^2 - L) for sequence length L.
+            length = config.max_seq_len
+            self.initial_qk_scale = math.log2(max(length * length - length, 2))
+            self.qk_scale = nn.Parameter(torch.tensor(self.initial_qk_scale))
+        # logits = (q . k) * softmax_scale for the q, k that logit_probe sees.
+        self.softmax_scale = 1.0 if config.qk_norm == "l2" else config.head_dim**-0.5
         self.pre_norm_probe = Probe()
         self.logit_probe = Probe()
 
@@ -102,21 +172,32 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k = self.pre_norm_probe(q, k)
-        if self.qk_norm == "full":
+        if self.qk_norm in ("full", "qkv"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm == "qkv":
+            v = self.v_norm(v)
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "l2":
+            q = F.normalize(q.float(), dim=-1).to(q.dtype)
+            k = F.normalize(k.float(), dim=-1).to(k.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm == "l2":
+            q = q * self.qk_scale.to(q.dtype)
         q, k = self.logit_probe(q, k)
-        gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        mask = None
+        if cache is not None:
             k, v, mask = cache.update(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, self.softcap, self.softmax_scale, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -165,8 +246,8 @@ class Block(nn.Module):
         self.reordered = config.block == "reordered"
         self.attention = Attention(config)
         self.mlp = MLP(config)
-        self.attention_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_backend)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_backend)
+        self.attention_norm = Norm(config.d_model, config)
+        self.mlp_norm = Norm(config.d_model, config)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
@@ -187,7 +268,7 @@ class OLMo2(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_backend)
+        self.norm = Norm(config.d_model, config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
@@ -206,8 +287,10 @@ class OLMo2(nn.Module):
                 nn.init.trunc_normal_(
                     module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
                 )
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, Norm) and module.weight is not None:
                 nn.init.ones_(module.weight)
+            elif isinstance(module, Attention) and module.qk_norm == "l2":
+                module.qk_scale.data.fill_(module.initial_qk_scale)
         # Recomputed so that a model materialized from the meta device gets real tables.
         self.rope.inv_freq.copy_(self.rope.frequencies(self.rope.inv_freq.device))
 
@@ -238,7 +321,13 @@ class OLMo2(nn.Module):
         self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab_size]`` for token ids ``[B, T]``."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+        return self.logits(self.hidden_states(input_ids, cache))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states, soft-capped when ``final_logit_softcap`` is set."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         """An empty KV cache, one :class:`LayerCache` per block, for incremental decoding."""

@@ -154,7 +154,10 @@ def test_every_model_config_file_is_a_valid_flat_mapping(path: Path) -> None:
     [
         (dict(d_model=100, n_heads=3), r"d_model \(100\) must be divisible by n_heads \(3\)"),
         (dict(n_heads=4, n_kv_heads=3), r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
-        (dict(qk_norm="layer"), r"qk_norm must be one of \['full', 'head', 'none'\]"),
+        (dict(qk_norm="layer"), r"qk_norm must be one of \['full', 'head', 'none', 'l2', 'qkv'\]"),
+        (dict(norm_type="batch"), r"norm_type must be one of \['rms', 'layer'\]"),
+        (dict(attn_logit_softcap=0.0), r"attn_logit_softcap must be a positive number"),
+        (dict(norm_type="layer", norm_backend="triton"), r"norm_backend 'triton' has kernels"),
         (dict(block="post"), r"block must be one of \['reordered', 'pre'\]"),
         (dict(norm_backend="cuda"), r"norm_backend must be one of"),
         (dict(n_layers=0), r"n_layers must be a positive integer"),
