@@ -1,0 +1,1 @@
+"""Training-stability observatory: metric math, the monitor callback and run readers."""

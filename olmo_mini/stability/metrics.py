@@ -1,0 +1,169 @@
+"""Stability metric math: q/k RMS, exact max attention logit and entropy, spike scores.
+
+Every per-batch statistic is returned as sums, counts and maxima so that values from
+data-parallel ranks combine exactly (sum the sums, max the maxima) before they are
+turned into RMS and means; see ``Reduction``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+# Bound on the logits materialized at once by the attention probe: B * H * chunk * T.
+_PROBE_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Reduction:
+    """Named partial statistics: ``sums`` add across batches and ranks, ``maxes`` take the max."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    maxes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def max(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.maxes[name] = torch.maximum(self.maxes[name], value) if name in self.maxes else value
+
+    def all_reduce(self) -> None:
+        """Combine across the default process group (no-op without one). Every rank must call."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for table, op in ((self.sums, torch.distributed.ReduceOp.SUM),
+                          (self.maxes, torch.distributed.ReduceOp.MAX)):
+            if not table:
+                continue
+            names = sorted(table)
+            flat = torch.cat([table[n].reshape(-1) for n in names])
+            torch.distributed.all_reduce(flat, op=op)
+            offset = 0
+            for n in names:
+                size = table[n].numel()
+                table[n] = flat[offset : offset + size].view_as(table[n])
+                offset += size
+
+
+def rms_statistics(stats: Reduction, prefix: str, x: torch.Tensor, n_heads: int) -> None:
+    """Per-head sums of squares and the per-head count of ``x``.
+
+    ``x`` is ``[B, T, n_heads * head_dim]`` (before the head split) or ``[B, n_heads, T, head_dim]``.
+    """
+    x = x.detach().float()
+    if x.ndim == 4:
+        sumsq, count = x.square().sum(dim=(0, 2, 3)), x[:, 0].numel()
+    else:
+        per_head = x.reshape(-1, n_heads, x.shape[-1] // n_heads)
+        sumsq, count = per_head.square().sum(dim=(0, 2)), per_head[:, 0].numel()
+    stats.add(f"{prefix}_sumsq_head", sumsq)
+    stats.add(f"{prefix}_count_head", torch.tensor(float(count), device=x.device))
+
+
+def finalize_rms(stats: Reduction, prefix: str) -> tuple[float, float]:
+    """Overall RMS and the largest per-head RMS from :func:`rms_statistics` sums."""
+    sumsq, count = stats.sums[f"{prefix}_sumsq_head"], stats.sums[f"{prefix}_count_head"]
+    overall = math.sqrt(sumsq.sum().item() / (count.item() * sumsq.numel()))
+    per_head = torch.sqrt(sumsq / count)
+    return overall, per_head.max().item()
+
+
+@torch.no_grad()
+def attention_logit_statistics(
+    stats: Reduction,
+    prefix: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> None:
+    """Exact max causal logit (per head) and attention entropy sums for ``q, k`` ``[B, H, T, D]``.
+
+    The logits ``q . k * scale`` are formed a chunk of query rows at a time, never the
+    full ``T x T`` matrix. The max is of the raw logits (what QK-norm and QK-Clip bound);
+    the entropy is of the attention actually used (after any soft-cap).
+    """
+    q, k = q.float(), k.float()
+    batch, heads, seq, _ = q.shape
+    if k.shape[1] != heads:  # GQA
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    chunk = max(1, min(seq, _PROBE_ELEMENTS // max(1, batch * heads * seq)))
+    max_per_head = torch.full((heads,), float("-inf"), device=q.device)
+    entropy_sum = torch.zeros((), device=q.device)
+    positions = torch.arange(seq, device=q.device)
+    for start in range(0, seq, chunk):
+        end = min(seq, start + chunk)
+        logits = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)) * scale
+        visible = positions[None, :end] <= positions[start:end, None]
+        masked = logits.masked_fill(~visible, float("-inf"))
+        max_per_head = torch.maximum(max_per_head, masked.amax(dim=(0, 2, 3)))
+        if softcap is not None:
+            masked = (softcap * torch.tanh(logits / softcap)).masked_fill(~visible, float("-inf"))
+        log_p = masked.log_softmax(dim=-1)
+        entropy_sum += -(log_p.exp() * log_p.masked_fill(~visible, 0.0)).sum()
+    stats.max(f"{prefix}_max_logit_head", max_per_head)
+    stats.add(f"{prefix}_entropy_sum", entropy_sum)
+    stats.add(f"{prefix}_entropy_count", torch.tensor(float(batch * heads * seq), device=q.device))
+
+
+class SpikeScore:
+    """OLMo 2's spike score, online: the percentage of values at least ``sigma`` standard
+    deviations from the mean of the previous ``window`` values (paper: 7 sigma, 1000).
+
+    A value is scored once at least two earlier values exist; the standard deviation is
+    the population one. Non-finite values count as spikes and stay out of the window.
+    """
+
+    def __init__(self, window: int = 1000, sigma: float = 7.0) -> None:
+        if window < 2:
+            raise ValueError(f"spike score window must be >= 2, got {window}")
+        if sigma <= 0:
+            raise ValueError(f"spike score sigma must be positive, got {sigma}")
+        self.sigma = sigma
+        self.history: deque[float] = deque(maxlen=window)
+        self.spikes = 0
+        self.scored = 0
+
+    def update(self, value: float) -> bool:
+        """Score ``value`` against the window, then add it; returns whether it was a spike."""
+        spike = False
+        if not math.isfinite(value):
+            spike = True
+            self.scored += 1
+        elif len(self.history) >= 2:
+            n = len(self.history)
+            mean = sum(self.history) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / n)
+            spike = abs(value - mean) >= self.sigma * std and value != mean
+            self.scored += 1
+        if math.isfinite(value):
+            self.history.append(value)
+        self.spikes += spike
+        return spike
+
+    @property
+    def score(self) -> float:
+        """Percentage of scored values that were spikes (0 before anything was scored)."""
+        return 100.0 * self.spikes / self.scored if self.scored else 0.0
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "spikes": self.spikes, "scored": self.scored}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
+        self.spikes, self.scored = state["spikes"], state["scored"]
+
+
+def spike_score(values: Iterable[float], window: int = 1000, sigma: float = 7.0) -> float:
+    """Spike score of a whole series (percentage), as :class:`SpikeScore` computes it online."""
+    tracker = SpikeScore(window, sigma)
+    for value in values:
+        tracker.update(float(value))
+    return tracker.score
