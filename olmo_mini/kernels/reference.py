@@ -21,3 +21,14 @@ def add_rms_norm_torch(
     residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     return residual + rms_norm_torch(x, weight, eps)
+
+
+def qk_rms_norm_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK-norm: each of q and k normalized over its last dim with its own weight."""
+    return rms_norm_torch(q, q_weight, eps), rms_norm_torch(k, k_weight, eps)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmo_mini.kernels import add_rms_norm, rms_norm
+from olmo_mini.kernels import add_rms_norm, qk_rms_norm, rms_norm
 from olmo_mini.model import hf
 from olmo_mini.model.config import OLMo2Config
 
@@ -173,14 +173,14 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k = self.pre_norm_probe(q, k)
         if self.qk_norm in ("full", "qkv"):
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.normalize_qk(q, k)
         if self.qk_norm == "qkv":
             v = self.v_norm(v)
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.normalize_qk(q, k)
         elif self.qk_norm == "l2":
             q = F.normalize(q.float(), dim=-1).to(q.dtype)
             k = F.normalize(k.float(), dim=-1).to(k.dtype)
@@ -199,6 +199,14 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm; RMSNorm on q and k runs as one fused launch on the Triton backend."""
+        if self.q_norm.kind != "rms":
+            return self.q_norm(q), self.k_norm(k)
+        norm = self.q_norm
+        return qk_rms_norm(q, k, norm.weight, self.k_norm.weight, norm.eps, norm.backend)
 
 
 class LayerCache:

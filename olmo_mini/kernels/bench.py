@@ -1,0 +1,222 @@
+"""GPU benchmark of the norm kernels: Triton vs eager torch, torch.compile and ``F.rms_norm``.
+
+Bandwidth is the op's minimal traffic over its time (the same bytes for every provider),
+and is also shown as a percentage of ``torch.clone`` bandwidth measured on the same GPU,
+the practical ceiling for a memory-bound pass. ``tools/bench_norm.py`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from olmo_mini.kernels import add_rms_norm, qk_rms_norm, rms_norm
+from olmo_mini.kernels.reference import add_rms_norm_torch, qk_rms_norm_torch, rms_norm_torch
+
+OPS = ("rms_norm", "add_rms_norm", "qk_rms_norm")
+PROVIDERS = ("triton", "torch", "compile", "F.rms_norm")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+M_VALUES = (4096, 16384, 65536)
+D_VALUES = (128, 2048, 4096, 8192)
+EPS = 1e-6
+NO_GPU_MESSAGE = "bench_norm needs a CUDA GPU; none found, nothing measured."
+
+# Minimal traffic in units of M*D elements. Forward: read the inputs, write the output.
+# Backward: read x and dy, write dx (add_rms_norm's residual grad is dy itself, no traffic).
+# rstd (4 bytes a row) and the weight and its dW partials are negligible at these sizes.
+# qk_rms_norm splits the M rows between q and k, so its traffic matches rms_norm's.
+FWD_TRAFFIC = {"rms_norm": 2, "add_rms_norm": 3, "qk_rms_norm": 2}
+BWD_TRAFFIC = {"rms_norm": 3, "add_rms_norm": 3, "qk_rms_norm": 3}
+
+Timer = Callable[[Callable[[], object], list[torch.Tensor]], float]
+"""``timer(fn, grad_to_none) -> ms``; ``triton.testing.do_bench`` on a GPU."""
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    pass_: str
+    provider: str
+    m: int
+    d: int
+    ms: float
+    gbps: float
+    pct_clone: float
+
+
+def op_bytes(op: str, pass_: str, m: int, d: int, elem_size: int) -> int:
+    units = {"fwd": FWD_TRAFFIC[op], "bwd": BWD_TRAFFIC[op]}
+    units["fwd+bwd"] = units["fwd"] + units["bwd"]
+    return units[pass_] * m * d * elem_size
+
+
+def make_inputs(op: str, m: int, d: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    """Activations in ``dtype``, fp32 weights (as the model keeps them), all requiring grad."""
+
+    def leaf(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dt, device=device).requires_grad_()
+
+    if op == "rms_norm":
+        return [leaf(m, d), leaf(d, dt=torch.float32)]
+    if op == "add_rms_norm":
+        return [leaf(m, d), leaf(m, d), leaf(d, dt=torch.float32)]
+    weights = [leaf(d, dt=torch.float32), leaf(d, dt=torch.float32)]
+    return [leaf(m // 2, d), leaf(m - m // 2, d), *weights]
+
+
+def provider_fn(op: str, provider: str) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+    """The function under test; F.rms_norm gets its weight in the activation dtype, as it needs."""
+    reference = functools.partial({"rms_norm": rms_norm_torch, "add_rms_norm": add_rms_norm_torch,
+                                   "qk_rms_norm": qk_rms_norm_torch}[op], eps=EPS)
+    if provider == "torch":
+        return reference
+    if provider == "compile":
+        return torch.compile(reference)
+    if provider == "triton":
+        fns = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "qk_rms_norm": qk_rms_norm}
+        return lambda *args: fns[op](*args, EPS, backend="triton")
+
+    def f_rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), EPS)
+
+    if op == "rms_norm":
+        return f_rms
+    if op == "add_rms_norm":
+        return lambda r, x, w: r + f_rms(x, w)
+    return lambda q, k, wq, wk: (f_rms(q, wq), f_rms(k, wk))
+
+
+def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def time_passes(
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    inputs: list[torch.Tensor],
+    timer: Timer,
+) -> dict[str, float]:
+    """Forward, backward (graph kept, upstream grads fixed) and forward+backward, in ms."""
+    outs = _as_tuple(fn(*inputs))  # also warms up (and compiles, for torch.compile)
+    grads = [torch.randn_like(o) for o in outs]
+    times = {"fwd": timer(lambda: fn(*inputs), [])}
+    times["bwd"] = timer(lambda: torch.autograd.backward(outs, grads, retain_graph=True), inputs)
+    times["fwd+bwd"] = timer(
+        lambda: torch.autograd.backward(_as_tuple(fn(*inputs)), grads), inputs
+    )
+    return times
+
+
+def sweep(
+    ms: Sequence[int],
+    ds: Sequence[int],
+    ops: Sequence[str],
+    providers: Sequence[str],
+    device: str,
+    timer: Timer,
+    clone_gbps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[Result]:
+    """Every (op, M, D, provider), printed as it goes."""
+    results = []
+    elem = torch.empty(0, dtype=dtype).element_size()
+    for op in ops:
+        for m in ms:
+            for d in ds:
+                torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit
+                inputs = make_inputs(op, m, d, dtype, device)
+                for provider in providers:
+                    times = time_passes(provider_fn(op, provider), inputs, timer)
+                    for pass_, t in times.items():
+                        gbps = op_bytes(op, pass_, m, d, elem) / (t * 1e-3) / 1e9
+                        r = Result(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
+                        results.append(r)
+                        print(f"{op:>13} {pass_:>7} {provider:>10} M={m:>6} D={d:>5} "
+                              f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {r.pct_clone:5.1f}% of clone")
+                del inputs
+    return results
+
+
+def write_report(results: list[Result], clone_gbps: float, device_name: str, out_dir: Path) -> None:
+    """``norm_bench.csv``, ``norm_bench.md`` (table) and ``norm_bench.png`` (GB/s by shape)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = [f.name for f in dataclasses.fields(Result)]
+    with open(out_dir / "norm_bench.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows(dataclasses.astuple(r) for r in results)
+
+    lines = [
+        f"# Norm kernel benchmark on {device_name}",
+        "",
+        f"bf16 activations, fp32 weights; torch.clone bandwidth {clone_gbps:.0f} GB/s.",
+        "",
+        "| op | pass | provider | M | D | time (us) | GB/s | % of clone |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.op} | {r.pass_} | {r.provider} | {r.m} | {r.d} | {r.ms * 1e3:.1f} | "
+        f"{r.gbps:.0f} | {r.pct_clone:.0f} |"
+        for r in results
+    ]
+    (out_dir / "norm_bench.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r.op for r in results))
+    fig, axes = plt.subplots(len(ops), len(PASSES), figsize=(5 * len(PASSES), 3.5 * len(ops)),
+                             squeeze=False)
+    shapes = list(dict.fromkeys((r.m, r.d) for r in results))
+    for row, op in enumerate(ops):
+        for col, pass_ in enumerate(PASSES):
+            ax = axes[row][col]
+            for provider in dict.fromkeys(r.provider for r in results):
+                by_shape = {(r.m, r.d): r.gbps for r in results
+                            if (r.op, r.pass_, r.provider) == (op, pass_, provider)}
+                ax.plot(range(len(shapes)), [by_shape.get(s, float("nan")) for s in shapes],
+                        marker="o", label=provider)
+            ax.axhline(clone_gbps, color="gray", linestyle="--", label="torch.clone")
+            ax.set_xticks(range(len(shapes)), [f"{m}x{d}" for m, d in shapes], rotation=60,
+                          fontsize=7)
+            ax.set_title(f"{op} {pass_}")
+            ax.set_ylabel("GB/s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Norm kernels, bf16, {device_name}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "norm_bench.png", dpi=120)
+    plt.close(fig)
+
+
+def main(
+    out_dir: Path,
+    ms: Sequence[int] = M_VALUES,
+    ds: Sequence[int] = D_VALUES,
+    ops: Sequence[str] = OPS,
+    providers: Sequence[str] = PROVIDERS,
+) -> int:
+    """Run the sweep on the current CUDA device and write the report; 0 without a GPU too."""
+    if not torch.cuda.is_available():
+        print(NO_GPU_MESSAGE)
+        return 0
+    from triton.testing import do_bench
+
+    def timer(fn: Callable[[], object], grad_to_none: list[torch.Tensor]) -> float:
+        return do_bench(fn, grad_to_none=grad_to_none or None, return_mode="median")
+
+    big = torch.empty(1 << 28, dtype=torch.bfloat16, device="cuda")  # 512 MiB
+    clone_gbps = 2 * big.numel() * big.element_size() / (timer(big.clone, []) * 1e-3) / 1e9
+    del big
+    device_name = torch.cuda.get_device_name()
+    print(f"{device_name}: torch.clone {clone_gbps:.0f} GB/s")
+    results = sweep(ms, ds, ops, providers, "cuda", timer, clone_gbps)
+    write_report(results, clone_gbps, device_name, out_dir)
+    print(f"wrote {out_dir}/norm_bench.{{csv,md,png}}")
+    return 0
