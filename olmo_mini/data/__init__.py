@@ -1,0 +1,18 @@
+"""Corpora, tokenizer, token shards, streaming and the resumable ``OLMoDataModule``."""
+
+from olmo_mini.data.config import DataConfig, padded_vocab_size
+from olmo_mini.data.datamodule import OLMoDataModule, prepared_corpus
+from olmo_mini.data.shards import read_manifest, write_shards
+from olmo_mini.data.tokenizer import eos_id, load_tokenizer, train_bpe
+
+__all__ = [
+    "DataConfig",
+    "OLMoDataModule",
+    "eos_id",
+    "load_tokenizer",
+    "padded_vocab_size",
+    "prepared_corpus",
+    "read_manifest",
+    "train_bpe",
+    "write_shards",
+]

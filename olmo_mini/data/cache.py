@@ -1,0 +1,57 @@
+"""The on-disk cache for the default tokenizer and pre-tokenized corpora: content-keyed, atomic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_root(configured: str | None) -> Path:
+    """``data.cache_dir``, else ``$OLMO_MINI_CACHE``, else ``~/.cache/olmo_mini``."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("OLMO_MINI_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "olmo_mini"
+
+
+def content_key(payload: dict) -> str:
+    """A short stable hash of a JSON-able description of what an entry was built from."""
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``target``, building it first if absent.
+
+    ``build`` fills a private temporary folder that is then renamed into place, so a reader never
+    sees a half-written entry and concurrent builders (several ranks) cannot corrupt each other:
+    the first rename wins and later builders discard their copy.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that it is either absent or complete (manifests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""``DataConfig``: the Hydra ``data`` group, validated on construction with messages naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCES = ("stdlib", "files", "shards", "hf_stream")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are cut into batches.
+
+    ``source`` picks the corpus:
+
+    - ``stdlib``: the Python standard library's ``.py`` files (always on the machine; the default).
+    - ``files``: local ``.txt``/``.jsonl``/``.parquet`` files (``files``), tokenized once into cached
+      shards on first use.
+    - ``shards``: a directory or fsspec URL holding ``manifest.json`` written by
+      ``tools/prepare_data.py``.
+    - ``hf_stream``: a Hugging Face ``datasets`` streaming source (``hf_path``/``hf_name``/
+      ``hf_split``/``hf_data_files``) tokenized inside the loader workers.
+
+    ``tokenizer=None`` means the byte-level BPE trained on the stdlib corpus (cached), except for
+    ``shards``, where it means the tokenizer saved next to the manifest.
+    """
+
+    source: str = "stdlib"
+    seq_len: int = 256
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    num_workers: int = 0
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    eos_token: str | None = None
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    shards: str | None = None
+    hf_path: str | None = None
+    hf_name: str | None = None
+    hf_split: str = "train"
+    hf_data_files: list[str] = field(default_factory=list)
+    hf_val_split: str | None = None
+    val_fraction: float = 0.02
+    val_batches: int = 4
+    max_docs: int | None = None
+    prepare_procs: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        for name in ("seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("num_workers", self.num_workers, minimum=0)
+        _require_int("vocab_size", self.vocab_size, minimum=257)
+        for name in ("max_docs", "prepare_procs"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"data.global_batch_size ({self.global_batch_size}) must be divisible by "
+                f"data.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.source == "files" and not self.files:
+            raise ValueError("data.files must list at least one file when data.source is 'files'")
+        if self.source == "shards" and not self.shards:
+            raise ValueError("data.shards must name a directory or URL when data.source is 'shards'")
+        if self.source == "hf_stream" and not self.hf_path:
+            raise ValueError("data.hf_path must be set when data.source is 'hf_stream'")
+        if self.source == "hf_stream" and self.hf_val_split is None and self.val_fraction == 0:
+            raise ValueError(
+                "data.val_fraction must be > 0 when data.source is 'hf_stream' and "
+                "data.hf_val_split is not set (validation needs held-out documents)"
+            )
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank, so that one step sees one global batch."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"data.global_batch_size ({self.global_batch_size}) must be divisible by "
+                f"data.micro_batch_size × world size ({self.micro_batch_size} × {world_size} "
+                f"= {per_step})"
+            )
+        return self.global_batch_size // per_step
+
+
+def padded_vocab_size(n: int, multiple: int = 128) -> int:
+    """The model's vocab: the tokenizer's size rounded up to ``multiple`` (tensor-core friendly)."""
+    if n <= 0 or multiple <= 0:
+        raise ValueError(f"padded_vocab_size needs positive sizes, got n={n}, multiple={multiple}")
+    return -(-n // multiple) * multiple
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{name} must be an integer ≥ {minimum}, got {value!r}")

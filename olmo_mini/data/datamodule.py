@@ -1,0 +1,243 @@
+"""``OLMoDataModule``: tokenizer, train/val loaders and the resumable loader position.
+
+The position is one integer, ``consumed_global_batches``, which the training module increments
+once per completed global batch. Both paths are deterministic functions of it (shards: the
+permutation; streaming: the slot's served-window count), so it is the whole loader state;
+``state_dict`` adds a fingerprint so a checkpoint is never resumed on other data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import fsspec
+import lightning as L
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from olmo_mini.data.cache import build_once, cache_root, content_key
+from olmo_mini.data.config import DataConfig
+from olmo_mini.data.corpus import (
+    expand_files,
+    file_documents,
+    files_hash,
+    is_val,
+    stdlib_documents,
+    stdlib_hash,
+)
+from olmo_mini.data.sampling import ShuffledTrainStream, fixed_batches
+from olmo_mini.data.shards import (
+    FORMAT,
+    ShardInstances,
+    manifest_hash,
+    read_manifest,
+    write_shards,
+)
+from olmo_mini.data.streaming import HFSource, StreamingTrainStream, packed_windows
+from olmo_mini.data.tokenizer import (
+    default_tokenizer,
+    eos_id,
+    load_tokenizer,
+    tokenizer_file,
+    tokenizer_hash,
+)
+
+
+def prepared_corpus(config: DataConfig, tokenizer_path: Path) -> Path:
+    """Shards of the stdlib or local-files corpus, tokenized on first use and cached by content."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos = eos_id(tokenizer, config.eos_token, tokenizer_path)
+    if config.source == "stdlib":
+        corpus, kind = stdlib_hash(config.max_docs), "stdlib"
+        documents = stdlib_documents(config.max_docs)
+    else:
+        paths = expand_files(config.files)
+        corpus, kind = files_hash(paths, config.text_field, config.max_docs), "files"
+        documents = file_documents(paths, config.text_field, config.max_docs)
+    key = content_key({"format": FORMAT, "corpus": corpus, "tokenizer": tokenizer_hash(tokenizer),
+                       "eos": eos, "val_fraction": config.val_fraction})
+    target = cache_root(config.cache_dir) / "shards" / f"{kind}-{key}"
+    return build_once(target, lambda tmp: write_shards(
+        documents, tokenizer, eos, tmp, source=f"{kind}:{corpus}",
+        val_fraction=config.val_fraction, procs=config.prepare_procs))
+
+
+class OLMoDataModule(L.LightningDataModule):
+    """Serves this rank's share of every global batch; see ``olmo_mini.data.sampling``."""
+
+    def __init__(self, config: DataConfig, seed: int, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        super().__init__()
+        if seed < 0:
+            raise ValueError(f"seed must be ≥ 0 for the data permutation, got {seed}")
+        self.config, self.seed = config, seed
+        self._rank, self._world_size = rank, world_size
+        self.consumed_global_batches = 0
+        self.tokenizer: Tokenizer | None = None
+        self.tokenizer_path: str | None = None
+        self.vocab_size = 0
+        self.eos_id = 0
+        self.fingerprint: dict | None = None
+        self._manifest: dict | None = None
+        self._pending_state: dict | None = None
+
+    # ------------------------------------------------------------ layout
+
+    @property
+    def rank(self) -> int:
+        return self._rank if self._rank is not None else self.trainer.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size if self._world_size is not None else self.trainer.world_size
+
+    # ------------------------------------------------------------ building
+
+    def prepare_data(self) -> None:
+        """Build the cached tokenizer and shards once per node (Lightning: local rank 0 only)."""
+        self._resolve_tokenizer_and_shards()
+
+    def _resolve_tokenizer_and_shards(self) -> tuple[str, str | None]:
+        """``(tokenizer path or URL, shard root or None for streaming)``, building caches."""
+        config = self.config
+        if config.source == "files":
+            expand_files(config.files)  # a missing file fails before any tokenizer is trained
+        if config.tokenizer is not None:
+            tokenizer = str(tokenizer_file(config.tokenizer))
+        elif config.source == "shards":
+            tokenizer = f"{str(config.shards).rstrip('/')}/tokenizer.json"
+        else:
+            # A stdlib subset (max_docs, for quick runs) also trains the tokenizer on the subset.
+            subset = config.max_docs if config.source == "stdlib" else None
+            tokenizer = str(default_tokenizer(config.vocab_size, config.cache_dir,
+                                              config.val_fraction, subset))
+        if config.source in ("stdlib", "files"):
+            return tokenizer, str(prepared_corpus(config, Path(tokenizer)))
+        return tokenizer, config.shards
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.fingerprint is not None:
+            return
+        config = self.config
+        config.grad_accum_steps(self.world_size)
+        tokenizer_path, shards = self._resolve_tokenizer_and_shards()
+        self.tokenizer_path = tokenizer_path
+        if shards is not None:
+            self._setup_shards(shards, tokenizer_path)
+        else:
+            self._setup_stream(tokenizer_path)
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+
+    def _setup_shards(self, root: str, tokenizer_path: str) -> None:
+        config = self.config
+        manifest = read_manifest(root)
+        fs, path = fsspec.core.url_to_fs(tokenizer_path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"tokenizer not found: {tokenizer_path}")
+        self.tokenizer = Tokenizer.from_str(fs.cat_file(path).decode())
+        if tokenizer_hash(self.tokenizer) != manifest["tokenizer_hash"]:
+            raise ValueError(
+                f"tokenizer mismatch: {tokenizer_path} (hash {tokenizer_hash(self.tokenizer)}) is not "
+                f"the tokenizer of {root}/manifest.json (hash {manifest['tokenizer_hash']})"
+            )
+        self._manifest, self._shard_root = manifest, root
+        self.eos_id = manifest["eos_id"]
+        self._train = ShardInstances.open(root, "train", config.seq_len, manifest)
+        val = ShardInstances.open(root, "val", config.seq_len, manifest)
+        n_val = min(val.num_instances, config.val_batches * config.global_batch_size)
+        self._val_windows = val.read(np.arange(n_val))
+        self._what = f"the training split of {root}"
+        self.fingerprint = self._fingerprint(manifest_hash(manifest))
+
+    def _setup_stream(self, tokenizer_path: str) -> None:
+        config = self.config
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.eos_id = eos_id(self.tokenizer, config.eos_token, tokenizer_path)
+        self._source = HFSource(config.hf_path, config.hf_name, list(config.hf_data_files),
+                                config.text_field)
+        if config.hf_val_split is None:
+            val_split, self._held_out = config.hf_split, config.val_fraction
+            keep_val = lambda text: is_val(text, config.val_fraction)  # noqa: E731
+        else:
+            val_split, self._held_out = config.hf_val_split, None
+            keep_val = lambda text: True  # noqa: E731
+        n_val = config.val_batches * config.global_batch_size
+        windows = packed_windows(self._source, val_split, keep_val, self.tokenizer, self.eos_id,
+                                 config.seq_len + 1, repeat=False)
+        collected = list(itertools.islice(windows, n_val))
+        self._val_windows = np.stack(collected) if collected else np.empty((0, config.seq_len + 1))
+        identity = content_key({"source": repr(self._source), "split": config.hf_split,
+                                "val_split": config.hf_val_split, "val_fraction": self._held_out})
+        self.fingerprint = self._fingerprint(identity, layout={
+            "world_size": self.world_size, "num_workers": config.num_workers,
+            "micro_batch_size": config.micro_batch_size})
+
+    def _fingerprint(self, data: str, layout: dict | None = None) -> dict:
+        return {"seed": self.seed, "seq_len": self.config.seq_len,
+                "global_batch_size": self.config.global_batch_size, "data": data,
+                "tokenizer": tokenizer_hash(self.tokenizer), **(layout or {})}
+
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        config = self.config
+        if self._manifest is not None:
+            dataset = ShuffledTrainStream(
+                self._train, self._what, self.seed, config.global_batch_size,
+                config.micro_batch_size, self.rank, self.world_size, self.consumed_global_batches)
+        else:
+            dataset = StreamingTrainStream(
+                self._source, config.hf_split, self._held_out, self.tokenizer.to_str(),
+                self.eos_id, config.seq_len, config.global_batch_size, config.micro_batch_size,
+                self.rank, self.world_size, self.consumed_global_batches)
+        return DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        batches = fixed_batches(self._val_windows,
+                                self.config.val_batches * self.config.global_batch_size,
+                                self.config.micro_batch_size, self.rank, self.world_size)
+        return DataLoader(batches, batch_size=None)
+
+    # ------------------------------------------------------------ checks and resume
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """A token id at or beyond the model's vocab is an error naming where it comes from."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(
+                f"tokenizer {self.tokenizer_path} has {self.vocab_size} ids, more than the "
+                f"model's vocab_size ({model_vocab_size})"
+            )
+        for record in (self._manifest or {}).get("shards", []):
+            if record["max_token_id"] >= model_vocab_size:
+                raise ValueError(
+                    f"shard {self._shard_root}/{record['file']} holds token id "
+                    f"{record['max_token_id']}, at or beyond the model's vocab_size "
+                    f"({model_vocab_size})"
+                )
+
+    def state_dict(self) -> dict:
+        return {"consumed_global_batches": self.consumed_global_batches,
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position; checked against this run's data once ``setup`` has run."""
+        if self.fingerprint is None:
+            self._pending_state = state_dict
+            return
+        saved = state_dict["fingerprint"]
+        if saved != self.fingerprint:
+            diff = {k: (saved.get(k), self.fingerprint.get(k))
+                    for k in sorted(set(saved) | set(self.fingerprint))
+                    if saved.get(k) != self.fingerprint.get(k)}
+            raise ValueError(
+                "the checkpoint's data loader does not match this run's data "
+                f"(field: (checkpoint, now)): {diff}; resuming would not replay the same batches"
+            )
+        self.consumed_global_batches = int(state_dict["consumed_global_batches"])
+        self._pending_state = None
