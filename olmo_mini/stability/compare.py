@@ -1,0 +1,287 @@
+"""Compare runs side by side: loss curves, per-layer q/k RMS and attention logits, final loss
+against learning rate, and a Markdown table, so an ablation reads at a glance."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from olmo_mini.stability.runs import Run, experiment_keys
+
+LR_KEY = "optim.lr"
+# (group, name) of the per-layer metrics drawn, one panel each when any run logged them.
+LAYER_METRICS = (
+    ("qk", "q_rms"),
+    ("qk", "k_rms"),
+    ("qk", "q_rms_pre"),
+    ("qk", "k_rms_pre"),
+    ("attn", "max_logit"),
+    ("attn", "entropy"),
+)
+# Metrics that grow by orders of magnitude in an unstable run: drawn on a log axis.
+_LOG_SCALE = {"max_logit", "q_rms_pre", "k_rms_pre"}
+# One sequential colormap and one line style per run; the shade gives the layer.
+_RUN_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "PuRd")
+_RUN_LINESTYLES = ("-", "--", ":", "-.")
+# Train losses averaged for the final loss when no validation ran at the end.
+FINAL_TRAIN_WINDOW = 5
+
+
+@dataclass(frozen=True)
+class LossValue:
+    """A loss and where it came from, so tables can say which definition applied."""
+
+    value: float
+    how: str
+
+
+def differing_keys(runs: Sequence[Run]) -> list[str]:
+    """Experiment config keys (dotted) whose values are not the same in every run."""
+    configs = [experiment_keys(run.config) for run in runs]
+    keys = sorted(set().union(*configs))
+    return [k for k in keys if len({_canonical(c.get(k)) for c in configs}) > 1]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def describe(run: Run, keys: Sequence[str]) -> str:
+    """``qk_norm=none, lr=0.01``: the values of ``keys``, by their last dotted part when unique."""
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    names = [s if short.count(s) == 1 else k for s, k in zip(short, keys, strict=True)]
+    return ", ".join(f"{n}={_format_value(run.config.get(k))}" for n, k in zip(names, keys, strict=True))
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_labels(runs: Sequence[Run], names: Sequence[str] | None = None) -> list[str]:
+    """Given names, else each run's own name, else its config differences; made unique."""
+    keys = differing_keys(runs)
+    if names is not None and len(names) != len(runs):
+        raise ValueError(f"{len(names)} names for {len(runs)} runs")
+    labels = [
+        (names[i] if names else "") or run.name or describe(run, keys) or Path(run.source).name
+        for i, run in enumerate(runs)
+    ]
+    return [
+        f"{label} ({Path(run.source).name})" if labels.count(label) > 1 else label
+        for label, run in zip(labels, runs, strict=True)
+    ]
+
+
+def group_runs(runs: Sequence[Run], exclude: Sequence[str] = (LR_KEY,)) -> dict[str, list[Run]]:
+    """Runs grouped by their config differences other than ``exclude`` (e.g. the LR arms)."""
+    keys = [k for k in differing_keys(runs) if k not in exclude]
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(describe(run, keys) or "all runs", []).append(run)
+    return groups
+
+
+def init_loss(run: Run) -> LossValue:
+    """The loss at initialization: val/loss at step 0 when logged, else the first train loss."""
+    steps, values = run.series("val/loss")
+    if steps.size and steps[0] == 0:
+        return LossValue(float(values[0]), "val/loss @ 0")
+    steps, values = run.series("train/loss")
+    if not steps.size:
+        return LossValue(math.nan, "no train/loss")
+    return LossValue(float(values[0]), f"train/loss @ {steps[0]}")
+
+
+def final_loss(run: Run) -> LossValue:
+    """The last val/loss when validation ran at (or after) the last training step; otherwise the
+    mean of the last ``FINAL_TRAIN_WINDOW`` train losses (non-finite if any of them is).
+
+    A run that diverged and stopped early has no validation at its end; its earlier, healthy
+    val/loss must not stand for the final loss, hence the train-loss fallback.
+    """
+    val_steps, val = run.series("val/loss")
+    train_steps, train = run.series("train/loss")
+    if val_steps.size and (not train_steps.size or val_steps[-1] >= train_steps[-1]):
+        return LossValue(float(val[-1]), f"val/loss @ {val_steps[-1]}")
+    if not train_steps.size:
+        return LossValue(math.nan, "no loss logged")
+    window = train[-FINAL_TRAIN_WINDOW:]
+    first = train_steps[-len(window)]
+    return LossValue(float(np.mean(window)), f"train/loss mean @ {first}–{train_steps[-1]}")
+
+
+def max_attention_logit(run: Run) -> tuple[float, int, int] | None:
+    """The largest ``attn/layer*/max_logit`` over layers and steps: (value, layer, step).
+
+    NaN values are skipped; an infinite one wins. None when the run never logged it.
+    """
+    best: tuple[float, int, int] | None = None
+    for layer, (steps, values) in run.layer_series("attn", "max_logit").items():
+        for step, value in zip(steps, values, strict=True):
+            if not math.isnan(value) and (best is None or value > best[0]):
+                best = (float(value), layer, int(step))
+    return best
+
+
+def plot_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path:
+    """train/loss, and val/loss when any run has it, over steps: one line per run."""
+    keys = ["train/loss"] + (["val/loss"] if any("val/loss" in r.keys() for r in runs) else [])
+    fig = Figure(figsize=(6 * len(keys), 4))
+    axes = fig.subplots(1, len(keys), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+            steps, values = run.series(key)
+            ax.plot(steps, values, label=label, color=f"C{i % 10}",
+                    marker="o" if key == "val/loss" else None, markersize=3)
+        ax.set(title=key, xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path | None:
+    """A panel per per-layer metric, a line per (run, layer): colormap and style per run,
+    darker shades for deeper layers. None when no run logged any of them."""
+    metrics = [(g, n) for g, n in LAYER_METRICS if any(run.layer_series(g, n) for run in runs)]
+    if not metrics:
+        return None
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(5.5 * cols, 4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (group, name) in zip(axes.flat, metrics, strict=False):
+        all_values = []
+        for i, run in enumerate(runs):
+            layers = run.layer_series(group, name)
+            cmap = colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]]
+            for j, (layer, (steps, values)) in enumerate(layers.items()):
+                shade = 0.45 + 0.55 * (j / max(1, len(layers) - 1))
+                ax.plot(steps, values, color=cmap(shade),
+                        linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)], linewidth=1.2,
+                        label=f"layer {layer}")
+                all_values.append(values)
+        if name in _LOG_SCALE:
+            set_growth_scale(ax, all_values)
+        ax.set(title=f"{group}/layer*/{name}", xlabel="step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    handles = [
+        Line2D([], [], color=colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]](0.75),
+               linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)], label=label)
+        for i, label in enumerate(labels)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+               title="run (shade: light = layer 0, dark = last layer)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def set_growth_scale(ax: Axes, arrays: Sequence[np.ndarray]) -> None:
+    """A log axis for values spanning orders of magnitude; symlog if any is not positive."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64) for a in arrays] or [np.empty(0)])
+    values = values[np.isfinite(values)]
+    ax.set_yscale("log" if values.size and values.min() > 0 else "symlog")
+
+
+def plot_final_loss_vs_lr(groups: dict[str, list[Run]], path: Path) -> Path:
+    """Final loss against peak LR (log axis), one line per group.
+
+    Non-finite final losses (diverged runs) are drawn as crosses at the run's loss at init,
+    the value LR sensitivity counts for them.
+    """
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for i, (label, runs) in enumerate(groups.items()):
+        points = sorted((float(run.config[LR_KEY]), run) for run in runs if LR_KEY in run.config)
+        lrs = np.array([lr for lr, _ in points])
+        finals = np.array([final_loss(run).value for _, run in points])
+        ok = np.isfinite(finals)
+        if ok.any():
+            ax.plot(lrs[ok], finals[ok], marker="o", color=f"C{i % 10}", label=label)
+        if not ok.all():
+            at_init = [init_loss(run).value for (_, run), bad in zip(points, ~ok, strict=True) if bad]
+            ax.plot(lrs[~ok], at_init, linestyle="none", marker="x", markersize=9,
+                    color=f"C{i % 10}", label=f"{label}: diverged (at loss at init)")
+    ax.set(xscale="log", xlabel=f"peak learning rate ({LR_KEY})", ylabel="final loss",
+           title="final loss vs learning rate")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def summary_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
+    """Markdown: one row per run with its config differences, final losses, max attention
+    logit, spike scores and last step."""
+    keys = differing_keys(runs)
+    lines = [
+        "| run | config differences | final train loss | final val loss | max attn logit "
+        "(layer, step) | spike score loss % | spike score grad % | steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run, label in zip(runs, labels, strict=True):
+        peak = max_attention_logit(run)
+        cells = [
+            label,
+            describe(run, keys) or "—",
+            _last(run, "train/loss"),
+            _last(run, "val/loss"),
+            "—" if peak is None else f"{_number(peak[0])} ({peak[1]}, {peak[2]})",
+            _last(run, "stability/spike_score_loss"),
+            _last(run, "stability/spike_score_grad"),
+            str(run.final_step),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _last(run: Run, key: str) -> str:
+    return _number(run.last(key)) if key in run.keys() else "—"
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def compare_runs(runs: Sequence[Run], out_dir: str | Path,
+                 names: Sequence[str] | None = None) -> list[Path]:
+    """Write the figures and ``summary.md`` for ``runs`` into ``out_dir``; returns the paths."""
+    if not runs:
+        raise ValueError("no runs to compare")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs, names)
+    written = [plot_losses(runs, labels, out / "loss.png")]
+    layers = plot_layer_metrics(runs, labels, out / "layers.png")
+    if layers is not None:
+        written.append(layers)
+    if LR_KEY in differing_keys(runs):
+        written.append(plot_final_loss_vs_lr(group_runs(runs), out / "final_loss_vs_lr.png"))
+    lines = ["# Run comparison", "", summary_table(runs, labels)]
+    lines += ["Final losses are the last logged values; spike scores the last logged "
+              "(running) percentages.", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in written]
+    notes = [f"- {label}: {note}" for run, label in zip(runs, labels, strict=True)
+             for note in run.notes]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
+    return [*written, summary]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,117 @@
+"""compare_runs on runs the test logs: figures written, table numbers right, labels and the
+final-loss rule."""
+
+from __future__ import annotations
+
+import math
+import runpy
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+from lightning.pytorch.loggers import WandbLogger
+
+from olmo_mini.stability.compare import final_loss, init_loss, run_labels
+from olmo_mini.stability.runs import Run, load_run
+from tests.stability.test_runs import write_csv_run
+
+TOOL = Path(__file__).parents[2] / "tools" / "compare_runs.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rows(train: list[float], val_at_end: float | None, logits: dict[tuple[int, int], float],
+         spikes: tuple[float, float] | None = None) -> list[dict[str, float]]:
+    """Steps 0, 10, ... with the given train losses; max logit 1.0 except at (layer, step)."""
+    out = []
+    for i, loss in enumerate(train):
+        step = 10 * i
+        row = {"step": step, "train/loss": loss}
+        for layer in range(2):
+            row[f"attn/layer{layer}/max_logit"] = logits.get((layer, step), 1.0)
+            row[f"qk/layer{layer}/q_rms"] = 1.0 + layer
+            row[f"qk/layer{layer}/k_rms"] = 0.5 + layer
+        out.append(row)
+    if val_at_end is not None:
+        out.append({"step": out[-1]["step"], "val/loss": val_at_end})
+    if spikes is not None:
+        out[-1].update({"stability/spike_score_loss": spikes[0], "stability/spike_score_grad": spikes[1]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("compare")
+    wandb_dir = root / "wandb_run"
+    (wandb_dir / ".hydra").mkdir(parents=True)
+    config = {"optim": {"lr": 1e-3}, "model": {"qk_norm": "full"}, "logger": {"kind": "wandb"}}
+    (wandb_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    logger = WandbLogger(offline=True, save_dir=str(wandb_dir), project="t")
+    logger.log_hyperparams(config)
+    for row in rows([5.0, 4.0, 3.0, 2.5, 2.25], 2.3, {(1, 30): 50.0}, spikes=(0.5, 1.0)):
+        logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    logger.experiment.finish()
+    high_lr = write_csv_run(
+        root / "csv_high_lr", {"optim": {"lr": 1e-2}, "model": {"qk_norm": "full"}},
+        rows([5.0, 3.5, 2.5, 2.1, 2.0], 2.1, {(0, 20): 1e3}))
+    diverged = write_csv_run(
+        root / "csv_diverged", {"optim": {"lr": 1e-3}, "model": {"qk_norm": "none"}},
+        rows([5.0, 4.0, 3.0, 8.0, math.nan], None, {(0, 30): math.inf, (1, 20): math.nan}))
+    return [wandb_dir, high_lr, diverged]
+
+
+def parse_table(markdown: str) -> dict[str, list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in lines[1:])}
+
+
+def test_compare_runs_writes_figures_and_the_summary_table(run_dirs, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert runpy.run_path(str(TOOL))["main"]([*map(str, run_dirs), "--out", str(out)]) == 0
+    names = ["loss.png", "layers.png", "final_loss_vs_lr.png", "summary.md"]
+    assert capsys.readouterr().out.split() == [str(out / n) for n in names]
+    for name in names[:-1]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert matplotlib.image.imread(out / name).shape[2] == 4
+    table = parse_table((out / "summary.md").read_text())
+    # run: config differences, final train, final val, max logit (layer, step), spikes, steps
+    assert table == {
+        "qk_norm=full, lr=0.001": ["qk_norm=full, lr=0.001", "2.25", "2.3", "50 (1, 30)",
+                                   "0.5", "1", "40"],
+        "qk_norm=full, lr=0.01": ["qk_norm=full, lr=0.01", "2", "2.1", "1000 (0, 20)",
+                                  "—", "—", "40"],
+        "qk_norm=none, lr=0.001": ["qk_norm=none, lr=0.001", "nan", "—", "inf (0, 30)",
+                                   "—", "—", "40"],
+    }
+
+
+def test_compare_runs_uses_given_names_and_reports_read_errors(run_dirs, tmp_path, capsys) -> None:
+    main = runpy.run_path(str(TOOL))["main"]
+    out = tmp_path / "named"
+    assert main([str(run_dirs[0]), str(run_dirs[1]), "--out", str(out), "--names", "a", "b"]) == 0
+    assert set(parse_table((out / "summary.md").read_text())) == {"a", "b"}
+    assert main([str(tmp_path / "missing"), "--out", str(out)]) == 1
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_labels_fall_back_to_config_differences_and_stay_unique(run_dirs) -> None:
+    runs = [load_run(d) for d in run_dirs]
+    assert run_labels(runs[:2]) == ["lr=0.001", "lr=0.01"]
+    twins = [runs[1], Run("", dict(runs[1].config), runs[1].history, "/x/other")]
+    assert run_labels(twins) == ["csv_high_lr", "other"]  # nothing differs: the folder names
+    named = Run("mine", runs[0].config, runs[0].history, "/x/y")
+    assert run_labels([named, runs[1]]) == ["mine", "lr=0.01"]
+
+
+def test_final_loss_ignores_a_healthy_val_before_divergence() -> None:
+    history = [{"step": 0, "train/loss": 6.0}, {"step": 50, "val/loss": 3.0}]
+    history += [{"step": s, "train/loss": v} for s, v in [(60, 3.0), (70, 4.0), (80, math.nan)]]
+    run = Run("", {}, history, "x")
+    assert math.isnan(final_loss(run).value)
+    assert init_loss(run).value == 6.0
+    healthy = Run("", {}, history[:2] + [{"step": 80, "train/loss": 2.0},
+                                         {"step": 80, "val/loss": 2.5}], "x")
+    assert final_loss(healthy).value == 2.5
+    train_only = Run("", {}, [{"step": s, "train/loss": float(s)} for s in range(8)], "x")
+    assert final_loss(train_only).value == pytest.approx((3 + 4 + 5 + 6 + 7) / 5)

@@ -1,0 +1,41 @@
+"""LR sensitivity of each arm of a learning-rate sweep (Wortsman et al. 2023, §2.2).
+
+    python tools/lr_sensitivity.py multirun/2025-01-01/12-00-00 --out study_out
+    python tools/lr_sensitivity.py outputs/run_a outputs/run_b ... --out study_out
+
+Runs are grouped into arms by their config differences other than optim.lr (e.g.
+model.qk_norm x optim.z_loss). Writes final_loss_vs_lr.png, max_logit_by_layer.png and
+lr_sensitivity.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from olmo_mini.stability.runs import RunReadError, find_runs, load_run
+from olmo_mini.stability.sensitivity import write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run dirs, wandb offline-run folders or sweep folders holding them")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(spec) for given in args.run_dirs for spec in find_runs(given)]
+        written = write_report(runs, args.out)
+    except (RunReadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for run in runs:
+        for note in run.notes:
+            print(f"note: {note}", file=sys.stderr)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
