@@ -1,0 +1,210 @@
+"""The training config tree: one dataclass per Hydra group, validated before any real work.
+
+``configs/train.yaml`` composes the groups; the dataclasses here are registered with Hydra's
+ConfigStore as the schema (``train_schema``), so a misspelled key or a value of the wrong type
+fails while Hydra composes. Rules that span fields or groups run when ``load_config`` turns the
+composed ``DictConfig`` into a ``TrainConfig``; every failure is one ``ConfigError`` whose message
+names the field (``trainer.precision``, ``data.global_batch_size``, ...) and the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from olmo_mini.data.config import DataConfig
+from olmo_mini.model.config import OLMo2Config
+
+ACCELERATORS = ("auto", "cpu", "gpu")
+STRATEGIES = ("single", "ddp", "fsdp")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true")
+LOGGERS = ("none", "wandb")
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the field."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with OLMo 2's groups (no weight decay on the embedding only), warmup + cosine."""
+
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    # The cosine ends at min_lr_ratio * lr at trainer.max_steps.
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    z_loss: float = 1e-5
+    # Non-finite loss or grad norm skips the step; this many in a row stops the run.
+    max_consecutive_skips: int = 5
+
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr", "eps", "grad_clip")
+        _at_least("optim", self, 0, "weight_decay", "z_loss", "warmup_steps")
+        _at_least("optim", self, 1, "max_consecutive_skips")
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)!r}")
+
+
+@dataclass
+class TrainerConfig:
+    """Devices, parallelism, precision and loop lengths; names follow Lightning's Trainer."""
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    # single: one device; ddp: replicated params; fsdp: FSDP2 fully_shard per block + root.
+    strategy: str = "single"
+    # auto: bf16-mixed on GPUs and on CPUs with native bf16 matmuls (AVX512-BF16/AMX), else 32-true.
+    precision: str = "auto"
+    max_steps: int = 150
+    # Stop early at this step; the LR schedule still spans max_steps (for stop/resume tests).
+    stop_at_step: int | None = None
+    val_check_interval: int = 50
+    log_every_n_steps: int = 10
+    compile: bool = False
+    activation_checkpointing: bool = False
+    # Peak FLOP/s for perf/mfu; null = Lightning's GPU table, or a measured matmul peak on CPU.
+    peak_flops: float | None = None
+    progress_bar: bool = True
+    sample_prompt: str = "def "
+    sample_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
+        _choice("trainer.strategy", self.strategy, STRATEGIES)
+        _choice("trainer.precision", self.precision, PRECISIONS)
+        _positive("trainer", self, "devices", "num_nodes", "max_steps", "val_check_interval",
+                  "log_every_n_steps")
+        _at_least("trainer", self, 0, "sample_new_tokens")
+        if self.strategy == "single" and self.devices * self.num_nodes != 1:
+            raise ConfigError(
+                f"trainer.devices × trainer.num_nodes ({self.devices} × {self.num_nodes}) must be 1 "
+                "with trainer.strategy=single; use trainer=ddp or trainer=fsdp for more"
+            )
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            raise ConfigError(
+                f"trainer.stop_at_step ({self.stop_at_step}) must be in [1, trainer.max_steps "
+                f"({self.max_steps})]"
+            )
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"trainer.peak_flops must be positive, got {self.peak_flops!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass
+class LoggerConfig:
+    """Extra logger beside the always-on CSV file; wandb runs offline unless told otherwise."""
+
+    kind: str = "none"
+    project: str = "olmo-mini"
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # null: WANDB_MODE if set, else online when an API key is configured, else offline.
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("logger.kind", self.kind, LOGGERS)
+        if self.mode is not None:
+            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints under ``<run_dir>/checkpoints/step_<N>``; 0 disables them."""
+
+    every_n_steps: int = 100
+    keep_last: int = 2
+    # Also save when training ends (max_steps or stop_at_step), so a finished run can be extended.
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint", self, 0, "every_n_steps")
+        _at_least("checkpoint", self, 1, "keep_last")
+
+
+@dataclass
+class TrainConfig:
+    """The whole run; ``resume`` is a checkpoint directory, ``auto`` (newest in the run dir) or null."""
+
+    model: OLMo2Config = field(default_factory=OLMo2Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        """Rules that span groups."""
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) must be ≤ model.max_seq_len "
+                f"({self.model.max_seq_len})"
+            )
+        try:
+            self.data.grad_accum_steps(self.trainer.world_size)
+        except ValueError as e:
+            raise ConfigError(f"{e} (world size = trainer.devices × trainer.num_nodes)") from None
+        if self.resume not in (None, "auto") and not Path(self.resume).exists():
+            raise ConfigError(
+                f"resume: checkpoint {self.resume!r} does not exist (give a step_<N> directory, "
+                "'auto' or null)"
+            )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.data.grad_accum_steps(self.trainer.world_size)
+
+
+def load_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+    """Validate a composed config and return it as dataclasses, or raise one ``ConfigError``."""
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        return OmegaConf.to_object(node)  # runs every dataclass's __post_init__
+    except ConfigError:
+        raise
+    except (ValueError, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from None
+
+
+def register_configs() -> None:
+    """Make ``train_schema`` (the ``TrainConfig`` tree) available to ``configs/train.yaml``."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _positive(group: str, obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{group}.{name} must be positive, got {value!r}")
+
+
+def _at_least(group: str, obj: object, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{group}.{name} must be ≥ {minimum}, got {value!r}")
+
+
+register_configs()

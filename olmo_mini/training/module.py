@@ -1,0 +1,253 @@
+"""The LightningModule: one micro-batch per ``training_step``, one global batch per optimizer step.
+
+Lightning accumulates ``grad_accum`` micro-batches (``Trainer(accumulate_grad_batches=...)``) and
+scales each loss by ``1/grad_accum``. At the end of a global batch ``on_before_optimizer_step``
+clips the gradients, checks that loss and grad norm are finite (one host sync per optimizer step:
+the price of skipping exactly the bad steps), drops the gradients of a bad step so AdamW leaves
+the weights and moments untouched, and logs. Metrics are logged with ``step`` = the optimizer step
+they belong to (1-based), the same number as ``checkpoints/step_<N>``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from olmo_mini.config import ConfigError, TrainConfig
+from olmo_mini.model import OLMo2
+from olmo_mini.model.generation import generate
+from olmo_mini.training.loss import lm_loss
+from olmo_mini.training.optim import build_optimizer, build_scheduler
+from olmo_mini.training.parallel import build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class LanguageModelModule(L.LightningModule):
+    def __init__(
+        self, config: TrainConfig, precision: str, flops_per_token: float, peak_flops: float | None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.precision_name = precision
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.grad_accum = config.grad_accum_steps
+        self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+        self.model: OLMo2 | None = None
+        # Counters saved in checkpoints.
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        # Per-global-batch loss sums (device tensors: no sync per micro-batch).
+        self._ce_sum: torch.Tensor | None = None
+        self._z_sum: torch.Tensor | None = None
+        self._step_times: deque[float] = deque(maxlen=config.trainer.log_every_n_steps + 1)
+        self._val_started = 0.0
+        self.sample_text: str | None = None
+
+    def setup(self, stage: str) -> None:
+        try:
+            self.trainer.datamodule.check_vocab(self.config.model.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"model.vocab_size: {e}") from None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        mesh = self.device_mesh["data_parallel"] if self.config.trainer.strategy == "fsdp" else None
+        self.model = build_model(
+            self.config.model, self.config.seed, self.config.trainer, self.precision_name, mesh
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, self.config.optim)
+        scheduler = build_scheduler(optimizer, self.config.optim, self.config.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = lm_loss(self.model(batch["input_ids"]), batch["labels"], self.config.optim.z_loss)
+        if self._ce_sum is None:
+            self._ce_sum, self._z_sum = out.ce.detach(), out.z.detach()
+        else:
+            self._ce_sum = self._ce_sum + out.ce.detach()
+            self._z_sum = self._z_sum + out.z.detach()
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.global_step + 1  # the step this update completes
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.optim.grad_clip, foreach=True
+        )
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        losses = torch.stack([self._ce_sum, self._z_sum]) / self.grad_accum
+        self._ce_sum = self._z_sum = None
+        losses = self.trainer.strategy.reduce(losses, reduce_op="mean")  # mean over ranks
+        ce, z, grad_norm = torch.cat([losses, norm.reshape(1).float()]).tolist()  # the one sync
+
+        finite = all(map(_finite, (ce, z, grad_norm)))
+        if finite:
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
+        self.tokens_seen += self.tokens_per_step
+        self.trainer.datamodule.consumed_global_batches += 1
+
+        metrics = {
+            "step": float(step),
+            "train/loss": ce + z,
+            "train/ce_loss": ce,
+            "train/z_loss": z,
+            "train/grad_norm": grad_norm,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/skipped_steps": float(self.skipped_steps),
+            "train/tokens": float(self.tokens_seen),
+        }
+        metrics.update(self._throughput())
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self.log("loss", ce + z, prog_bar=True, logger=False)
+        if "perf/tokens_per_s" in metrics:
+            self.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, logger=False)
+
+        if self.consecutive_skips >= self.config.optim.max_consecutive_skips:
+            for logger in self.loggers:  # Lightning would drop this step's row with the exception
+                logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+                logger.save()
+            raise TrainingDiverged(
+                f"step {step}: {self.consecutive_skips} optimizer steps in a row had a non-finite "
+                f"loss or gradient norm (optim.max_consecutive_skips="
+                f"{self.config.optim.max_consecutive_skips}); stopping. The last checkpoint is "
+                "intact: lower optim.lr or resume from it."
+            )
+
+    def _throughput(self) -> dict[str, float]:
+        """tokens/s and MFU over the last ``log_every_n_steps`` optimizer steps."""
+        self._step_times.append(time.perf_counter())
+        if len(self._step_times) < 2:
+            return {}
+        elapsed = self._step_times[-1] - self._step_times[0]
+        tokens_per_s = self.tokens_per_step * (len(self._step_times) - 1) / elapsed
+        metrics = {"perf/tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            total_peak = self.peak_flops * self.trainer.world_size
+            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / total_peak
+        return metrics
+
+    def on_train_start(self) -> None:
+        self._step_times.append(time.perf_counter())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping through should_stop makes Lightning validate once more at the last step.
+        if self.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = lm_loss(self.model(batch["input_ids"]), batch["labels"], 0.0)
+        self.log("val/loss", out.ce, on_epoch=True, sync_dist=True, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_started = time.perf_counter()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("step", float(self.global_step), sync_dist=True)
+        # Validation time is not training time: shift the throughput window past it.
+        paused = time.perf_counter() - self._val_started
+        self._step_times = deque((t + paused for t in self._step_times), self._step_times.maxlen)
+
+    def on_train_end(self) -> None:
+        """Generate a short sample from the final weights (on rank 0, from an unsharded copy)."""
+        if self.config.trainer.sample_new_tokens == 0:
+            return
+        model = self._unsharded_model()
+        if model is None:
+            return
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompt = tokenizer.encode(self.config.trainer.sample_prompt).ids or [
+            self.trainer.datamodule.eos_id
+        ]
+        ids = generate(
+            model,
+            torch.tensor([prompt]),
+            self.config.trainer.sample_new_tokens,
+            temperature=0.8,
+            top_k=50,
+            seed=self.config.seed,
+        )
+        self.sample_text = tokenizer.decode(ids[0].tolist())
+
+    def _unsharded_model(self) -> OLMo2 | None:
+        """A plain fp32 CPU copy of the model on rank 0 (collective under FSDP); None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.global_rank != 0:
+            return None
+        model = OLMo2(self.config.model)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return model.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["counters"] = {
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
+        states = [rng_states()]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng_states())
+        checkpoint["rng_states"] = states  # one per rank
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint["counters"]
+        self.tokens_seen = counters["tokens_seen"]
+        self.skipped_steps = counters["skipped_steps"]
+        self.consecutive_skips = counters["consecutive_skips"]
+        # Lightning counts micro-batches, and their number per step depends on the world size of
+        # the run that saved. Recount them for this run so that gradient accumulation and the
+        # validation cadence stay aligned with optimizer steps (saves happen at step boundaries).
+        micro = checkpoint["global_step"] * self.grad_accum
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        for counts in (progress["total"], progress["current"]):
+            counts.update(ready=micro, started=micro, processed=micro, completed=micro - 1)
+        states = checkpoint["rng_states"]
+        # Same world size: each rank continues its own stream; otherwise all take rank 0's.
+        rank = self.global_rank if len(states) == self.trainer.world_size else 0
+        set_rng_states(states[rank])
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG's state, in types the weights-only unpickler accepts (no numpy arrays)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,63 @@
+"""AdamW with OLMo 2's parameter groups and its warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from olmo_mini.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: the token embedding without weight decay, everything else with it.
+
+    OLMo 2 decays norms (q/k norms included) and the untied LM head; only embeddings are exempt.
+    """
+    embedding, decayed = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (embedding if name.endswith("embed_tokens.weight") else decayed).append(param)
+    return [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": embedding, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; the fused kernel for plain tensors, foreach for sharded (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = not any(isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup from
+    1/warmup to 1, then cosine to ``min_lr_ratio`` at ``max_steps``, flat after."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.warmup_steps, max_steps, config.min_lr_ratio)
+    )

@@ -1,0 +1,59 @@
+"""How the model is built and spread over devices: strategy, init, AC, compile, FSDP2.
+
+Build order per block follows torchtitan: activation checkpointing, then ``torch.compile``,
+then ``fully_shard``; the root is sharded last.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+from torch.distributed.device_mesh import DeviceMesh
+
+from olmo_mini.config import TrainerConfig
+from olmo_mini.model import OLMo2, OLMo2Config
+
+
+def build_strategy(config: TrainerConfig) -> Strategy | str:
+    if config.strategy == "fsdp":
+        # data_parallel_size must be explicit: "auto" would put the devices into tensor parallel.
+        return ModelParallelStrategy(data_parallel_size=config.world_size, tensor_parallel_size=1)
+    if config.strategy == "ddp":
+        return DDPStrategy()
+    return "auto"
+
+
+def build_model(
+    config: OLMo2Config,
+    seed: int,
+    trainer: TrainerConfig,
+    precision: str,
+    mesh: DeviceMesh | None = None,
+) -> OLMo2:
+    """An initialized OLMo2, wrapped as ``trainer`` asks; its weights depend on ``seed`` only.
+
+    Weights are initialized unsharded on the CPU and only then sharded: DTensor random ops on a
+    CPU mesh do not reproduce the unsharded random stream, so initializing the shards directly
+    would make an FSDP run start from different weights than a single-device run.
+    """
+    with torch.device("meta"):
+        model = OLMo2(config)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    for block in model.blocks:
+        if trainer.activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(block)  # in place: parameter names stay those of the plain model
+        if trainer.compile:
+            block.compile()
+    if mesh is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy()
+        if precision == "bf16-mixed":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model

@@ -1,0 +1,159 @@
+"""``run(cfg)``: from a composed Hydra config to a finished (or resumed) training run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig
+
+from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
+from olmo_mini.data import OLMoDataModule
+from olmo_mini.training.checkpoint import StepCheckpoint, resolve_resume
+from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
+from olmo_mini.training.parallel import build_strategy
+from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
+
+
+@dataclass
+class RunResult:
+    val_loss: float | None
+    sample: str | None
+    global_step: int
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """``train.py``'s body: validate, train, print the result; bad input exits with one line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = train(load_config(cfg), run_dir)
+    except (ConfigError, TrainingDiverged) as e:
+        sys.exit(f"error: {e}")
+    if result.val_loss is not None and _is_rank_zero():
+        print(f"\nfinal val/loss {result.val_loss:.4f} after {result.global_step} steps")
+        print(f"sample: {result.sample!r}\nrun dir: {run_dir}")
+    return result
+
+
+def train(
+    config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()
+) -> RunResult:
+    """Train as ``config`` says, writing metrics and checkpoints under ``run_dir``."""
+    trainer_cfg = config.trainer
+    ckpt_path = resolve_resume(config.resume, run_dir, trainer_cfg.strategy == "fsdp")
+    device = torch.device("cuda" if _uses_gpu(trainer_cfg.accelerator) else "cpu")
+    precision = trainer_cfg.precision
+    if precision == "auto":
+        precision = default_precision(device.type)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+
+    datamodule = OLMoDataModule(config.data, config.seed)
+    module = LanguageModelModule(
+        config,
+        precision,
+        flops_per_token(config.model, config.data.seq_len),
+        trainer_cfg.peak_flops or peak_flops(device, precision),
+    )
+    accum = config.grad_accum_steps
+    callbacks = [
+        StepCheckpoint(
+            run_dir / "checkpoints",
+            config.checkpoint.every_n_steps,
+            config.checkpoint.keep_last,
+            config.checkpoint.save_final,
+        ),
+        *callbacks,
+    ]
+    if trainer_cfg.progress_bar:
+        callbacks.append(StepProgressBar(refresh_rate=accum))
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=build_strategy(trainer_cfg),
+        precision=precision,
+        max_steps=trainer_cfg.stop_at_step or trainer_cfg.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accum,
+        # Lightning counts these in micro-batches.
+        val_check_interval=trainer_cfg.val_check_interval * accum,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        logger=_loggers(config, run_dir),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=run_dir,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    val_loss = trainer.callback_metrics.get("val/loss")
+    return RunResult(
+        None if val_loss is None else float(val_loss), module.sample_text, trainer.global_step
+    )
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, whose ticks are micro-batches, sized to the run and showing the step."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps * self.trainer.accumulate_grad_batches
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {"step": trainer.global_step, **metrics}
+
+
+def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
+    """CSV always, wandb when asked; both get the full config.
+
+    The CSV file is ``<run_dir>/csv/version_<k>/metrics.csv`` with one version per launch: a
+    resumed run starts a new version rather than overwriting the file of the run it continues.
+    """
+    loggers: list[Logger] = [CSVLogger(run_dir, name="csv")]
+    if config.logger.kind == "wandb":
+        cfg = config.logger
+        loggers.append(
+            WandbLogger(
+                project=cfg.project,
+                name=cfg.name,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                save_dir=str(run_dir),
+                mode=_wandb_mode(cfg),
+            )
+        )
+    for logger in loggers:
+        logger.log_hyperparams(asdict(config))
+    return loggers
+
+
+def _wandb_mode(config: LoggerConfig) -> str:
+    if config.mode is not None:
+        return config.mode
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+def _uses_gpu(accelerator: str) -> bool:
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator is 'gpu' but no CUDA device is visible")
+    return accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0

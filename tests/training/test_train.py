@@ -1,0 +1,154 @@
+"""End-to-end training on CPU: falling loss, FSDP parity, exact resume, skipped NaN steps."""
+
+import json
+import signal
+import subprocess
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from olmo_mini.training import TrainingDiverged, train
+from olmo_mini.training.checkpoint import COMPLETE
+from tests.training.helpers import (
+    REPO,
+    SMALL,
+    check,
+    compose_config,
+    metrics,
+    run_train,
+    series,
+    train_command,
+)
+
+METRIC_KEYS = {
+    "step", "train/loss", "train/ce_loss", "train/z_loss", "train/grad_norm", "train/lr",
+    "perf/tokens_per_s", "perf/mfu", "val/loss", "train/skipped_steps",
+}
+
+
+def test_default_config_trains_with_falling_loss(tmp_path):
+    """olmo2_tiny on the default corpus, with a budget of 16 steps of 8 sequences."""
+    config = compose_config(
+        "data.global_batch_size=8", "trainer.max_steps=16", "trainer.val_check_interval=8",
+        "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "optim.warmup_steps=4",
+        "checkpoint.every_n_steps=8", "logger=none",
+    )
+    result = train(config, tmp_path)
+    rows = metrics(tmp_path)
+    assert METRIC_KEYS <= set(rows[0])
+    loss = series(tmp_path, "train/loss")
+    assert sorted(loss) == list(range(1, 17))
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (14, 15, 16)) / 3
+    assert last < first - 1.0, loss
+    val = series(tmp_path, "val/loss")
+    assert sorted(val) == [8, 16] and val[16] < val[8]
+    assert result.val_loss == pytest.approx(val[16]) and result.global_step == 16
+    assert result.sample and len(result.sample) > len(config.trainer.sample_prompt)
+    assert all(0 < v for v in series(tmp_path, "perf/mfu").values())
+    assert (tmp_path / "checkpoints" / "step_16" / COMPLETE).is_file()
+
+
+def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
+    """Same global batch on 1 and 2 processes gives the same losses; the 2-process sharded
+    checkpoint resumes on 1 process and continues the same curve."""
+    common = [*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "checkpoint.every_n_steps=2", "trainer.accelerator=cpu"]
+    check(run_train(tmp_path / "single", *common))
+    check(run_train(tmp_path / "fsdp", *common, "trainer=fsdp", "trainer.devices=2"))
+    single, fsdp = series(tmp_path / "single", "train/loss"), series(tmp_path / "fsdp", "train/loss")
+    assert sorted(fsdp) == [1, 2, 3, 4]
+    for step in single:
+        assert fsdp[step] == pytest.approx(single[step], rel=1e-4), step
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_2"
+    assert len(list(checkpoint.glob("*.distcp"))) == 2
+    check(run_train(tmp_path / "resumed", *common, "trainer=fsdp", "trainer.devices=1",
+                    f"resume={checkpoint}"))
+    resumed = series(tmp_path / "resumed", "train/loss")
+    assert sorted(resumed) == [3, 4]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(fsdp[step], rel=1e-4), step
+    assert sorted(series(tmp_path / "resumed", "val/loss")) == [4]
+
+
+# The schedule spans 1000 steps in every run below, so that stopping early changes nothing.
+RESUME = [*SMALL, "trainer.max_steps=1000", "trainer.val_check_interval=5",
+          "checkpoint.every_n_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    check(run_train(run_dir, *RESUME, "trainer.stop_at_step=20"))
+    return series(run_dir, "train/loss"), series(run_dir, "val/loss")
+
+
+def _assert_same_from_11(run_dir, uninterrupted):
+    loss, val = uninterrupted
+    resumed_loss, resumed_val = series(run_dir, "train/loss"), series(run_dir, "val/loss")
+    assert [resumed_loss[s] for s in range(11, 21)] == [loss[s] for s in range(11, 21)]
+    assert [resumed_val[s] for s in (15, 20)] == [val[s] for s in (15, 20)]
+
+
+def test_stop_and_resume_is_exact(tmp_path, uninterrupted):
+    check(run_train(tmp_path, *RESUME, "trainer.stop_at_step=10"))
+    check(run_train(tmp_path, *RESUME, "trainer.stop_at_step=20", "resume=auto"))
+    _assert_same_from_11(tmp_path, uninterrupted)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, uninterrupted):
+    process = subprocess.Popen(
+        train_command(tmp_path, *RESUME), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    marker = tmp_path / "checkpoints" / "step_10" / COMPLETE
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert marker.exists(), "the run never wrote its step-10 checkpoint"
+    assert json.loads(marker.read_text())["step"] == 10
+    check(run_train(tmp_path, *RESUME, "trainer.stop_at_step=20", "resume=auto"))
+    _assert_same_from_11(tmp_path, uninterrupted)
+
+
+class PoisonGradients(L.Callback):
+    """Makes one gradient NaN at the given optimizer steps (1-based)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step + 1 in self.steps:
+            pl_module.model.lm_head.weight.grad[0, 0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.weights[trainer.global_step] = pl_module.model.lm_head.weight.detach().clone()
+
+
+def _nan_config(*overrides):
+    return compose_config(*SMALL, "trainer.val_check_interval=100", "checkpoint.every_n_steps=2",
+                          *overrides)
+
+
+def test_nan_step_is_skipped_and_training_goes_on(tmp_path):
+    poison = PoisonGradients({3})
+    train(_nan_config("trainer.max_steps=5"), tmp_path, callbacks=[poison])
+    skipped, grad_norm = series(tmp_path, "train/skipped_steps"), series(tmp_path, "train/grad_norm")
+    assert [skipped[s] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert grad_norm[3] != grad_norm[3] and all(grad_norm[s] == grad_norm[s] for s in (4, 5))
+    assert torch.equal(poison.weights[3], poison.weights[2])  # step 3 changed nothing
+    assert not torch.equal(poison.weights[4], poison.weights[3])
+
+
+def test_too_many_nan_steps_stop_the_run_with_checkpoint_intact(tmp_path):
+    config = _nan_config("trainer.max_steps=10", "optim.max_consecutive_skips=2")
+    with pytest.raises(TrainingDiverged, match="2 optimizer steps in a row"):
+        train(config, tmp_path, callbacks=[PoisonGradients({3, 4, 5, 6})])
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["step_2"]
+    assert (tmp_path / "checkpoints" / "step_2" / COMPLETE).is_file()
+    assert max(series(tmp_path, "train/loss")) == 4

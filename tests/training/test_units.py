@@ -1,0 +1,56 @@
+"""Loss, optimizer groups and schedule, checked against their definitions."""
+
+import math
+
+import pytest
+import torch
+
+from olmo_mini.model import OLMo2, OLMo2Config
+from olmo_mini.training.loss import IGNORE_INDEX, lm_loss
+from olmo_mini.training.optim import build_optimizer, lr_lambda, param_groups
+from olmo_mini.training.perf import flops_per_token
+from tests.training.helpers import compose_config
+
+
+def test_loss_is_cross_entropy_plus_z_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11) * 3
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 1] = IGNORE_INDEX
+    out = lm_loss(logits.to(torch.bfloat16), labels, z_loss=1e-2)
+    logits32 = logits.to(torch.bfloat16).float()
+    ce = torch.nn.functional.cross_entropy(logits32.flatten(0, 1), labels.flatten())
+    keep = labels.flatten() != IGNORE_INDEX
+    z = 1e-2 * torch.logsumexp(logits32.flatten(0, 1)[keep], -1).square().mean()
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.z, z)
+    torch.testing.assert_close(out.loss, ce + z)
+    assert out.loss.dtype == torch.float32
+
+
+def test_weight_decay_spares_only_the_embedding():
+    model = OLMo2(OLMo2Config(vocab_size=64, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64))
+    decayed, embedding = param_groups(model, 0.1)
+    assert embedding["weight_decay"] == 0.0 and embedding["params"] == [model.embed_tokens.weight]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert "lm_head.weight" in decayed_names and "norm.weight" in decayed_names
+    assert "blocks.0.attention.q_norm.weight" in decayed_names
+    assert len(decayed_names) == len(names) - 1
+    config = compose_config().optim
+    optimizer = build_optimizer(model, config)
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+
+
+def test_schedule_warms_up_linearly_then_decays_to_a_tenth():
+    f = lr_lambda(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_flops_per_token_formula():
+    config = OLMo2Config(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64)
+    non_embedding = OLMo2(config).num_params() - 64 * 32
+    assert flops_per_token(config, 16) == 6 * non_embedding + 12 * 2 * 32 * 16
