@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from olmo_mini.data.config import DataConfig
 from olmo_mini.model.config import OLMo2Config
+from olmo_mini.stability.monitor import StabilityConfig
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -147,6 +148,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
     seed: int = 0
     resume: str | None = None
 

@@ -112,20 +112,33 @@ def attention_logit_statistics(
     stats.add(f"{prefix}_entropy_count", torch.tensor(float(batch * heads * seq), device=q.device))
 
 
+@torch.no_grad()
+def logit_statistics(stats: Reduction, logits: torch.Tensor) -> None:
+    """Output-logit max and log Z (logsumexp) sums over every position of ``logits``."""
+    logits = logits.float()
+    stats.max("logits_max", logits.amax())
+    stats.add("logits_lse_sum", torch.logsumexp(logits, dim=-1).sum())
+    stats.add("logits_count", torch.tensor(float(logits[..., 0].numel()), device=logits.device))
+
+
 class SpikeScore:
     """OLMo 2's spike score, online: the percentage of values at least ``sigma`` standard
     deviations from the mean of the previous ``window`` values (paper: 7 sigma, 1000).
 
-    A value is scored once at least two earlier values exist; the standard deviation is
-    the population one. Non-finite values count as spikes and stay out of the window.
+    A value is scored once ``min_history`` earlier values exist (a handful of points gives
+    no meaningful standard deviation); the standard deviation is the population one.
+    Non-finite values count as spikes and stay out of the window.
     """
 
-    def __init__(self, window: int = 1000, sigma: float = 7.0) -> None:
+    def __init__(self, window: int = 1000, sigma: float = 7.0, min_history: int = 10) -> None:
         if window < 2:
             raise ValueError(f"spike score window must be >= 2, got {window}")
         if sigma <= 0:
             raise ValueError(f"spike score sigma must be positive, got {sigma}")
+        if not 2 <= min_history <= window:
+            raise ValueError(f"spike score min_history must be in [2, window], got {min_history}")
         self.sigma = sigma
+        self.min_history = min_history
         self.history: deque[float] = deque(maxlen=window)
         self.spikes = 0
         self.scored = 0
@@ -136,7 +149,7 @@ class SpikeScore:
         if not math.isfinite(value):
             spike = True
             self.scored += 1
-        elif len(self.history) >= 2:
+        elif len(self.history) >= self.min_history:
             n = len(self.history)
             mean = sum(self.history) / n
             std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / n)
@@ -161,9 +174,11 @@ class SpikeScore:
         self.spikes, self.scored = state["spikes"], state["scored"]
 
 
-def spike_score(values: Iterable[float], window: int = 1000, sigma: float = 7.0) -> float:
+def spike_score(
+    values: Iterable[float], window: int = 1000, sigma: float = 7.0, min_history: int = 10
+) -> float:
     """Spike score of a whole series (percentage), as :class:`SpikeScore` computes it online."""
-    tracker = SpikeScore(window, sigma)
+    tracker = SpikeScore(window, sigma, min_history)
     for value in values:
         tracker.update(float(value))
     return tracker.score

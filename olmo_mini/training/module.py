@@ -23,6 +23,7 @@ import torch.distributed as dist
 from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2
 from olmo_mini.model.generation import generate
+from olmo_mini.stability.metrics import Reduction, logit_statistics
 from olmo_mini.training.loss import lm_loss
 from olmo_mini.training.optim import build_optimizer, build_scheduler
 from olmo_mini.training.parallel import build_model
@@ -54,6 +55,10 @@ class LanguageModelModule(L.LightningModule):
         self._step_times: deque[float] = deque(maxlen=config.trainer.log_every_n_steps + 1)
         self._val_started = 0.0
         self.sample_text: str | None = None
+        # Read by the stability monitor: this step's synced metrics, and on measuring steps a
+        # Reduction the monitor places here to receive output-logit statistics.
+        self.last_step_metrics: dict[str, float] = {}
+        self.logit_stats: Reduction | None = None
 
     def setup(self, stage: str) -> None:
         try:
@@ -75,7 +80,10 @@ class LanguageModelModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = lm_loss(self.model(batch["input_ids"]), batch["labels"], self.config.optim.z_loss)
+        logits = self.model(batch["input_ids"])
+        out = lm_loss(logits, batch["labels"], self.config.optim.z_loss)
+        if self.logit_stats is not None:
+            logit_statistics(self.logit_stats, logits)
         if self._ce_sum is None:
             self._ce_sum, self._z_sum = out.ce.detach(), out.z.detach()
         else:
@@ -116,6 +124,7 @@ class LanguageModelModule(L.LightningModule):
             "train/tokens": float(self.tokens_seen),
         }
         metrics.update(self._throughput())
+        self.last_step_metrics = metrics
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log("loss", ce + z, prog_bar=True, logger=False)
         if "perf/tokens_per_s" in metrics:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
+from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import StepCheckpoint, resolve_resume
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy
@@ -73,6 +74,8 @@ def train(
         ),
         *callbacks,
     ]
+    if config.stability.enabled:
+        callbacks.append(StabilityMonitor(config.stability))
     if trainer_cfg.progress_bar:
         callbacks.append(StepProgressBar(refresh_rate=accum))
     trainer = L.Trainer(

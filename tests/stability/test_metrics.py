@@ -20,21 +20,21 @@ from olmo_mini.stability.metrics import (
 def test_spike_score_hand_worked_constant_history() -> None:
     # window 3, 2 sigma. Scored from the third value on: 1, 1, 10 (std 0, differs: spike),
     # then 1 against [1, 1, 10] (mean 4, std sqrt(18) = 4.24; |1 - 4| = 3 < 8.5): 1 of 4.
-    assert spike_score([1, 1, 1, 1, 10, 1], window=3, sigma=2) == pytest.approx(25.0)
+    assert spike_score([1, 1, 1, 1, 10, 1], window=3, sigma=2, min_history=2) == pytest.approx(25.0)
 
 
 def test_spike_score_hand_worked_alternating_series() -> None:
     # window 4, 3 sigma: the last value 5 against [0, 1, 0, 1] (mean 0.5, std 0.5) is
     # 9 sigma away; the four earlier scored values stay within 1.5 sigma: 1 of 5.
-    assert spike_score([0, 1, 0, 1, 0, 1, 5], window=4, sigma=3) == pytest.approx(20.0)
+    assert spike_score([0, 1, 0, 1, 0, 1, 5], window=4, sigma=3, min_history=2) == pytest.approx(20.0)
 
 
 def test_spike_score_counts_non_finite_values_and_resumes_from_state() -> None:
-    tracker = SpikeScore(window=4, sigma=3)
+    tracker = SpikeScore(window=4, sigma=3, min_history=2)
     for value in [0, 1, 0, 1, float("nan")]:
         tracker.update(value)
     assert tracker.spikes == 1 and tracker.scored == 3
-    clone = SpikeScore(window=4, sigma=3)
+    clone = SpikeScore(window=4, sigma=3, min_history=2)
     clone.load_state_dict(tracker.state_dict())
     assert clone.update(5.0) == tracker.update(5.0) is True
     assert clone.score == tracker.score == pytest.approx(50.0)
@@ -45,6 +45,15 @@ def test_spike_score_rejects_bad_settings() -> None:
         SpikeScore(window=1)
     with pytest.raises(ValueError, match="sigma"):
         SpikeScore(sigma=0)
+    with pytest.raises(ValueError, match="min_history"):
+        SpikeScore(window=5, min_history=6)
+
+
+def test_spike_score_waits_for_min_history() -> None:
+    tracker = SpikeScore(window=100, sigma=3, min_history=5)
+    for value in [0, 1, 0, 1, 9]:  # 9 would be a spike against [0, 1, 0, 1]
+        assert tracker.update(value) is False
+    assert tracker.scored == 0 and tracker.update(50) is True
 
 
 def _full_reference(q: torch.Tensor, k: torch.Tensor, scale: float, cap: float | None):

@@ -22,6 +22,7 @@ from tests.training.helpers import (
     train_command,
 )
 
+STABILITY_GROUPS = {"qk", "attn", "act", "grad", "update", "logits"}
 METRIC_KEYS = {
     "step", "train/loss", "train/ce_loss", "train/z_loss", "train/grad_norm", "train/lr",
     "perf/tokens_per_s", "perf/mfu", "val/loss", "train/skipped_steps",
@@ -54,13 +55,21 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
     """Same global batch on 1 and 2 processes gives the same losses; the 2-process sharded
     checkpoint resumes on 1 process and continues the same curve."""
     common = [*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=2",
-              "checkpoint.every_n_steps=2", "trainer.accelerator=cpu"]
+              "checkpoint.every_n_steps=2", "trainer.accelerator=cpu", "stability.every_n_steps=2"]
     check(run_train(tmp_path / "single", *common))
     check(run_train(tmp_path / "fsdp", *common, "trainer=fsdp", "trainer.devices=2"))
     single, fsdp = series(tmp_path / "single", "train/loss"), series(tmp_path / "fsdp", "train/loss")
     assert sorted(fsdp) == [1, 2, 3, 4]
     for step in single:
         assert fsdp[step] == pytest.approx(single[step], rel=1e-4), step
+    # Stability metrics are reduced over ranks: the same numbers as one process.
+    stability = [k for k in metrics(tmp_path / "single")[0] if k.split("/")[0] in STABILITY_GROUPS]
+    assert len(stability) > 20
+    for key in stability:
+        one, two = series(tmp_path / "single", key), series(tmp_path / "fsdp", key)
+        assert sorted(one) == sorted(two) == [1, 2, 4], key
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-6), (key, step)
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_2"
     assert len(list(checkpoint.glob("*.distcp"))) == 2
     check(run_train(tmp_path / "resumed", *common, "trainer=fsdp", "trainer.devices=1",

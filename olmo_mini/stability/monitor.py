@@ -1,0 +1,230 @@
+"""``StabilityMonitor``: per-layer q/k, attention-logit, activation, gradient and update
+statistics every ``stability.every_n_steps`` optimizer steps, plus spike scores every step.
+
+On a measuring step, forward hooks on every attention's probes and every block collect
+mergeable statistics (``Reduction``) over all micro-batches of the global batch; gradient
+norms come just before clipping and update ratios just after the optimizer step. Sums and
+maxima are reduced over ranks before they become RMS values, so an FSDP run logs the same
+numbers as a single process on the same global batch, and no rank gathers the model.
+Between measuring steps nothing is hooked and nothing is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from olmo_mini.model.model import Attention, OLMo2
+from olmo_mini.stability.metrics import (
+    Reduction,
+    SpikeScore,
+    attention_logit_statistics,
+    finalize_rms,
+    rms_statistics,
+)
+
+
+@dataclass
+class StabilityConfig:
+    """The ``stability`` config group."""
+
+    enabled: bool = True
+    # Measure on step 1 and every this many optimizer steps.
+    every_n_steps: int = 10
+    # OLMo 2's spike score: values >= spike_sigma std from the mean of the last spike_window.
+    spike_window: int = 1000
+    spike_sigma: float = 7.0
+    # Values are scored once this many earlier ones exist.
+    spike_min_history: int = 10
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1:
+            raise ValueError(f"stability.every_n_steps must be >= 1, got {self.every_n_steps}")
+        if self.spike_window < 2:
+            raise ValueError(f"stability.spike_window must be >= 2, got {self.spike_window}")
+        if self.spike_sigma <= 0:
+            raise ValueError(f"stability.spike_sigma must be positive, got {self.spike_sigma}")
+        if not 2 <= self.spike_min_history <= self.spike_window:
+            raise ValueError(
+                f"stability.spike_min_history must be in [2, stability.spike_window], "
+                f"got {self.spike_min_history}"
+            )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) parameter or gradient."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _block_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares over this rank's shards (a partial sum under FSDP, summed over ranks later)."""
+    return torch.stack([_local(t).detach().float().square().sum() for t in tensors]).sum()
+
+
+class StabilityMonitor(L.Callback):
+    """Logs ``qk/``, ``attn/``, ``act/``, ``grad/``, ``update/``, ``logits/`` and ``stability/``.
+
+    The LightningModule must expose ``model`` (an ``OLMo2``) and, after each optimizer
+    step's hook, ``last_step_metrics`` with ``train/loss`` and ``train/grad_norm`` and, on
+    measuring steps, ``logit_stats`` (a ``Reduction`` with the loss's logit statistics).
+    """
+
+    def __init__(self, config: StabilityConfig) -> None:
+        self.config = config
+        spikes = (config.spike_window, config.spike_sigma, config.spike_min_history)
+        self.loss_spikes, self.grad_spikes = SpikeScore(*spikes), SpikeScore(*spikes)
+        self._stats: Reduction | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._before_step: list[list[torch.Tensor]] | None = None
+        self._last_step = 0
+
+    # -- which steps measure -------------------------------------------------------------
+    def measuring(self, step: int) -> bool:
+        return self.config.enabled and (step == 1 or step % self.config.every_n_steps == 0)
+
+    # -- forward: hooks on the probes and blocks -------------------------------------------
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.measuring(trainer.global_step + 1):
+            return
+        if self._stats is None:  # the global batch's first micro-batch
+            self._stats = Reduction()
+            pl_module.logit_stats = Reduction()
+        # Compiled blocks would not run hooks registered after compilation: measure eagerly.
+        torch.compiler.set_stance("force_eager")
+        self._hooks = self._register(pl_module.model, self._stats)
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        # Removed before backward: activation checkpointing re-runs forwards there.
+        if self._hooks:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
+            torch.compiler.set_stance("default")
+
+    @staticmethod
+    def _register(model: OLMo2, stats: Reduction) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        for i, block in enumerate(model.blocks):
+            attn: Attention = block.attention
+
+            def pre_norm(_m: nn.Module, args: tuple, _out: Any, i: int = i, attn: Attention = attn):
+                q, k = args
+                rms_statistics(stats, f"{i}/q_pre", q, attn.n_heads)
+                rms_statistics(stats, f"{i}/k_pre", k, attn.n_kv_heads)
+
+            def logits(_m: nn.Module, args: tuple, _out: Any, i: int = i, attn: Attention = attn):
+                q, k = args
+                rms_statistics(stats, f"{i}/q", q, attn.n_heads)
+                rms_statistics(stats, f"{i}/k", k, attn.n_kv_heads)
+                attention_logit_statistics(stats, f"{i}/attn", q, k, attn.softmax_scale, attn.softcap)
+
+            def output(_m: nn.Module, _args: tuple, out: torch.Tensor, i: int = i):
+                stats.add(f"{i}/act_sumsq", out.detach().float().square().sum())
+                stats.add(f"{i}/act_count", torch.tensor(float(out.numel()), device=out.device))
+
+            handles.append(attn.pre_norm_probe.register_forward_hook(pre_norm))
+            handles.append(attn.logit_probe.register_forward_hook(logits))
+            handles.append(block.register_forward_hook(output))
+        return handles
+
+    # -- gradients before clipping, weights before the update ------------------------------
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._stats is None:
+            return
+        model: OLMo2 = pl_module.model
+        self._before_step = []
+        for i, block in enumerate(model.blocks):
+            params = [p for p in block.parameters() if p.requires_grad]
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                self._stats.add(f"{i}/grad_sumsq", _block_sumsq(grads))
+            self._before_step.append([_local(p).detach().clone() for p in params])
+            self._stats.add(f"{i}/weight_sumsq", _block_sumsq(params))
+            attn = block.attention
+            for name in ("q", "k"):
+                norm = getattr(attn, f"{name}_norm", None)
+                if norm is not None and norm.weight is not None:
+                    w = _local(norm.weight).detach().float()
+                    self._stats.add(f"{i}/{name}_gain_sum", w.abs().sum())
+                    self._stats.add(f"{i}/{name}_gain_count", torch.tensor(float(w.numel()), device=w.device))
+
+    # -- after the step: update ratios, reduce, log ----------------------------------------
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step_metrics = getattr(pl_module, "last_step_metrics", None)
+        if not step_metrics or step_metrics["step"] <= self._last_step:
+            return  # not the end of a global batch
+        step = self._last_step = int(step_metrics["step"])
+        self.loss_spikes.update(step_metrics["train/loss"])
+        self.grad_spikes.update(step_metrics["train/grad_norm"])
+        metrics = {
+            "stability/spike_score_loss": self.loss_spikes.score,
+            "stability/spike_score_grad": self.grad_spikes.score,
+        }
+        if self._stats is not None and self._before_step is not None:
+            metrics.update(self._finish_measurement(pl_module))
+        self._stats, self._before_step = None, None
+        for logger in trainer.loggers:  # every measurement, whatever log_every_n_steps is
+            logger.log_metrics(metrics, step=step)
+
+    def _finish_measurement(self, pl_module: L.LightningModule) -> dict[str, float]:
+        stats = self._stats
+        model: OLMo2 = pl_module.model
+        for i, (block, before) in enumerate(zip(model.blocks, self._before_step, strict=True)):
+            params = [p for p in block.parameters() if p.requires_grad]
+            delta = [_local(p).detach().float() - old.float() for p, old in zip(params, before, strict=True)]
+            stats.add(f"{i}/update_sumsq", torch.stack([d.square().sum() for d in delta]).sum())
+        logit_stats: Reduction | None = pl_module.logit_stats
+        pl_module.logit_stats = None
+        if logit_stats is not None:
+            stats.sums.update(logit_stats.sums)
+            stats.maxes.update(logit_stats.maxes)
+        stats.all_reduce()
+
+        metrics: dict[str, float] = {}
+        for i in range(len(model.blocks)):
+            for name in ("q", "k"):
+                rms, maxhead = finalize_rms(stats, f"{i}/{name}")
+                metrics[f"qk/layer{i}/{name}_rms"] = rms
+                metrics[f"qk/layer{i}/{name}_rms_maxhead"] = maxhead
+                metrics[f"qk/layer{i}/{name}_rms_pre"] = finalize_rms(stats, f"{i}/{name}_pre")[0]
+                if f"{i}/{name}_gain_sum" in stats.sums:
+                    gain = stats.sums[f"{i}/{name}_gain_sum"] / stats.sums[f"{i}/{name}_gain_count"]
+                    metrics[f"qk/layer{i}/{name}_norm_gain"] = gain.item()
+            metrics[f"attn/layer{i}/max_logit"] = stats.maxes[f"{i}/attn_max_logit_head"].max().item()
+            entropy = stats.sums[f"{i}/attn_entropy_sum"] / stats.sums[f"{i}/attn_entropy_count"]
+            metrics[f"attn/layer{i}/entropy"] = entropy.item()
+            act = stats.sums[f"{i}/act_sumsq"] / stats.sums[f"{i}/act_count"]
+            metrics[f"act/layer{i}/rms"] = math.sqrt(act.item())
+            if f"{i}/grad_sumsq" in stats.sums:
+                metrics[f"grad/layer{i}/norm"] = math.sqrt(stats.sums[f"{i}/grad_sumsq"].item())
+            update, weight = stats.sums[f"{i}/update_sumsq"], stats.sums[f"{i}/weight_sumsq"]
+            metrics[f"update/layer{i}/ratio"] = math.sqrt(update.item() / max(weight.item(), 1e-30))
+        if "logits_max" in stats.maxes:
+            metrics["logits/max"] = stats.maxes["logits_max"].item()
+            lse = stats.sums["logits_lse_sum"] / stats.sums["logits_count"]
+            metrics["logits/mean_logsumexp"] = lse.item()
+        return metrics
+
+    # -- checkpointed state: the spike-score windows ---------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss_spikes.state_dict(), "grad": self.grad_spikes.state_dict(),
+                "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loss_spikes.load_state_dict(state_dict["loss"])
+        self.grad_spikes.load_state_dict(state_dict["grad"])
+        self._last_step = state_dict["last_step"]
