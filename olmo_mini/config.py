@@ -32,6 +32,14 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ModelConfig(OLMo2Config):
+    """The ``model`` group: the architecture (``OLMo2Config``) plus how the trainer builds it."""
+
+    # torch.compile each block (and the loss) for the training step.
+    compile: bool = False
+
+
+@dataclass
 class OptimConfig:
     """AdamW with OLMo 2's groups (no weight decay on the embedding only), warmup + cosine."""
 
@@ -73,7 +81,6 @@ class TrainerConfig:
     stop_at_step: int | None = None
     val_check_interval: int = 50
     log_every_n_steps: int = 10
-    compile: bool = False
     activation_checkpointing: bool = False
     # Peak FLOP/s for perf/mfu; null = Lightning's GPU table, or a measured matmul peak on CPU.
     peak_flops: float | None = None
@@ -142,7 +149,7 @@ class CheckpointConfig:
 class TrainConfig:
     """The whole run; ``resume`` is a checkpoint directory, ``auto`` (newest in the run dir) or null."""
 
-    model: OLMo2Config = field(default_factory=OLMo2Config)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch.distributed.device_mesh import DeviceMesh
 
-from olmo_mini.config import TrainerConfig
-from olmo_mini.model import OLMo2, OLMo2Config
+from olmo_mini.config import ModelConfig, TrainerConfig
+from olmo_mini.model import OLMo2
 
 
 def build_strategy(config: TrainerConfig) -> Strategy | str:
@@ -24,7 +24,7 @@ def build_strategy(config: TrainerConfig) -> Strategy | str:
 
 
 def build_model(
-    config: OLMo2Config,
+    config: ModelConfig,
     seed: int,
     trainer: TrainerConfig,
     precision: str,
@@ -45,7 +45,7 @@ def build_model(
             from torch.distributed._composable import checkpoint
 
             checkpoint(block)  # in place: parameter names stay those of the plain model
-        if trainer.compile:
+        if config.compile:
             block.compile()
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
