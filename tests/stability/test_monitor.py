@@ -84,3 +84,11 @@ def test_logged_stability_values_equal_direct_measurement(tmp_path) -> None:
     assert logged["qk/layer0/q_norm_gain"] == pytest.approx(1.0)  # norm weights start at 1
     assert 0 < logged["update/layer0/ratio"] < 0.1
     assert "attn/layer1/max_logit" in _logged(tmp_path, 2)
+
+
+def test_overhead_benchmark_runs_both_arms() -> None:
+    from olmo_mini.stability.bench import measure_overhead
+
+    result = measure_overhead([*SMALL, "stability.every_n_steps=2"], steps=4, warmup=1, repeats=1)
+    assert result.steps_per_s_off > 0 and result.steps_per_s_on > 0
+    assert result.tokens_per_step == 8 * 64 and result.every_n_steps == 2
