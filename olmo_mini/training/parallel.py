@@ -40,6 +40,10 @@ def build_model(
         model = OLMo2(config)
     model.to_empty(device="cpu")
     model.init_weights(seed)
+    if config.init_from is not None:
+        from olmo_mini.interop import load_init_weights  # interop imports training: import late
+
+        load_init_weights(model, config.init_from)
     for block in model.blocks:
         if trainer.activation_checkpointing:
             from torch.distributed._composable import checkpoint

@@ -1,0 +1,405 @@
+"""After training: load any model source, export to / import from Hugging Face, evaluate.
+
+A *source* is one of
+
+- a training checkpoint, ``<run_dir>/checkpoints/step_<N>`` (one ``state.ckpt``, or the sharded
+  DCP files of an FSDP run), or a run dir (its newest complete checkpoint). The architecture,
+  tokenizer and data come from the run's config (``.hydra/config.yaml``, else the CSV logger's
+  ``hparams.yaml``). Sharded checkpoints are read without a process group, on one process.
+- a Hugging Face Olmo2 folder (``config.json``, safetensors, tokenizer files).
+- an olmo-mini weights folder written by :func:`import_hf` (``model.yaml``, ``model.safetensors``
+  in olmo-mini parameter names, tokenizer files).
+
+All three load into a plain fp32 ``OLMo2``; any of them can initialize a new run
+(``model.init_from``, see :func:`load_init_weights`). None carries optimizer state into it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer, decoders
+
+from olmo_mini.config import ConfigError, TrainConfig, load_config
+from olmo_mini.data import OLMoDataModule, eos_id, load_tokenizer, read_manifest
+from olmo_mini.model import OLMo2, OLMo2Config
+from olmo_mini.model.generation import generate
+from olmo_mini.model.hf import config_from_hf
+from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints
+from olmo_mini.training.loss import IGNORE_INDEX, lm_loss
+
+WEIGHTS_FILE = "model.safetensors"
+MODEL_YAML = "model.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Fields that do not change what the weights compute: a run may differ from its init_from source.
+_FREE_FIELDS = {"max_seq_len", "init_std", "norm_backend"}
+
+
+@dataclass
+class Loaded:
+    """A model with what using it needs; ``config`` is the run's for training checkpoints."""
+
+    model: OLMo2
+    tokenizer: Tokenizer
+    eos_id: int | None
+    path: Path
+    config: TrainConfig | None = None
+
+
+# ---------------------------------------------------------------- finding and loading sources
+
+
+def locate(path: str | Path) -> tuple[str, Path]:
+    """``(kind, directory)`` with kind ``checkpoint``, ``hf`` or ``weights``; else an error naming
+    what is missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint, run dir or model folder")
+    if not path.is_dir():
+        raise ValueError(f"{path}: expected a directory (a step_<N> checkpoint, run dir or folder)")
+    if (path / COMPLETE).is_file():
+        return "checkpoint", path
+    if (path / STATE_FILE).exists() or (path / ".metadata").exists():
+        raise ValueError(
+            f"{path}: incomplete checkpoint, {path / COMPLETE} is missing (its save did not "
+            "finish); use an earlier step_<N>"
+        )
+    if (path / "checkpoints").is_dir():
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"{path / 'checkpoints'}: no complete step_<N> checkpoint")
+        return "checkpoint", found[-1]
+    if (path / "config.json").is_file():
+        return "hf", path
+    if (path / MODEL_YAML).is_file():
+        return "weights", path
+    raise ValueError(
+        f"{path}: not a model source; expected a step_<N> checkpoint (with {COMPLETE}), a run dir "
+        f"(with checkpoints/), a Hugging Face folder (config.json) or an olmo-mini weights folder "
+        f"({MODEL_YAML})"
+    )
+
+
+def load_model(path: str | Path) -> OLMo2:
+    """The fp32 CPU model of any source, without its tokenizer or data."""
+    kind, where = locate(path)
+    if kind == "checkpoint":
+        return _checkpoint_model(where, run_config(where).model)
+    if kind == "hf":
+        return _hf_model(where)
+    return _weights_model(where)
+
+
+def load(path: str | Path) -> Loaded:
+    """Model, tokenizer and EOS id of any source (and the run's config for checkpoints)."""
+    kind, where = locate(path)
+    if kind == "checkpoint":
+        config = run_config(where)
+        tokenizer, eos = run_tokenizer(config)
+        return Loaded(_checkpoint_model(where, config.model), tokenizer, eos, where, config)
+    model = _hf_model(where) if kind == "hf" else _weights_model(where)
+    tokenizer = load_tokenizer(where)
+    try:
+        eos: int | None = eos_id(tokenizer, path=where)
+    except ValueError:  # a tokenizer without an end-of-text token: generation runs to the end
+        eos = None
+    return Loaded(model, tokenizer, eos, where)
+
+
+def run_config(checkpoint: Path) -> TrainConfig:
+    """The config of the run that wrote ``checkpoint`` (``<run_dir>/checkpoints/step_<N>``)."""
+    run_dir = checkpoint.parent.parent
+    hparams = sorted(
+        (run_dir / "csv").glob("version_*/hparams.yaml"),
+        key=lambda p: int(p.parent.name.removeprefix("version_")),
+    )
+    candidates = [run_dir / ".hydra" / "config.yaml", *reversed(hparams)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"{checkpoint}: cannot find its run's config; looked for {candidates[0]} and "
+            f"{run_dir / 'csv' / 'version_*' / 'hparams.yaml'}"
+        )
+    raw = OmegaConf.load(found)
+    # Where the run's weights came from is history now: the checkpoint holds them.
+    raw.resume = None
+    raw.model.init_from = None
+    return load_config(raw)
+
+
+def run_tokenizer(config: TrainConfig) -> tuple[Tokenizer, int]:
+    """The run's tokenizer and EOS id, found exactly as its DataModule found them."""
+    # The DataModule's own lookup (cached after training), so export cannot pick another file.
+    path, shards = OLMoDataModule(config.data, config.seed)._resolve_tokenizer_and_shards()
+    with fsspec.open(path, "rt") as f:
+        tokenizer = Tokenizer.from_str(f.read())
+    if shards is not None:
+        return tokenizer, read_manifest(shards)["eos_id"]
+    return tokenizer, eos_id(tokenizer, config.data.eos_token, path)
+
+
+def checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors (olmo-mini names) of a single-file or sharded DCP checkpoint."""
+    prefix = "model."
+    if (checkpoint / STATE_FILE).is_file():
+        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return {k.removeprefix(prefix): v for k, v in saved["state_dict"].items()}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    # Lightning saves {"state_dict": {"model.<name>": ...}, "optimizer_0": ...}; DCP flattens it.
+    saved_prefix = f"state_dict.{prefix}"
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(saved_prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{checkpoint}: no model tensors ({saved_prefix}*) in {checkpoint / '.metadata'}")
+    with warnings.catch_warnings():  # "assuming ... a single process": which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return {k.removeprefix(saved_prefix): v for k, v in state.items()}
+
+
+def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> OLMo2:
+    """An fp32 model holding ``state``, built without a throwaway random init."""
+    arch = OLMo2Config.from_dict({f.name: getattr(config, f.name) for f in fields(OLMo2Config)})
+    with torch.device("meta"):
+        model = OLMo2(arch)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{where}: weights do not fit the architecture {arch}: {e}") from None
+    model.rope.inv_freq = model.rope.frequencies()
+    return model.eval()
+
+
+def _checkpoint_model(checkpoint: Path, config: OLMo2Config) -> OLMo2:
+    return _build(config, checkpoint_state(checkpoint), checkpoint)
+
+
+def _hf_model(folder: Path) -> OLMo2:
+    config_file = folder / "config.json"
+    try:
+        config_from_hf(json.loads(config_file.read_text()))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}") from None
+    return OLMo2.from_hf(folder).eval()
+
+
+def _weights_model(folder: Path) -> OLMo2:
+    from safetensors.torch import load_file
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
+    return _build(OLMo2Config.from_yaml(folder / MODEL_YAML), load_file(str(weights)), folder)
+
+
+# ---------------------------------------------------------------- initializing a run
+
+
+def load_init_weights(model: OLMo2, source: str) -> None:
+    """Copy ``model.init_from``'s weights into a freshly built (unsharded) ``model``.
+
+    The architectures must agree except in fields that do not change what the weights compute
+    (``max_seq_len``, ``init_std``, ``norm_backend``); else a ``ConfigError`` lists the differences.
+    """
+    try:
+        loaded = load_model(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    differences = [
+        f"model.{f.name}={getattr(model.config, f.name)!r} but the source has "
+        f"{getattr(loaded.config, f.name)!r}"
+        for f in fields(OLMo2Config)
+        if f.name not in _FREE_FIELDS
+        and getattr(model.config, f.name) != getattr(loaded.config, f.name)
+    ]
+    if differences:
+        raise ConfigError(
+            f"model.init_from: {source} has another architecture than this run: "
+            f"{'; '.join(differences)}. Set these model.* overrides to the source's values "
+            "(tools/convert_hf.py from-hf prints them)"
+        )
+    with torch.no_grad():
+        model.load_state_dict(loaded.state_dict())
+
+
+def model_overrides(config: OLMo2Config) -> list[str]:
+    """``model.<field>=<value>`` command-line overrides describing ``config``'s architecture."""
+    values = {f.name: getattr(config, f.name) for f in fields(OLMo2Config)}
+    return [f"model.{k}={'null' if v is None else v}" for k, v in values.items()
+            if k not in ("init_std", "norm_backend")]
+
+
+# ---------------------------------------------------------------- Hugging Face export / import
+
+
+def export_hf(source: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write an HF Olmo2 folder: config.json, safetensors, tokenizer files, generation_config.json.
+
+    The tokenizer is the run's ``tokenizer.json`` as a ``PreTrainedTokenizerFast`` with EOS (also
+    the pad token: the model has no other) so that ``AutoTokenizer`` loads it as trained.
+    """
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    loaded = load(source)
+    out = Path(out)
+    ids = {"eos_token_id": loaded.eos_id, "pad_token_id": loaded.eos_id}
+    loaded.model.save_hf(out, dtype, special_tokens=ids)
+    eos = None if loaded.eos_id is None else loaded.tokenizer.id_to_token(loaded.eos_id)
+    PreTrainedTokenizerFast(
+        tokenizer_object=loaded.tokenizer,
+        eos_token=eos,
+        pad_token=eos,
+        model_max_length=loaded.model.config.max_seq_len,
+    ).save_pretrained(out)
+    # transformers 5 records its own class name; the 4.x name loads in both (lm-eval often pins 4.x).
+    tokenizer_config = out / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(settings, indent=2))
+    GenerationConfig(bos_token_id=None, **ids).save_pretrained(out)
+    return out
+
+
+def import_hf(folder: str | Path, out: str | Path) -> OLMo2Config:
+    """An HF Olmo2 folder → an olmo-mini weights folder for ``model.init_from``.
+
+    ``model.yaml`` has the ``OLMo2Config`` fields (it also works as a ``configs/model/`` file),
+    ``model.safetensors`` the fp32 weights in olmo-mini names; tokenizer files are copied so that
+    ``data.tokenizer`` can point at the folder. Optimizer state does not exist in HF folders: a
+    run initialized from this starts AdamW's moments at zero.
+    """
+    from safetensors.torch import save_file
+
+    kind, where = locate(folder)
+    if kind != "hf":
+        raise ValueError(f"{where}: not a Hugging Face folder (no config.json)")
+    model = _hf_model(where)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / MODEL_YAML).write_text(OmegaConf.to_yaml(model.config.to_dict()))
+    for name in TOKENIZER_FILES:
+        if (where / name).is_file():
+            shutil.copy2(where / name, out / name)
+    return model.config
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate_text(
+    loaded: Loaded,
+    prompt: str,
+    max_new_tokens: int,
+    device: str = "cpu",
+    **sampling: float | int | bool | None,
+) -> str:
+    """Prompt plus continuation as text; ``sampling`` goes to ``generation.generate``."""
+    ids = loaded.tokenizer.encode(prompt).ids
+    if not ids:  # an empty prompt: continue from a document boundary
+        if loaded.eos_id is None:
+            raise ValueError("an empty prompt needs an EOS token to start from; give --prompt")
+        ids = [loaded.eos_id]
+    model = loaded.model.to(device)
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens,
+                   eos_id=loaded.eos_id, **sampling)
+    return loaded.tokenizer.decode(out[0].tolist())
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy per predicted token, nats
+    perplexity: float
+    bits_per_byte: float  # total CE / (ln 2 × UTF-8 bytes of the predicted text)
+    tokens: int
+    bytes: int
+    batches: int
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for; special tokens (EOS) stand for none.
+
+    Exact for byte-level BPE (each character of a vocabulary entry is one byte); for other
+    tokenizers, the length of the token decoded on its own.
+    """
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, i in tokenizer.get_vocab().items():
+        if token not in special:
+            lengths[i] = len(token) if byte_level else len(tokenizer.decode([i]).encode())
+    return lengths
+
+
+def bits_per_byte(total_nats: float, n_bytes: int) -> float:
+    return total_nats / (math.log(2) * n_bytes)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: OLMo2, batches: list[dict[str, torch.Tensor]], byte_lengths: np.ndarray, device: str
+) -> EvalResult:
+    """Loss, perplexity and bits per byte over ``batches``, in fp32 with the trainer's loss."""
+    model = model.to(device).eval()
+    lengths = torch.from_numpy(byte_lengths)
+    total = 0.0
+    tokens = n_bytes = 0
+    for batch in batches:
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        count = int(mask.sum())
+        ce = lm_loss(model(batch["input_ids"].to(device)), labels.to(device), 0.0).ce
+        total += float(ce) * count
+        tokens += count
+        n_bytes += int(lengths[labels[mask]].sum())
+    if tokens == 0:
+        raise ValueError("nothing to evaluate: the held-out split gave no batches")
+    loss = total / tokens
+    return EvalResult(loss, math.exp(loss), bits_per_byte(total, n_bytes), tokens, n_bytes,
+                      len(batches))
+
+
+def evaluate(model: OLMo2, config: TrainConfig, device: str = "cpu") -> EvalResult:
+    """Evaluate on the held-out batches the trainer validates on, for ``config``'s data.
+
+    The trainer's ranks each take an equal number of whole micro-batches from the start of the
+    held-out windows: with world size W those are the first ``n // W * W`` of the micro-batches
+    one process would take, so the mean equals the logged ``val/loss`` (in a ``32-true`` run).
+    """
+    datamodule = OLMoDataModule(config.data, config.seed, rank=0, world_size=1)
+    datamodule.setup()
+    datamodule.check_vocab(model.config.vocab_size)
+    batches = list(datamodule.val_dataloader())
+    world = config.trainer.world_size
+    batches = batches[: len(batches) // world * world]
+    return evaluate_batches(model, batches, token_byte_lengths(datamodule.tokenizer), device)
+
+
+def eval_config(loaded: Loaded, overrides: list[str]) -> TrainConfig:
+    """The run's config (or, for a model folder, defaults with its architecture and tokenizer)
+    with ``key=value`` overrides such as ``data.source=files data.files=[held_out.txt]``."""
+    if loaded.config is not None:
+        base: DictConfig = OmegaConf.structured(loaded.config)
+    else:
+        arch = loaded.model.config.to_dict()
+        base = OmegaConf.create({"model": arch, "data": {"tokenizer": str(loaded.path)}})
+    return load_config(OmegaConf.merge(base, OmegaConf.from_dotlist(overrides)))

@@ -1,0 +1,212 @@
+"""Checkpoints ↔ Hugging Face, model.init_from, the generate/evaluate tools, bits per byte."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Olmo2ForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers import Olmo2Config as HFOlmo2Config
+
+from olmo_mini.config import ConfigError
+from olmo_mini.data import OLMoDataModule, train_bpe
+from olmo_mini.interop import (
+    evaluate_batches,
+    export_hf,
+    load,
+    load_model,
+    run_tokenizer,
+    token_byte_lengths,
+)
+from olmo_mini.model import OLMo2, OLMo2Config
+from olmo_mini.model.generation import generate
+from olmo_mini.training import train
+from olmo_mini.training.checkpoint import COMPLETE
+from olmo_mini.training.loss import lm_loss
+from olmo_mini.training.parallel import build_model
+from tests.training.helpers import REPO, SMALL, compose_config, series
+
+TEXT = "def add(a, b):\n    return a + b\n"
+
+
+def _tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers-made Olmo2 (the SMALL shape, norms perturbed) with the runs' tokenizer."""
+    folder = tmp_path_factory.mktemp("hf")
+    hf_config = HFOlmo2Config(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+        tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM(hf_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.8, 1.2)
+    model.save_pretrained(folder)
+    tokenizer, eos = run_tokenizer(compose_config(*SMALL))
+    eos_token = tokenizer.id_to_token(eos)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("run", ["single_run", "fsdp_run"])
+def test_checkpoint_to_hf_gives_same_logits_tokens_and_greedy_text(run, request, tmp_path):
+    run_dir = request.getfixturevalue(run)
+    ours = load(run_dir)
+    out = export_hf(run_dir, tmp_path / "hf")
+
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = hf_tokenizer(TEXT, return_tensors="pt").input_ids
+    assert ids[0].tolist() == ours.tokenizer.encode(TEXT).ids
+    assert hf_tokenizer.eos_token_id == hf_tokenizer.pad_token_id == ours.eos_id
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours.model(ids), rtol=1e-4, atol=1e-4)
+    theirs = hf_model.generate(ids, max_new_tokens=8, do_sample=False)
+    mine = generate(ours.model, ids, 8, temperature=0)
+    assert torch.equal(theirs, mine)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == ours.eos_id
+
+
+def test_to_hf_cli_writes_bf16_and_names_bad_sources(fsdp_run, tmp_path, capsys):
+    step = fsdp_run / "checkpoints" / "step_2"
+    result = subprocess.run(
+        [sys.executable, "tools/convert_hf.py", "to-hf", str(step), str(tmp_path / "bf16"),
+         "--dtype", "bf16"], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+    assert _tool("convert_hf").main(["to-hf", str(tmp_path / "nope"), str(tmp_path / "x")]) == 1
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_bad_sources_are_errors_naming_the_file(single_run, tmp_path):
+    incomplete = tmp_path / "step_9"
+    shutil.copytree(single_run / "checkpoints" / "step_2", incomplete)
+    (incomplete / COMPLETE).unlink()
+    with pytest.raises(ValueError, match=f"{incomplete / COMPLETE} is missing"):
+        load_model(incomplete)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete step_<N>"):
+        load_model(tmp_path / "run")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=f"{llama / 'config.json'}: not a convertible .*'llama'"):
+        load_model(llama)
+
+
+def test_hf_to_olmo_mini_gives_same_logits(hf_folder, tmp_path, capsys):
+    out = tmp_path / "init"
+    assert _tool("convert_hf").main(["from-hf", str(hf_folder), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"model.init_from={out}" in printed and "model.d_model=64" in printed
+    assert (out / "tokenizer.json").is_file()
+
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    ids = torch.tensor([load(out).tokenizer.encode(TEXT).ids])
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        torch.testing.assert_close(load_model(out)(ids), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load_model(hf_folder)(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
+    config = compose_config(
+        *SMALL, "trainer.max_steps=1", "trainer.sample_new_tokens=0", "stability.enabled=false",
+        "checkpoint.every_n_steps=0", "checkpoint.save_final=false", f"model.init_from={hf_folder}",
+    )
+    train(config, tmp_path)
+    step1 = series(tmp_path, "train/ce_loss")[1]
+
+    datamodule = OLMoDataModule(config.data, config.seed, rank=0, world_size=1)
+    datamodule.setup()
+    micro_batches = iter(datamodule.train_dataloader())
+    source = load_model(hf_folder)
+    with torch.no_grad():
+        losses = [lm_loss(source(b["input_ids"]), b["labels"], 0.0).ce
+                  for b in (next(micro_batches) for _ in range(config.grad_accum_steps))]
+    assert step1 == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+
+
+def test_init_from_with_another_architecture_names_the_option(hf_folder):
+    config = compose_config(*SMALL, "model.d_model=32", f"model.init_from={hf_folder}")
+    with pytest.raises(ConfigError, match=r"model.init_from: .*model.d_model=32 but the source has 64"):
+        build_model(config.model, 0, config.trainer, "32-true")
+    with pytest.raises(ConfigError, match="model.init_from: '/no/such' does not exist"):
+        compose_config(*SMALL, "model.init_from=/no/such")
+
+
+def test_generate_cli_is_seeded_and_cache_equals_no_cache(fsdp_run, capsys):
+    tool = _tool("generate")
+
+    def sample(*extra: str) -> str:
+        args = [str(fsdp_run), "--prompt", "def ", "--max-new-tokens", "16", "--temperature",
+                "1.0", "--top-k", "100", "--top-p", "0.95", *extra]
+        assert tool.main(args) == 0
+        return capsys.readouterr().out
+
+    first = sample("--seed", "3")
+    assert first.startswith("def ") and len(first) > 5
+    assert sample("--seed", "3", "--no-cache") == first
+    assert sample("--seed", "3") == first
+    assert sample("--seed", "4") != first
+
+
+@pytest.mark.parametrize("run", ["single_run", "fsdp_run"])
+def test_evaluate_equals_the_trainers_val_loss(run, request, capsys):
+    run_dir = request.getfixturevalue(run)
+    assert _tool("evaluate").main([str(run_dir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] == pytest.approx(series(run_dir, "val/loss")[2], rel=1e-5)
+    assert result["tokens"] == 8 * 64 and result["batches"] == 4  # data.val_batches × global batch
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    bpb = result["loss"] * result["tokens"] / (math.log(2) * result["bytes"])
+    assert result["bits_per_byte"] == pytest.approx(bpb)
+
+
+def test_bits_per_byte_on_a_hand_checkable_example():
+    tokenizer = train_bpe(["héllo wörld, hello world"] * 20, vocab_size=300)
+    lengths = token_byte_lengths(tokenizer)
+    text = "héllo wörld"  # 11 characters, 13 UTF-8 bytes (é and ö take two)
+    ids = tokenizer.encode(text).ids + [tokenizer.token_to_id("<|endoftext|>")]
+    assert lengths[ids].sum() == 13 and lengths[ids[-1]] == 0
+    # A zero LM head gives uniform logits: each token costs ln 512 nats = 9 bits.
+    model = OLMo2(OLMo2Config(vocab_size=512, d_model=32, n_layers=1, n_heads=2,
+                              mlp_hidden_size=64, max_seq_len=32))
+    torch.nn.init.zeros_(model.lm_head.weight)
+    windows = torch.tensor([[ids[0], *ids]])
+    batch = {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
+    result = evaluate_batches(model, [batch], lengths, "cpu")
+    n = len(ids)
+    assert (result.tokens, result.bytes) == (n, 13)
+    assert result.loss == pytest.approx(math.log(512))
+    assert result.perplexity == pytest.approx(512)
+    assert result.bits_per_byte == pytest.approx(n * 9 / 13)
