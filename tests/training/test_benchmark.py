@@ -1,0 +1,39 @@
+"""The side-by-side benchmark runs at toy size and prints its table and a JSON record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from olmo_mini.training.benchmark import TrainMode, main
+
+
+def test_mode_names_round_trip() -> None:
+    for mode in (TrainMode(), TrainMode("bf16", True), TrainMode("bf16", False, True)):
+        assert TrainMode.parse(mode.name) == mode
+    with pytest.raises(ValueError):
+        TrainMode.parse("fp16+eager")
+    with pytest.raises(ValueError):
+        TrainMode.parse("bf16+fast")
+
+
+def test_toy_benchmark_prints_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    modes = ["fp32+eager", "bf16+eager+fused-ce"]
+    assert main(["--toy", "--warmup", "1", "--repeats", "2", "--threads", "1",
+                 "--olmo-modes", *modes, "--hf-modes", "fp32+eager"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("olmo-mini     bf16+eager+fused-ce") for line in lines)
+    assert any(line.startswith("transformers  fp32+eager") for line in lines)
+    result = json.loads(lines[-1])
+    rows = {(r["framework"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {("olmo-mini", m) for m in modes} | {("transformers", "fp32+eager")}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and len(row["step_s_all"]) == 2
+    assert set(result["ratios"]) == {"fp32_eager", "fp32_eager_best", "fastest", "fastest_modes",
+                                     "fastest_best"}
+    # Same weights and batch: after one AdamW step olmo-mini's CE + z-loss (1e-4 * lse^2,
+    # lse ~ ln 512) is transformers' CE plus about 4e-3, in every mode.
+    hf_loss = rows[("transformers", "fp32+eager")]["loss"]
+    assert rows[("olmo-mini", "fp32+eager")]["loss"] == pytest.approx(hf_loss + 4e-3, abs=1e-3)
+    assert rows[("olmo-mini", modes[1])]["loss"] == pytest.approx(hf_loss + 4e-3, abs=5e-3)
