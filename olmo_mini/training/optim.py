@@ -26,6 +26,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def group_weight_decay(config: OptimConfig) -> float:
+    """The weight decay to hand AdamW so that it decays as ``optim.weight_decay_mode`` says.
+
+    AdamW decays decoupled from the gradient, ``θ ← θ − lr_t·wd·θ``, with ``lr_t = s_t·lr``
+    set by the schedule (multiplier ``s_t``). Independent decay (Wortsman et al. 2023) wants
+    ``θ ← θ − s_t·λ·θ``, so the group gets ``wd = λ / lr``: peak LR and decay stay separate
+    knobs, and an LR sweep does not also sweep the decay.
+    """
+    if config.weight_decay_mode == "independent":
+        return config.weight_decay / config.lr
+    return config.weight_decay
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW; the fused kernel for plain tensors, foreach for sharded (DTensor) parameters."""
     from torch.distributed.tensor import DTensor
@@ -33,7 +46,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = not any(isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
+        param_groups(model, group_weight_decay(config)),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,

@@ -1,0 +1,100 @@
+"""``optim.*`` study options (weight-decay mode, epsilon, warmup) against AdamW by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from olmo_mini.config import ConfigError
+from olmo_mini.training.optim import build_optimizer, build_scheduler
+from tests.training.helpers import compose_config
+
+LR, BETA1, BETA2 = 0.01, 0.9, 0.95
+# optim.warmup_steps=2, trainer.max_steps=4, min_lr_ratio=0.1: the schedule's multipliers s_t.
+MULTIPLIERS = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))]
+
+
+class Tiny(nn.Module):
+    """One decayed matrix and an embedding, which OLMo 2's groups never decay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, 6).reshape(2, 3))
+        self.embed_tokens = nn.Embedding(2, 3)
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(torch.linspace(0.5, 1.5, 6).reshape(2, 3))
+
+
+def gradient(step: int, like: torch.Tensor) -> torch.Tensor:
+    """Gradients small enough (~1e-6) that epsilon visibly changes Adam's step."""
+    return 1e-6 * torch.cos(torch.arange(like.numel(), dtype=torch.float64) + step).reshape(
+        like.shape
+    )
+
+
+def adamw_by_hand(theta: torch.Tensor, decay: list[float], eps: float) -> torch.Tensor:
+    """``θ ← θ(1 − decay_t)``, then ``θ ← θ − s_t·lr·m̂/(√v̂ + ε)`` with bias-corrected moments."""
+    theta = theta.double()
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    for t, (s, d) in enumerate(zip(MULTIPLIERS, decay, strict=True), start=1):
+        g = gradient(t, theta)
+        theta = theta * (1 - d)
+        m, v = BETA1 * m + (1 - BETA1) * g, BETA2 * v + (1 - BETA2) * g * g
+        m_hat, v_hat = m / (1 - BETA1**t), v / (1 - BETA2**t)
+        theta = theta - s * LR * m_hat / (v_hat.sqrt() + eps)
+    return theta
+
+
+def train_tiny(*overrides: str) -> Tiny:
+    config = compose_config(
+        f"optim.lr={LR}", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1", *overrides
+    )
+    model = Tiny()
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, max_steps=4)
+    for t in range(1, 5):
+        for param in model.parameters():
+            param.grad = gradient(t, param).float()
+        optimizer.step()
+        scheduler.step()
+    return model
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6])
+def test_coupled_decay_is_lr_times_weight_decay(eps):
+    model = train_tiny("optim.weight_decay=0.5", f"optim.eps={eps}")
+    decay = [s * LR * 0.5 for s in MULTIPLIERS]
+    torch.testing.assert_close(model.weight, adamw_by_hand(Tiny().weight, decay, eps).float())
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6])
+def test_independent_decay_follows_the_schedule_but_not_the_peak_lr(eps):
+    model = train_tiny(
+        "optim.weight_decay=0.05", "optim.weight_decay_mode=independent", f"optim.eps={eps}"
+    )
+    decay = [s * 0.05 for s in MULTIPLIERS]  # s_t·λ: 100× what coupled decay would take here
+    torch.testing.assert_close(model.weight, adamw_by_hand(Tiny().weight, decay, eps).float())
+    embedding = adamw_by_hand(Tiny().embed_tokens.weight, [0.0] * 4, eps)
+    torch.testing.assert_close(model.embed_tokens.weight, embedding.float())
+
+
+def test_warmup_length_sets_the_linear_ramp():
+    config = compose_config("optim.lr=1.0", "optim.warmup_steps=4")
+    optimizer = build_optimizer(Tiny(), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, max_steps=100)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_bad_optimizer_options_name_the_field():
+    with pytest.raises(ConfigError, match="optim.weight_decay_mode"):
+        compose_config("optim.weight_decay_mode=scaled")
+    with pytest.raises(ConfigError, match="optim.qk_clip_tau"):
+        compose_config("optim.qk_clip_tau=0")
