@@ -37,6 +37,14 @@ class ModelConfig(OLMo2Config):
 
     # torch.compile each block (and the loss) for the training step.
     compile: bool = False
+    # Start from these weights instead of a random init: a training checkpoint or run dir, a
+    # Hugging Face Olmo2 folder, or a folder from tools/convert_hf.py from-hf (olmo_mini.interop).
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_from is not None and not Path(self.init_from).expanduser().exists():
+            raise ConfigError(f"model.init_from: {self.init_from!r} does not exist")
 
 
 @dataclass
@@ -48,6 +56,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # coupled: AdamW's θ ← θ − lr_t·weight_decay·θ. independent (Wortsman et al. 2023):
+    # θ ← θ − (lr_t / lr)·weight_decay·θ, not scaled by the peak LR (they use 1e-4, not 0.1).
+    weight_decay_mode: str = "coupled"
     warmup_steps: int = 20
     # The cosine ends at min_lr_ratio * lr at trainer.max_steps.
     min_lr_ratio: float = 0.1
@@ -55,9 +66,15 @@ class OptimConfig:
     z_loss: float = 1e-5
     # Non-finite loss or grad norm skips the step; this many in a row stops the run.
     max_consecutive_skips: int = 5
+    # QK-Clip (Kimi K2): after each step, shrink W_q/W_k of every head whose max attention
+    # logit in that step's forward exceeded tau, by tau / max logit; null: off.
+    qk_clip_tau: float | None = None
 
     def __post_init__(self) -> None:
+        _choice("optim.weight_decay_mode", self.weight_decay_mode, ("coupled", "independent"))
         _positive("optim", self, "lr", "eps", "grad_clip")
+        if self.qk_clip_tau is not None:
+            _positive("optim", self, "qk_clip_tau")
         _at_least("optim", self, 0, "weight_decay", "z_loss", "warmup_steps")
         _at_least("optim", self, 1, "max_consecutive_skips")
         for name in ("beta1", "beta2", "min_lr_ratio"):
@@ -146,6 +163,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """What each job of a ``cluster=slurm`` sweep asks SLURM for; the values are in
+    ``configs/cluster/slurm.yaml``, which hands them to Hydra's submitit launcher and sets
+    ``trainer.num_nodes`` and ``trainer.devices`` (one task per GPU) from them."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_gb: int
+    time_min: int
+    partition: str | None
+    account: str | None
+
+    def __post_init__(self) -> None:
+        _positive("cluster", self, "nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min")
+
+
+@dataclass
 class TrainConfig:
     """The whole run; ``resume`` is a checkpoint directory, ``auto`` (newest in the run dir) or null."""
 
@@ -156,6 +191,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    # null unless cluster=slurm (configs/cluster/).
+    cluster: ClusterConfig | None = None
     seed: int = 0
     resume: str | None = None
 

@@ -21,6 +21,7 @@ from olmo_mini.training.checkpoint import StepCheckpoint, resolve_resume
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
+from olmo_mini.training.qk_clip import QKClip
 
 
 @dataclass
@@ -33,10 +34,15 @@ class RunResult:
 def run(cfg: DictConfig) -> RunResult:
     """``train.py``'s body: validate, train, print the result; bad input exits with one line."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        result = train(load_config(cfg), run_dir)
+        config = load_config(cfg)
+        if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
+            config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
+        result = train(config, run_dir)
     except (ConfigError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
     if result.val_loss is not None and _is_rank_zero():
@@ -65,7 +71,11 @@ def train(
         trainer_cfg.peak_flops or peak_flops(device, precision),
     )
     accum = config.grad_accum_steps
+    # QK-Clip first: its on_train_batch_end rescales weights the checkpoint then saves.
+    tau = config.optim.qk_clip_tau
+    qk_clip = [] if tau is None else [QKClip(tau, config.model)]
     callbacks = [
+        *qk_clip,
         StepCheckpoint(
             run_dir / "checkpoints",
             config.checkpoint.every_n_steps,
