@@ -110,7 +110,10 @@ def train(
         use_distributed_sampler=False,
         default_root_dir=run_dir,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        _finish_wandb(trainer.loggers)
     val_loss = trainer.callback_metrics.get("val/loss")
     return RunResult(
         None if val_loss is None else float(val_loss), module.sample_text, trainer.global_step
@@ -152,6 +155,14 @@ def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
     for logger in loggers:
         logger.log_hyperparams(asdict(config))
     return loggers
+
+
+def _finish_wandb(loggers: Sequence[Logger]) -> None:
+    """Close the wandb run: Lightning leaves it open, and the next run in this process (a
+    sequential Hydra sweep) would otherwise log into it instead of starting its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # a no-op stand-in on ranks other than 0
 
 
 def _wandb_mode(config: LoggerConfig) -> str:

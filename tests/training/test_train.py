@@ -161,3 +161,13 @@ def test_too_many_nan_steps_stop_the_run_with_checkpoint_intact(tmp_path):
     assert checkpoints == ["step_2"]
     assert (tmp_path / "checkpoints" / "step_2" / COMPLETE).is_file()
     assert max(series(tmp_path, "train/loss")) == 4
+
+
+def test_sequential_runs_in_one_process_get_their_own_wandb_runs(tmp_path):
+    """A sequential Hydra sweep trains several runs in one process; each is its own wandb run."""
+    for name in ("a", "b"):
+        config = compose_config(*SMALL, "trainer.max_steps=1", "logger=wandb",
+                                "checkpoint.every_n_steps=0", "checkpoint.save_final=false")
+        train(config, tmp_path / name)
+    for name in ("a", "b"):
+        assert len(list((tmp_path / name / "wandb").glob("offline-run-*"))) == 1, name
