@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
 from olmo_mini.config import load_config
@@ -66,6 +67,8 @@ def test_lightning_takes_ranks_from_the_launcher(monkeypatch, env, devices, expe
     from the environment and start no processes of its own."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # The Trainer sets this process-wide rank; restore it, or later tests' loggers go silent.
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     config = compose_config("trainer=fsdp", f"trainer.devices={devices}").trainer
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=build_strategy(config),
                         logger=False)
