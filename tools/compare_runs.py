@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from olmo_mini.stability.compare import compare_runs
-from olmo_mini.stability.runs import RunReadError, find_runs, load_run
+from olmo_mini.stability.runs import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,17 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", nargs="+", help="one label per run (default: the run's name, "
                         "else its config differences)")
     args = parser.parse_args(argv)
-    try:
-        runs = [load_run(spec) for given in args.runs for spec in find_runs(given)]
-        written = compare_runs(runs, args.out, args.names)
-    except (RunReadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for run in runs:
-        for note in run.notes:
-            print(f"note: {note}", file=sys.stderr)
-    print("\n".join(str(p) for p in written))
-    return 0
+    return run_tool(args.runs, lambda runs: compare_runs(runs, args.out, args.names))
 
 
 if __name__ == "__main__":

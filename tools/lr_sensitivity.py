@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from olmo_mini.stability.runs import RunReadError, find_runs, load_run
+from olmo_mini.stability.runs import run_tool
 from olmo_mini.stability.sensitivity import write_report
 
 
@@ -24,17 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run dirs, wandb offline-run folders or sweep folders holding them")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    try:
-        runs = [load_run(spec) for given in args.run_dirs for spec in find_runs(given)]
-        written = write_report(runs, args.out)
-    except (RunReadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for run in runs:
-        for note in run.notes:
-            print(f"note: {note}", file=sys.stderr)
-    print("\n".join(str(p) for p in written))
-    return 0
+    return run_tool(args.run_dirs, lambda runs: write_report(runs, args.out))
 
 
 if __name__ == "__main__":

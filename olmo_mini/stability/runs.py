@@ -14,8 +14,9 @@ import math
 import os
 import re
 import struct
+import sys
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,21 @@ def load_wandb_api(path: str) -> Run:
 def experiment_keys(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config without its bookkeeping keys (logger, checkpointing, resume)."""
     return {k: v for k, v in config.items() if not k.startswith(_BOOKKEEPING_PREFIXES)}
+
+
+def run_tool(specs: list[str], write: Callable[[list[Run]], list[Path]]) -> int:
+    """The shared body of the run-reading tools: load every run under ``specs``, write, report.
+
+    Read errors print one line and return 1; notes (e.g. a file still being written) go to stderr.
+    """
+    try:
+        runs = [load_run(spec) for given in specs for spec in find_runs(given)]
+        written = write(runs)
+    except (RunReadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for run in runs:
+        for note in run.notes:
+            print(f"note: {note}", file=sys.stderr)
+    print("\n".join(str(p) for p in written))
+    return 0
