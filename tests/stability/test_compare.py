@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import wandb
 import yaml
 from lightning.pytorch.loggers import WandbLogger
 
@@ -51,6 +52,7 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     for row in rows([5.0, 4.0, 3.0, 2.5, 2.25], 2.3, {(1, 30): 50.0}, spikes=(0.5, 1.0)):
         logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     logger.experiment.finish()
+    wandb.teardown()  # wait for wandb's service to flush the run file before reading it
     high_lr = write_csv_run(
         root / "csv_high_lr", {"optim": {"lr": 1e-2}, "model": {"qk_norm": "full"}},
         rows([5.0, 3.5, 2.5, 2.1, 2.0], 2.1, {(0, 20): 1e3}))

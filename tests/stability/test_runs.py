@@ -63,6 +63,7 @@ def init_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[
     for row in rows:
         run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     run.finish()
+    wandb.teardown()  # wait for wandb's service to flush the run file before reading it
     return root, rows
 
 
@@ -79,6 +80,7 @@ def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     for row in rows:
         logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     logger.experiment.finish()
+    wandb.teardown()  # wait for wandb's service to flush the run file before reading it
     return run_dir, rows
 
 
