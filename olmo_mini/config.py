@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 class ModelConfig(OLMo2Config):
     """The ``model`` group: the architecture (``OLMo2Config``) plus how the trainer builds it."""
 
-    # torch.compile each block (and the loss) for the training step.
+    # torch.compile for training: the whole model with its loss as one graph on a single device;
+    # each block under FSDP or activation checkpointing (the root's hooks break the graph there).
     compile: bool = False
     # Start from these weights instead of a random init: a training checkpoint or run dir, a
     # Hugging Face Olmo2 folder, or a folder from tools/convert_hf.py from-hf (olmo_mini.interop).

@@ -31,11 +31,10 @@ from tokenizers import Tokenizer, decoders
 
 from olmo_mini.config import ConfigError, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule, eos_id, load_tokenizer, read_manifest
-from olmo_mini.model import OLMo2, OLMo2Config
+from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
 from olmo_mini.model.hf import config_from_hf
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints
-from olmo_mini.training.loss import IGNORE_INDEX, lm_loss
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_YAML = "model.yaml"
@@ -367,7 +366,7 @@ def evaluate_batches(
         labels = batch["labels"]
         mask = labels != IGNORE_INDEX
         count = int(mask.sum())
-        ce = lm_loss(model(batch["input_ids"].to(device)), labels.to(device), 0.0).ce
+        ce = model(batch["input_ids"].to(device), labels=labels.to(device)).ce
         total += float(ce) * count
         tokens += count
         n_bytes += int(lengths[labels[mask]].sum())

@@ -2,7 +2,7 @@
 
     python tools/bench_train.py                      # issue 8's target size, default modes
     python tools/bench_train.py --toy --repeats 2    # seconds
-    python tools/bench_train.py --olmo-modes fp32+eager bf16+eager+fused-ce --hf-modes fp32+eager
+    python tools/bench_train.py --olmo-modes fp32+eager bf16+eager+full-ce --hf-modes fp32+eager
 """
 
 from __future__ import annotations

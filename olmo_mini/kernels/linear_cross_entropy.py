@@ -26,8 +26,8 @@ class LinearCrossEntropyOutput(NamedTuple):
     loss: torch.Tensor  # ce + z, mean over non-ignored rows; the one differentiable output
     ce: torch.Tensor  # detached
     z: torch.Tensor  # detached, already multiplied by the coefficient
-    max_logit: torch.Tensor  # detached: largest (soft-capped) logit, for stability logging
-    mean_lse: torch.Tensor  # detached: mean logsumexp over non-ignored rows
+    max_logit: torch.Tensor  # detached: largest (soft-capped) logit over all rows
+    lse_sum: torch.Tensor  # detached: sum of logsumexp (log Z) over all rows
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -53,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         z_sum = ce_sum.clone()
-        lse_sum = ce_sum.clone()
+        lse_sum = ce_sum.clone()  # over all rows: the stability monitor's log Z statistic
         max_logit = torch.full((), float("-inf"), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -72,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = row_max + sum_exp.log()
             ce_sum += torch.where(mask, lse - target_logit, 0.0).sum()
             z_sum += torch.where(mask, lse.square(), 0.0).sum()
-            lse_sum += torch.where(mask, lse, 0.0).sum()
+            lse_sum += lse.sum()
             max_logit = torch.maximum(max_logit, row_max.max())
             if not (need_dh or need_dw):
                 continue
@@ -89,9 +89,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_dw:
                 grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ce, z, mean_lse = ce_sum / count, z_coeff * z_sum / count, lse_sum / count
-        ctx.mark_non_differentiable(ce, z, max_logit, mean_lse)
-        return ce + z, ce, z, max_logit, mean_lse
+        ce, z = ce_sum / count, z_coeff * z_sum / count
+        ctx.mark_non_differentiable(ce, z, max_logit, lse_sum)
+        return ce + z, ce, z, max_logit, lse_sum
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, *unused: torch.Tensor):
@@ -115,18 +115,21 @@ def linear_cross_entropy(
     ``hidden`` ``[..., D]``, ``weight`` ``[V, D]`` (the LM head), ``labels`` ``[...]`` with
     ``ignore_index`` for rows that do not count. ``softcap`` applies ``cap * tanh(z / cap)``
     to the logits first. Under autocast the matmuls run in the autocast dtype, as
-    ``F.linear`` would; the weight gradient is accumulated in fp32.
+    ``F.linear`` would; the weight gradient is accumulated in fp32. With gradients disabled
+    (evaluation) only the loss is computed.
     """
+    if not torch.is_grad_enabled():  # needs_input_grad ignores the grad mode
+        hidden, weight = hidden.detach(), weight.detach()
     device_type = hidden.device.type
     compute_dtype = hidden.dtype
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
-        loss, ce, z, max_logit, mean_lse = _LinearCrossEntropy.apply(
+        loss, ce, z, max_logit, lse_sum = _LinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
             float(z_loss), softcap, chunk_rows, compute_dtype, ignore_index,
         )
-    return LinearCrossEntropyOutput(loss, ce, z, max_logit, mean_lse)
+    return LinearCrossEntropyOutput(loss, ce, z, max_logit, lse_sum)
 
 
 def linear_cross_entropy_reference(
@@ -149,5 +152,6 @@ def linear_cross_entropy_reference(
     target = logits.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
     ce = torch.where(valid, lse - target, 0.0).sum() / count
     z = z_loss * torch.where(valid, lse.square(), 0.0).sum() / count
-    mean_lse = (torch.where(valid, lse, 0.0).sum() / count).detach()
-    return LinearCrossEntropyOutput(ce + z, ce.detach(), z.detach(), logits.max().detach(), mean_lse)
+    return LinearCrossEntropyOutput(
+        ce + z, ce.detach(), z.detach(), logits.max().detach(), lse.sum().detach()
+    )

@@ -113,12 +113,14 @@ def attention_logit_statistics(
 
 
 @torch.no_grad()
-def logit_statistics(stats: Reduction, logits: torch.Tensor) -> None:
-    """Output-logit max and log Z (logsumexp) sums over every position of ``logits``."""
-    logits = logits.float()
-    stats.max("logits_max", logits.amax())
-    stats.add("logits_lse_sum", torch.logsumexp(logits, dim=-1).sum())
-    stats.add("logits_count", torch.tensor(float(logits[..., 0].numel()), device=logits.device))
+def logit_statistics(
+    stats: Reduction, max_logit: torch.Tensor, lse_sum: torch.Tensor, positions: int
+) -> None:
+    """Output-logit max and the log Z (logsumexp) sum over ``positions`` positions: what the
+    chunked LM-head loss reports, so that the full logits are never needed."""
+    stats.max("logits_max", max_logit.float())
+    stats.add("logits_lse_sum", lse_sum.float())
+    stats.add("logits_count", torch.tensor(float(positions), device=lse_sum.device))
 
 
 class SpikeScore:

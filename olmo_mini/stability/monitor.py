@@ -69,9 +69,10 @@ def _block_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
 class StabilityMonitor(L.Callback):
     """Logs ``qk/``, ``attn/``, ``act/``, ``grad/``, ``update/``, ``logits/`` and ``stability/``.
 
-    The LightningModule must expose ``model`` (an ``OLMo2``) and, after each optimizer
-    step's hook, ``last_step_metrics`` with ``train/loss`` and ``train/grad_norm`` and, on
-    measuring steps, ``logit_stats`` (a ``Reduction`` with the loss's logit statistics).
+    The LightningModule must expose ``model`` (an ``OLMo2``), ``flush_listeners`` (called
+    with every step's ``train/loss`` and ``train/grad_norm`` once they reach the host: the
+    spike scores see every step without a host sync per step) and, on measuring steps,
+    ``logit_stats`` (a ``Reduction`` with the loss's logit statistics).
     """
 
     def __init__(self, config: StabilityConfig) -> None:
@@ -81,7 +82,30 @@ class StabilityMonitor(L.Callback):
         self._stats: Reduction | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._before_step: list[list[torch.Tensor]] | None = None
-        self._last_step = 0
+        self._last_step = 0  # the last step scored for spikes
+        self._loggers: list = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._loggers = trainer.loggers
+        pl_module.flush_listeners.append(self._score_spikes)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.flush_listeners.remove(self._score_spikes)
+
+    def _score_spikes(self, step_metrics: dict[str, float]) -> None:
+        """Spike scores for one step, logged at that step; every step is scored once."""
+        step = int(step_metrics["step"])
+        if step <= self._last_step:
+            return
+        self._last_step = step
+        self.loss_spikes.update(step_metrics["train/loss"])
+        self.grad_spikes.update(step_metrics["train/grad_norm"])
+        metrics = {
+            "stability/spike_score_loss": self.loss_spikes.score,
+            "stability/spike_score_grad": self.grad_spikes.score,
+        }
+        for logger in self._loggers:
+            logger.log_metrics(metrics, step=step)
 
     # -- which steps measure -------------------------------------------------------------
     def measuring(self, step: int) -> bool:
@@ -164,21 +188,12 @@ class StabilityMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:
-        step_metrics = getattr(pl_module, "last_step_metrics", None)
-        if not step_metrics or step_metrics["step"] <= self._last_step:
-            return  # not the end of a global batch
-        step = self._last_step = int(step_metrics["step"])
-        self.loss_spikes.update(step_metrics["train/loss"])
-        self.grad_spikes.update(step_metrics["train/grad_norm"])
-        metrics = {
-            "stability/spike_score_loss": self.loss_spikes.score,
-            "stability/spike_score_grad": self.grad_spikes.score,
-        }
-        if self._stats is not None and self._before_step is not None:
-            metrics.update(self._finish_measurement(pl_module))
+        if self._before_step is None:
+            return  # not a measuring step's optimizer step (or mid-accumulation)
+        metrics = self._finish_measurement(pl_module)
         self._stats, self._before_step = None, None
         for logger in trainer.loggers:  # every measurement, whatever log_every_n_steps is
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _finish_measurement(self, pl_module: L.LightningModule) -> dict[str, float]:
         stats = self._stats

@@ -5,10 +5,10 @@ train on the same batch with the same AdamW flags. Their steps are timed interle
 (A, B, A, B, ...) so that load from other processes hits both alike; medians and best steps
 are reported.
 
-A *mode* is precision x ``torch.compile`` (x the chunked LM-head loss, olmo-mini only).
-:func:`build_train_step` is olmo-mini's step in a given mode; its forward + loss part,
-:func:`build_forward_loss`, is what the training module reuses to get the speed measured
-here. ``tools/bench_train.py`` is the CLI.
+A *mode* is precision x ``torch.compile``. olmo-mini's step is what its trainer runs:
+``model(ids, labels=..., z_loss=...)`` (the chunked LM-head loss), compiled as the trainer
+compiles it (the whole model, in place); ``+full-ce`` swaps in the plain full-logits loss to
+show what the chunked one gains. ``tools/bench_train.py`` is the CLI.
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with the peak being the dense bf16 datasheet
 figure on a GPU and a measured bf16 matmul rate on a CPU, for every row (fp32 rows included),
@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from olmo_mini.kernels.linear_cross_entropy import linear_cross_entropy
 from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model import hf as hf_keys
 from olmo_mini.training.perf import flops_per_token, measure_matmul_flops
@@ -56,11 +55,12 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclasses.dataclass(frozen=True)
 class TrainMode:
     """How a training step runs: ``precision`` ``fp32`` or ``bf16`` (autocast), compiled or not,
-    and (olmo-mini only) whether the LM head is fused with the loss (chunked, no full logits)."""
+    and (olmo-mini only) ``full_logits_loss``: the plain loss over full fp32 logits instead of
+    the model's chunked one (a comparison point, not what the trainer runs)."""
 
     precision: str = "fp32"
     compile: bool = False
-    fused_loss: bool = False
+    full_logits_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -69,23 +69,21 @@ class TrainMode:
     @property
     def name(self) -> str:
         parts = [self.precision, "compile" if self.compile else "eager"]
-        return "+".join(parts + (["fused-ce"] if self.fused_loss else []))
+        return "+".join(parts + (["full-ce"] if self.full_logits_loss else []))
 
     @classmethod
     def parse(cls, name: str) -> TrainMode:
-        """The inverse of :attr:`name`, e.g. ``bf16+compile+fused-ce``."""
+        """The inverse of :attr:`name`, e.g. ``bf16+compile`` or ``fp32+eager+full-ce``."""
         parts = name.split("+")
-        unknown = set(parts[1:]) - {"compile", "eager", "fused-ce"}
+        unknown = set(parts[1:]) - {"compile", "eager", "full-ce"}
         if unknown:
             raise ValueError(f"unknown mode parts {sorted(unknown)} in {name!r}")
-        return cls(parts[0], "compile" in parts, "fused-ce" in parts)
+        return cls(parts[0], "compile" in parts, "full-ce" in parts)
 
 
 PLAIN = TrainMode()
-OLMO_FASTEST = TrainMode("bf16", compile=True)
-HF_FASTEST = TrainMode("bf16", compile=True)
-"""The fastest modes measured on a 2-core AMX Xeon. Compiled, the plain loss (inductor fuses
-the CE over the logits) was as fast as the chunked one; ``fused_loss`` is the memory saver."""
+FASTEST = TrainMode("bf16", compile=True)
+"""The fastest mode of both frameworks on a 2-core AMX Xeon (and the usual one on GPUs)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,40 +118,30 @@ def build_optimizer(model: nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
 
-def build_forward_loss(
-    model: OLMo2, mode: TrainMode, z_loss: float = 1e-4
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``loss(input_ids, labels)``: olmo-mini's forward + CE + z-loss in ``mode`` (the caller
-    enters autocast; Lightning's precision plugin does). The part a LightningModule reuses.
-
-    ``compile`` compiles forward + loss as one graph (embedding, blocks, final norm, LM head,
-    CE): per-block compile left the loss and the glue eager and measured slower on CPU.
-    """
-
-    def loss_fn(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = model.hidden_states(input_ids)
-        if mode.fused_loss:
-            return linear_cross_entropy(
-                hidden, model.lm_head.weight, labels, z_loss, model.config.final_logit_softcap
-            ).loss
-        logits = model.logits(hidden).float().flatten(0, 1)
-        lse = torch.logsumexp(logits, dim=-1)
-        ce = nn.functional.cross_entropy(logits, labels.flatten())
-        return ce + z_loss * lse.square().mean()
-
-    return torch.compile(loss_fn) if mode.compile else loss_fn
+def full_logits_loss(model: OLMo2, input_ids: torch.Tensor, labels: torch.Tensor,
+                     z_loss: float) -> torch.Tensor:
+    """CE + z-loss over the full fp32 logits: the plain path the chunked loss replaces."""
+    logits = model(input_ids).float().flatten(0, 1)
+    lse = torch.logsumexp(logits, dim=-1)
+    return nn.functional.cross_entropy(logits, labels.flatten()) + z_loss * lse.square().mean()
 
 
 def build_train_step(
     model: OLMo2, mode: TrainMode, optimizer: torch.optim.Optimizer, z_loss: float = 1e-4
 ) -> StepFn:
-    """olmo-mini's whole training step in ``mode``: autocast, forward + loss, backward, step."""
+    """olmo-mini's training step in ``mode`` as its trainer runs it: autocast, the model's
+    loss (``model.compile()`` in place first, as ``model.compile=true`` does on one device),
+    backward, AdamW step."""
     device = model.embed_tokens.weight.device
-    forward_loss = build_forward_loss(model, mode, z_loss)
+    if mode.compile:
+        model.compile()
 
     def step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(device, mode):
-            loss = forward_loss(input_ids, labels)
+            if mode.full_logits_loss:
+                loss = full_logits_loss(model, input_ids, labels, z_loss)
+            else:
+                loss = model(input_ids, labels=labels, z_loss=z_loss).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -165,8 +153,8 @@ def build_train_step(
 def build_hf_train_step(model: nn.Module, mode: TrainMode, optimizer: torch.optim.Optimizer) -> StepFn:
     """transformers' step as a user would write it: ``model(ids, labels=...).loss`` (its own
     fp32 cross-entropy, no z-loss), SDPA attention; ``torch.compile`` on the whole model."""
-    if mode.fused_loss:
-        raise ValueError("transformers has no fused LM-head loss mode")
+    if mode.full_logits_loss:
+        raise ValueError("full-ce is an olmo-mini mode: transformers always has its own loss")
     forward = torch.compile(model) if mode.compile else model
     device = next(model.parameters()).device
 
@@ -406,9 +394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int,
                             default=getattr(default, field.name))
     parser.add_argument("--toy", action="store_true", help="tiny shape (tests); overrides sizes")
-    parser.add_argument("--olmo-modes", nargs="*", default=[PLAIN.name, OLMO_FASTEST.name],
-                        help="olmo-mini modes, e.g. fp32+eager bf16+compile+fused-ce")
-    parser.add_argument("--hf-modes", nargs="*", default=[PLAIN.name, HF_FASTEST.name],
+    parser.add_argument("--olmo-modes", nargs="*", default=[PLAIN.name, FASTEST.name],
+                        help="olmo-mini modes, e.g. fp32+eager bf16+compile fp32+eager+full-ce")
+    parser.add_argument("--hf-modes", nargs="*", default=[PLAIN.name, FASTEST.name],
                         help="transformers modes, e.g. fp32+eager bf16+compile")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode")

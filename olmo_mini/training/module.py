@@ -2,17 +2,19 @@
 
 Lightning accumulates ``grad_accum`` micro-batches (``Trainer(accumulate_grad_batches=...)``) and
 scales each loss by ``1/grad_accum``. At the end of a global batch ``on_before_optimizer_step``
-clips the gradients, checks that loss and grad norm are finite (one host sync per optimizer step:
-the price of skipping exactly the bad steps), drops the gradients of a bad step so AdamW leaves
-the weights and moments untouched, and logs. Metrics are logged with ``step`` = the optimizer step
-they belong to (1-based), the same number as ``checkpoints/step_<N>``.
+clips the gradients and checks on the device that loss and grad norm are finite; a bad step is
+skipped by fused AdamW's ``found_inf`` (weights, moments and its step count stay untouched), as
+``GradScaler`` skips fp16 overflow steps. Nothing waits for the device there: each step's metrics
+stay on it until a logging step (every ``trainer.log_every_n_steps``, a checkpoint, the end),
+where one transfer brings all of them over and every step is logged. Metrics carry ``step`` =
+the optimizer step they belong to (1-based), the same number as ``checkpoints/step_<N>``.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -24,7 +26,6 @@ from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2
 from olmo_mini.model.generation import generate
 from olmo_mini.stability.metrics import Reduction, logit_statistics
-from olmo_mini.training.loss import lm_loss
 from olmo_mini.training.optim import build_optimizer, build_scheduler
 from olmo_mini.training.parallel import build_model
 
@@ -52,12 +53,17 @@ class LanguageModelModule(L.LightningModule):
         # Per-global-batch loss sums (device tensors: no sync per micro-batch).
         self._ce_sum: torch.Tensor | None = None
         self._z_sum: torch.Tensor | None = None
-        self._step_times: deque[float] = deque(maxlen=config.trainer.log_every_n_steps + 1)
+        self._window_start = 0.0  # the time of the previous flush
         self._val_started = 0.0
         self.sample_text: str | None = None
-        # Read by the stability monitor: this step's synced metrics, and on measuring steps a
-        # Reduction the monitor places here to receive output-logit statistics.
-        self.last_step_metrics: dict[str, float] = {}
+        # Steps whose metrics are still on the device: (step, lr, [ce, z, grad_norm]).
+        self._pending: list[tuple[int, float, torch.Tensor]] = []
+        # For callbacks. ``flush_listeners`` are called with each flushed step's metrics (floats),
+        # in step order, as soon as they reach the host. ``last_step_finite``: a device bool,
+        # whether the last update was applied. ``logit_stats``: on measuring steps, a Reduction
+        # the stability monitor places here to receive output-logit statistics.
+        self.flush_listeners: list[Callable[[dict[str, float]], None]] = []
+        self.last_step_finite: torch.Tensor | None = None
         self.logit_stats: Reduction | None = None
 
     def setup(self, stage: str) -> None:
@@ -80,10 +86,9 @@ class LanguageModelModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])
-        out = lm_loss(logits, batch["labels"], self.config.optim.z_loss)
+        out = self.model(batch["input_ids"], labels=batch["labels"], z_loss=self.config.optim.z_loss)
         if self.logit_stats is not None:
-            logit_statistics(self.logit_stats, logits)
+            logit_statistics(self.logit_stats, out.max_logit, out.lse_sum, batch["labels"].numel())
         if self._ce_sum is None:
             self._ce_sum, self._z_sum = out.ce.detach(), out.z.detach()
         else:
@@ -101,53 +106,82 @@ class LanguageModelModule(L.LightningModule):
         losses = torch.stack([self._ce_sum, self._z_sum]) / self.grad_accum
         self._ce_sum = self._z_sum = None
         losses = self.trainer.strategy.reduce(losses, reduce_op="mean")  # mean over ranks
-        ce, z, grad_norm = torch.cat([losses, norm.reshape(1).float()]).tolist()  # the one sync
-
-        finite = all(map(_finite, (ce, z, grad_norm)))
-        if finite:
-            self.consecutive_skips = 0
-        else:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
+        values = torch.cat([losses, norm.reshape(1).float()])  # [ce, z, grad_norm]
+        self.last_step_finite = values.isfinite().all()
+        optimizer.found_inf = (~self.last_step_finite).float()  # fused AdamW skips if nonzero
+        self._pending.append((step, optimizer.param_groups[0]["lr"], values))
         self.tokens_seen += self.tokens_per_step
         self.trainer.datamodule.consumed_global_batches += 1
+        if self._flush_due(step):
+            self.flush_metrics()
 
-        metrics = {
-            "step": float(step),
-            "train/loss": ce + z,
-            "train/ce_loss": ce,
-            "train/z_loss": z,
-            "train/grad_norm": grad_norm,
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/skipped_steps": float(self.skipped_steps),
-            "train/tokens": float(self.tokens_seen),
-        }
-        metrics.update(self._throughput())
-        self.last_step_metrics = metrics
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        self.log("loss", ce + z, prog_bar=True, logger=False)
-        if "perf/tokens_per_s" in metrics:
-            self.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, logger=False)
+    def _flush_due(self, step: int) -> bool:
+        """Logging steps, the last step, and checkpoint steps (which save exact counters and
+        the spike-score windows: those must have seen every step up to the saved one)."""
+        every_checkpoint = self.config.checkpoint.every_n_steps
+        return (
+            step % self.config.trainer.log_every_n_steps == 0
+            or step >= self.trainer.max_steps
+            or (every_checkpoint > 0 and step % every_checkpoint == 0)
+        )
 
-        if self.consecutive_skips >= self.config.optim.max_consecutive_skips:
-            for logger in self.loggers:  # Lightning would drop this step's row with the exception
-                logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+    def flush_metrics(self, progress_bar: bool = True) -> None:
+        """Bring the pending steps' metrics over (one host sync), log every step, update the
+        skip counters, and stop if too many steps in a row were skipped. ``progress_bar``:
+        whether this hook may ``self.log`` (Lightning refuses it in checkpoint and end hooks)."""
+        if not self._pending:
+            return
+        rows = torch.stack([values for _, _, values in self._pending]).tolist()
+        tokens = self.tokens_seen - self.tokens_per_step * len(rows)
+        flushed: list[dict[str, float]] = []
+        diverged_at = None
+        for (step, lr, _), (ce, z, grad_norm) in zip(self._pending, rows, strict=True):
+            if all(map(_finite, (ce, z, grad_norm))):
+                self.consecutive_skips = 0
+            else:
+                self.skipped_steps += 1
+                self.consecutive_skips += 1
+                if self.consecutive_skips >= self.config.optim.max_consecutive_skips:
+                    diverged_at = diverged_at or step
+            tokens += self.tokens_per_step
+            flushed.append({
+                "step": float(step),
+                "train/loss": ce + z,
+                "train/ce_loss": ce,
+                "train/z_loss": z,
+                "train/grad_norm": grad_norm,
+                "train/lr": lr,
+                "train/skipped_steps": float(self.skipped_steps),
+                "train/tokens": float(tokens),
+            })
+        self._pending = []
+        flushed[-1].update(self._throughput(len(rows)))
+        for metrics in flushed:
+            for logger in self.loggers:
+                logger.log_metrics({k: v for k, v in metrics.items() if k != "step"},
+                                   step=int(metrics["step"]))
+            for listener in self.flush_listeners:
+                listener(metrics)
+        last = flushed[-1]
+        if progress_bar:
+            self.log("loss", last["train/loss"], prog_bar=True, logger=False)
+            self.log("tok/s", last["perf/tokens_per_s"], prog_bar=True, logger=False)
+        if diverged_at is not None:
+            for logger in self.loggers:
                 logger.save()
             raise TrainingDiverged(
-                f"step {step}: {self.consecutive_skips} optimizer steps in a row had a non-finite "
-                f"loss or gradient norm (optim.max_consecutive_skips="
-                f"{self.config.optim.max_consecutive_skips}); stopping. The last checkpoint is "
-                "intact: lower optim.lr or resume from it."
+                f"step {diverged_at}: {self.config.optim.max_consecutive_skips} optimizer steps in "
+                f"a row had a non-finite loss or gradient norm (optim.max_consecutive_skips="
+                f"{self.config.optim.max_consecutive_skips}); stopping. Their updates were skipped "
+                "and the last checkpoint is intact: lower optim.lr or resume from it."
             )
 
-    def _throughput(self) -> dict[str, float]:
-        """tokens/s and MFU over the last ``log_every_n_steps`` optimizer steps."""
-        self._step_times.append(time.perf_counter())
-        if len(self._step_times) < 2:
-            return {}
-        elapsed = self._step_times[-1] - self._step_times[0]
-        tokens_per_s = self.tokens_per_step * (len(self._step_times) - 1) / elapsed
+    def _throughput(self, steps: int) -> dict[str, float]:
+        """tokens/s and MFU over the ``steps`` optimizer steps since the previous flush (both
+        timed right after a host sync, so the device's queue is accounted for)."""
+        now = time.perf_counter()
+        elapsed, self._window_start = now - self._window_start, now
+        tokens_per_s = self.tokens_per_step * steps / elapsed
         metrics = {"perf/tokens_per_s": tokens_per_s}
         if self.peak_flops:
             total_peak = self.peak_flops * self.trainer.world_size
@@ -155,7 +189,7 @@ class LanguageModelModule(L.LightningModule):
         return metrics
 
     def on_train_start(self) -> None:
-        self._step_times.append(time.perf_counter())
+        self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through should_stop makes Lightning validate once more at the last step.
@@ -163,7 +197,7 @@ class LanguageModelModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = lm_loss(self.model(batch["input_ids"]), batch["labels"], 0.0)
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         self.log("val/loss", out.ce, on_epoch=True, sync_dist=True, prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
@@ -172,11 +206,12 @@ class LanguageModelModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("step", float(self.global_step), sync_dist=True)
         # Validation time is not training time: shift the throughput window past it.
-        paused = time.perf_counter() - self._val_started
-        self._step_times = deque((t + paused for t in self._step_times), self._step_times.maxlen)
+        self._window_start += time.perf_counter() - self._val_started
 
     def on_train_end(self) -> None:
-        """Generate a short sample from the final weights (on rank 0, from an unsharded copy)."""
+        """Log what is still pending; generate a short sample from the final weights (on rank
+        0, from an unsharded copy)."""
+        self.flush_metrics(progress_bar=False)
         if self.config.trainer.sample_new_tokens == 0:
             return
         model = self._unsharded_model()
@@ -209,6 +244,7 @@ class LanguageModelModule(L.LightningModule):
         return model.eval()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.flush_metrics(progress_bar=False)  # the skip counters must be exact
         checkpoint["counters"] = {
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,

@@ -44,13 +44,18 @@ def build_model(
         from olmo_mini.interop import load_init_weights  # interop imports training: import late
 
         load_init_weights(model, config.init_from)
+    # One graph for embedding, blocks, final norm and the chunked LM-head loss where nothing
+    # wraps the blocks: per-block graphs leave the loss and the glue eager (measured slower).
+    whole_model_compile = config.compile and mesh is None and not trainer.activation_checkpointing
     for block in model.blocks:
         if trainer.activation_checkpointing:
             from torch.distributed._composable import checkpoint
 
             checkpoint(block)  # in place: parameter names stay those of the plain model
-        if config.compile:
+        if config.compile and not whole_model_compile:
             block.compile()
+    if whole_model_compile:
+        model.compile()  # compiles the module call in place: names and hooks stay
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

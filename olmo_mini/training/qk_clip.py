@@ -28,7 +28,6 @@ the matching slice of the per-row factor vector; nothing is gathered.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -129,7 +128,8 @@ class QKClip(L.Callback):
     the clip) and ``qk_clip/layer{i}/clipped_heads`` every ``trainer.log_every_n_steps`` steps.
 
     The LightningModule must expose ``model`` (an ``OLMo2``) and, after each optimizer step's
-    hook, ``last_step_metrics`` with ``step``, ``train/loss`` and ``train/grad_norm``.
+    hook, ``last_step_finite`` (a device bool: whether the update was applied). Nothing here
+    waits for the device except on logging steps.
     """
 
     def __init__(self, tau: float, model_config: OLMo2Config) -> None:
@@ -179,16 +179,13 @@ class QKClip(L.Callback):
         self._max = [None] * len(self._max)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(max_logits, op=torch.distributed.ReduceOp.MAX)
-        step_metrics = pl_module.last_step_metrics
-        applied = math.isfinite(step_metrics["train/loss"]) and math.isfinite(
-            step_metrics["train/grad_norm"]
-        )
-        if applied:
-            clip_model(pl_module.model, max_logits, self.tau)
-        step = int(step_metrics["step"])
+        # A skipped update is not clipped: zero max logits give every head a factor of 1.
+        clip_from = torch.where(pl_module.last_step_finite, max_logits, 0.0)
+        clip_model(pl_module.model, clip_from, self.tau)
+        step = trainer.global_step
         if step % trainer.log_every_n_steps:
             return
-        clipped = (max_logits > self.tau).sum(dim=1) if applied else torch.zeros(len(max_logits))
+        clipped = (clip_from > self.tau).sum(dim=1)
         values = torch.cat([max_logits.amax(dim=1), clipped.to(max_logits)]).tolist()
         n = len(max_logits)
         metrics = {f"qk_clip/layer{i}/max_logit": values[i] for i in range(n)}

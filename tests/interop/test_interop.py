@@ -36,7 +36,6 @@ from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
 from olmo_mini.training import train
 from olmo_mini.training.checkpoint import COMPLETE
-from olmo_mini.training.loss import lm_loss
 from olmo_mini.training.parallel import build_model
 from tests.training.helpers import REPO, SMALL, compose_config, series
 
@@ -151,7 +150,7 @@ def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
     micro_batches = iter(datamodule.train_dataloader())
     source = load_model(hf_folder)
     with torch.no_grad():
-        losses = [lm_loss(source(b["input_ids"]), b["labels"], 0.0).ce
+        losses = [source(b["input_ids"], labels=b["labels"]).ce
                   for b in (next(micro_batches) for _ in range(config.grad_accum_steps))]
     assert step1 == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
 

@@ -19,11 +19,11 @@ def test_mode_names_round_trip() -> None:
 
 
 def test_toy_benchmark_prints_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
-    modes = ["fp32+eager", "bf16+eager+fused-ce"]
+    modes = ["fp32+eager", "bf16+eager+full-ce"]
     assert main(["--toy", "--warmup", "1", "--repeats", "2", "--threads", "1",
                  "--olmo-modes", *modes, "--hf-modes", "fp32+eager"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert any(line.startswith("olmo-mini     bf16+eager+fused-ce") for line in lines)
+    assert any(line.startswith("olmo-mini     bf16+eager+full-ce") for line in lines)
     assert any(line.startswith("transformers  fp32+eager") for line in lines)
     result = json.loads(lines[-1])
     rows = {(r["framework"], r["mode"]): r for r in result["rows"]}

@@ -6,26 +6,40 @@ import pytest
 import torch
 
 from olmo_mini.model import OLMo2, OLMo2Config
-from olmo_mini.training.loss import IGNORE_INDEX, lm_loss
+from olmo_mini.model import IGNORE_INDEX
 from olmo_mini.training.optim import build_optimizer, lr_lambda, param_groups
 from olmo_mini.training.perf import flops_per_token
 from tests.training.helpers import compose_config
 
 
-def test_loss_is_cross_entropy_plus_z_loss():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11) * 3
-    labels = torch.randint(0, 11, (2, 5))
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_model_loss_is_cross_entropy_plus_z_loss_of_its_logits(softcap):
+    """``model(ids, labels=...)`` (chunked LM head) equals CE + z-loss of ``model(ids)``, and
+    its gradients equal those of that plain loss."""
+    config = OLMo2Config(vocab_size=50, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64,
+                         final_logit_softcap=softcap)
+    model = OLMo2(config)
+    model.init_weights(seed=0)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, dims=1)
     labels[0, 1] = IGNORE_INDEX
-    out = lm_loss(logits.to(torch.bfloat16), labels, z_loss=1e-2)
-    logits32 = logits.to(torch.bfloat16).float()
-    ce = torch.nn.functional.cross_entropy(logits32.flatten(0, 1), labels.flatten())
+    out = model(ids, labels=labels, z_loss=1e-2)
+    out.loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(ids).flatten(0, 1)
     keep = labels.flatten() != IGNORE_INDEX
-    z = 1e-2 * torch.logsumexp(logits32.flatten(0, 1)[keep], -1).square().mean()
-    torch.testing.assert_close(out.ce, ce)
-    torch.testing.assert_close(out.z, z)
-    torch.testing.assert_close(out.loss, ce + z)
-    assert out.loss.dtype == torch.float32
+    ce = torch.nn.functional.cross_entropy(logits, labels.flatten())
+    z = 1e-2 * torch.logsumexp(logits[keep], -1).square().mean()
+    (ce + z).backward()
+    torch.testing.assert_close(out.ce, ce.detach())
+    torch.testing.assert_close(out.z, z.detach())
+    torch.testing.assert_close(out.loss.detach(), (ce + z).detach())
+    torch.testing.assert_close(out.max_logit, logits.detach().max())
+    torch.testing.assert_close(out.lse_sum, torch.logsumexp(logits.detach(), -1).sum())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_weight_decay_spares_only_the_embedding():
