@@ -230,6 +230,16 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
         raise ConfigError(str(e)) from None
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """``configs/train.yaml`` with command-line style overrides, as ``train.py`` would see it
+    (for tools and tests that run the trainer in process)."""
+    from hydra import compose, initialize_config_dir
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return load_config(compose("train", overrides=list(overrides)))
+
+
 def register_configs() -> None:
     """Make ``train_schema`` (the ``TrainConfig`` tree) available to ``configs/train.yaml``."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

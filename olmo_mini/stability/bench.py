@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
-from olmo_mini.config import TrainConfig, load_config
+from olmo_mini.config import compose_config
 
 
 class StepTimer(L.Callback):
@@ -47,16 +47,6 @@ class OverheadResult:
         return 1.0 - self.steps_per_s_on / self.steps_per_s_off
 
 
-def compose(overrides: list[str]) -> TrainConfig:
-    """``configs/train.yaml`` with command-line style overrides, as ``train.py`` would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        return load_config(hydra_compose("train", overrides=overrides))
-
-
 def measure_overhead(
     overrides: list[str], steps: int = 40, warmup: int = 5, repeats: int = 2
 ) -> OverheadResult:
@@ -71,7 +61,7 @@ def measure_overhead(
     rates: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for enabled in (False, True):
-            config = compose([*fixed, *overrides, f"stability.enabled={enabled}"])
+            config = compose_config([*fixed, *overrides, f"stability.enabled={enabled}"])
             timer = StepTimer()
             with tempfile.TemporaryDirectory() as run_dir:
                 train(config, Path(run_dir), callbacks=[timer])

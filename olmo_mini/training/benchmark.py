@@ -8,7 +8,9 @@ are reported.
 A *mode* is precision x ``torch.compile``. olmo-mini's step is what its trainer runs:
 ``model(ids, labels=..., z_loss=...)`` (the chunked LM-head loss), compiled as the trainer
 compiles it (the whole model, in place); ``+full-ce`` swaps in the plain full-logits loss to
-show what the chunked one gains. ``tools/bench_train.py`` is the CLI.
+show what the chunked one gains. With ``trainer_steps`` the trainer itself (Lightning loop,
+data, logging) runs too, each of its steps followed by one model-level step in the same mode,
+for the trainer-over-model ratio. ``tools/bench_train.py`` is the CLI.
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with the peak being the dense bf16 datasheet
 figure on a GPU and a measured bf16 matmul rate on a CPU, for every row (fp32 rows included),
@@ -23,30 +25,19 @@ import dataclasses
 import json
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
 
 from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model import hf as hf_keys
-from olmo_mini.training.perf import flops_per_token, measure_matmul_flops
-
-# Dense bf16 tensor-core peaks from the datasheets (no sparsity), FLOP/s, by device-name part.
-GPU_BF16_PEAK = {
-    "H200": 989.5e12,
-    "H100 SXM": 989.5e12,
-    "H100 NVL": 835.5e12,
-    "H100 PCIe": 756.5e12,
-    "H100": 756.5e12,  # unnamed H100 variants: the PCIe figure, the conservative one
-    "A100": 312e12,
-    "A10G": 70e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165.2e12,
-}
+from olmo_mini.training.perf import flops_per_token, peak_flops
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``step(input_ids, labels) -> loss``: forward, loss, backward, optimizer step; no host sync."""
@@ -105,8 +96,9 @@ class BenchSize:
         )
 
 
-TOY = BenchSize(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=160, vocab_size=512,
+TOY = BenchSize(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=160, vocab_size=4096,
                 seq_len=32, batch_size=2)
+"""Vocabulary 4096: the default corpus's tokenizer, so that the trainer row can run too."""
 
 
 def autocast(device: torch.device, mode: TrainMode) -> contextlib.AbstractContextManager:
@@ -116,6 +108,15 @@ def autocast(device: torch.device, mode: TrainMode) -> contextlib.AbstractContex
 def build_optimizer(model: nn.Module) -> torch.optim.AdamW:
     """The same AdamW for both models: the fused (single-kernel) implementation."""
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """Clip to global norm 1 (as olmo-mini's trainer and transformers' ``Trainer`` do), step,
+    drop the gradients: the same for both frameworks."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def full_logits_loss(model: OLMo2, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -131,7 +132,7 @@ def build_train_step(
 ) -> StepFn:
     """olmo-mini's training step in ``mode`` as its trainer runs it: autocast, the model's
     loss (``model.compile()`` in place first, as ``model.compile=true`` does on one device),
-    backward, AdamW step."""
+    backward, clipping, AdamW step."""
     device = model.embed_tokens.weight.device
     if mode.compile:
         model.compile()
@@ -143,8 +144,7 @@ def build_train_step(
             else:
                 loss = model(input_ids, labels=labels, z_loss=z_loss).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer)
         return loss.detach()
 
     return step
@@ -162,8 +162,7 @@ def build_hf_train_step(model: nn.Module, mode: TrainMode, optimizer: torch.opti
         with autocast(device, mode):
             loss = forward(input_ids=input_ids, labels=input_ids, shift_labels=labels).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer)
         return loss.detach()
 
     return step
@@ -280,13 +279,79 @@ def time_interleaved(
 
 def peak_bf16_flops(device: torch.device) -> tuple[float, str]:
     """The MFU denominator and where it came from."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for part, flops in GPU_BF16_PEAK.items():
-            if part in name:
-                return flops, f"datasheet dense bf16 ({part})"
-        raise ValueError(f"no bf16 peak known for {name!r}; add it to GPU_BF16_PEAK")
-    return measure_matmul_flops(torch.bfloat16), "measured bf16 1024^3 matmul"
+    peak = peak_flops(device, "bf16-mixed")
+    if peak is None:
+        raise ValueError(f"no bf16 peak known for {_device_name(device)}")
+    source = "datasheet dense bf16" if device.type == "cuda" else "measured bf16 2048^3 matmul"
+    return peak, source
+
+
+def trainer_overrides(size: BenchSize, mode: TrainMode, steps: int, peak: float) -> list[str]:
+    """``train.py`` overrides for the benchmark's model, batch and mode: one micro-batch per
+    step; no validation, sample, checkpoint or stability measurement inside the timed steps.
+    The data is the default corpus; the model's vocabulary is the benchmark's."""
+    if mode.full_logits_loss:
+        raise ValueError("the trainer always uses the chunked loss: no full-ce mode")
+    return [
+        f"model.d_model={size.d_model}", f"model.n_layers={size.n_layers}",
+        f"model.n_heads={size.n_heads}", f"model.n_kv_heads={size.n_heads}",
+        f"model.mlp_hidden_size={size.mlp_hidden_size}", f"model.vocab_size={size.vocab_size}",
+        f"model.max_seq_len={size.seq_len}", f"model.compile={str(mode.compile).lower()}",
+        f"data.seq_len={size.seq_len}", f"data.global_batch_size={size.batch_size}",
+        f"data.micro_batch_size={size.batch_size}",
+        f"trainer.precision={'bf16-mixed' if mode.precision == 'bf16' else '32-true'}",
+        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps + 1}",
+        "trainer.sample_new_tokens=0", "trainer.progress_bar=false", f"trainer.peak_flops={peak}",
+        "checkpoint.every_n_steps=0", "checkpoint.save_final=false", "stability=off",
+    ]
+
+
+class InterleavedSteps(L.Callback):
+    """Times every trainer step (from the previous step's end: data loading and Lightning's
+    loop included) and, after each, one model-level step of ``runner``: the two alternate
+    step by step, so that machine noise hits both alike."""
+
+    def __init__(self, runner: Runner, batch: tuple[torch.Tensor, torch.Tensor],
+                 device: torch.device) -> None:
+        self.runner, self.batch, self.device = runner, batch, device
+        self.trainer_times: list[float] = []
+        self._resumed: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        if self._resumed is not None:
+            self.trainer_times.append(now - self._resumed)
+        start = time.perf_counter()
+        self.runner.step(*self.batch)
+        _sync(self.device)
+        self.runner.times.append(time.perf_counter() - start)
+        self._resumed = time.perf_counter()
+
+
+def measure_trainer(size: BenchSize, mode: TrainMode, steps: int, peak: float,
+                    device: torch.device, extra_overrides: list[str] = ()) -> dict:
+    """olmo-mini's trainer (``olmo_mini.training.train``, what ``python train.py`` runs) at this
+    size and mode for ``steps`` steps, each followed by one model-level step in the same mode.
+    The first quarter of both is left out (compilation, warm-up); returns the trainer's row
+    and the ratio of median step times, model-level over trainer."""
+    from olmo_mini.config import compose_config
+    from olmo_mini.training.run import train
+
+    overrides = trainer_overrides(size, mode, steps, peak) + list(extra_overrides)
+    runner = make_runner("olmo-mini", mode, size, device)
+    timer = InterleavedSteps(runner, make_batch(size, device), device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(compose_config(overrides), Path(run_dir), callbacks=[timer])
+    skip = max(1, steps // 4)
+    trainer_s = statistics.median(timer.trainer_times[skip:])
+    model_s = statistics.median(runner.times[skip:])
+    tokens = size.batch_size * size.seq_len
+    row = {"framework": "olmo-mini trainer", "mode": mode.name, "tokens_per_s": tokens / trainer_s,
+           "tokens_per_s_best": tokens / min(timer.trainer_times[skip:]),
+           "step_s_median": trainer_s, "step_s_all": timer.trainer_times,
+           "model_step_s_all": runner.times, "command": "python train.py " + " ".join(overrides)}
+    return {"row": row, "trainer_vs_model": model_s / trainer_s}
 
 
 def run_benchmark(
@@ -296,8 +361,11 @@ def run_benchmark(
     device: torch.device,
     warmup: int = 2,
     repeats: int = 5,
+    trainer_steps: int = 0,
+    trainer_extra: list[str] = (),
 ) -> dict:
-    """Time every mode of both frameworks interleaved; return the results as a dict."""
+    """Time every mode of both frameworks interleaved; return the results as a dict. With
+    ``trainer_steps``, then also run ``python train.py`` in olmo-mini's fastest mode."""
     runners = [make_runner("olmo-mini", m, size, device) for m in olmo_modes]
     runners += [make_runner("transformers", m, size, device) for m in hf_modes]
     batch = make_batch(size, device)
@@ -315,6 +383,14 @@ def run_benchmark(
             "step_s_all": r.times, "mfu": tok_s * flops / peak,
             "peak_step_mem_mib": r.peak_bytes / 2**20, "loss": r.loss,
         })
+
+    trainer = None
+    if trainer_steps and olmo_modes:
+        fastest_olmo = max((x for x in rows if x["framework"] == "olmo-mini"),
+                           key=lambda x: x["tokens_per_s"])
+        trainer = measure_trainer(size, TrainMode.parse(fastest_olmo["mode"]), trainer_steps,
+                                  peak, device, trainer_extra)
+        trainer["row"]["mfu"] = trainer["row"]["tokens_per_s"] * flops / peak
 
     def fastest(framework: str, plain: bool = False) -> dict:
         pool = [x for x in rows if x["framework"] == framework
@@ -336,6 +412,9 @@ def run_benchmark(
                                       if x["framework"] == "olmo-mini")
                                   / max(x["tokens_per_s_best"] for x in rows
                                         if x["framework"] == "transformers"))
+    if trainer is not None:
+        ratios["trainer_vs_model"] = trainer["trainer_vs_model"]
+        rows.append(trainer["row"])
     return {
         "size": dataclasses.asdict(size), "device": _device_name(device),
         "threads": torch.get_num_threads(), "load_average": _load_average(),
@@ -368,17 +447,21 @@ def format_table(result: dict) -> str:
         f"size: {result['size']}",
         f"MFU peak: {result['peak_flops'] / 1e12:.3g} TFLOP/s ({result['peak_source']}); "
         f"{result['flops_per_token'] / 1e6:.1f} MFLOP/token",
-        f"{'framework':<13} {'mode':<22} {'tok/s':>9} {'best':>9} {'step s':>8} {'MFU %':>7} "
+        f"{'framework':<17} {'mode':<22} {'tok/s':>9} {'best':>9} {'step s':>8} {'MFU %':>7} "
         f"{'peak MiB':>9} {'loss':>8}",
     ]
     for row in result["rows"]:
+        memory, loss = row.get("peak_step_mem_mib"), row.get("loss")
         lines.append(
-            f"{row['framework']:<13} {row['mode']:<22} {row['tokens_per_s']:>9.1f} "
+            f"{row['framework']:<17} {row['mode']:<22} {row['tokens_per_s']:>9.1f} "
             f"{row['tokens_per_s_best']:>9.1f} {row['step_s_median']:>8.3f} {100 * row['mfu']:>7.2f} "
-            f"{row['peak_step_mem_mib']:>9.0f} {row['loss']:>8.4f}"
+            f"{'-' if memory is None else f'{memory:.0f}':>9} {'-' if loss is None else f'{loss:.4f}':>8}"
         )
     for key, value in result["ratios"].items():
         lines.append(f"ratio {key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    for row in result["rows"]:
+        if "command" in row:
+            lines.append(f"trainer command: {row['command']}")
     return "\n".join(lines)
 
 
@@ -398,6 +481,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="olmo-mini modes, e.g. fp32+eager bf16+compile fp32+eager+full-ce")
     parser.add_argument("--hf-modes", nargs="*", default=[PLAIN.name, FASTEST.name],
                         help="transformers modes, e.g. fp32+eager bf16+compile")
+    parser.add_argument("--trainer-steps", type=int, default=0,
+                        help="also run olmo-mini's trainer this many steps in its fastest mode, "
+                             "interleaved with model-level steps (0: skip; the first quarter is "
+                             "left out as warm-up)")
+    parser.add_argument("--trainer-overrides", nargs="*", default=[],
+                        help="extra train.py overrides for that run, e.g. stability=default")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -416,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(
         size, [TrainMode.parse(m) for m in args.olmo_modes],
         [TrainMode.parse(m) for m in args.hf_modes], torch.device(args.device),
-        args.warmup, args.repeats,
+        args.warmup, args.repeats, args.trainer_steps, args.trainer_overrides,
     )
     print(report(result), flush=True)
     return 0

@@ -40,10 +40,33 @@ def default_precision(device_type: str) -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (no sparsity), FLOP/s, by name part;
+# more specific names first. (Lightning's table lists the sparse figure for some of these.)
+GPU_BF16_PEAK = {
+    "H200": 989.5e12,
+    "H100 SXM": 989.5e12,
+    "H100 80GB HBM3": 989.5e12,  # how the SXM part names itself
+    "H100 NVL": 835.5e12,
+    "H100 PCIe": 756.5e12,
+    "H100": 756.5e12,  # other H100 variants: the PCIe figure, the conservative one
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165.2e12,
+}
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one device: Lightning's table for GPUs, a measured matmul rate on CPU."""
+    """Peak FLOP/s of one device for ``precision``: the dense datasheet figure for bf16 on a
+    known GPU (Lightning's table otherwise), a measured matmul rate on a CPU."""
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
     if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if dtype == torch.bfloat16:
+            for part, flops in GPU_BF16_PEAK.items():
+                if part in name:
+                    return flops
         from lightning.fabric.utilities.throughput import get_available_flops
 
         return get_available_flops(device, dtype)
@@ -52,8 +75,9 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Best-of-``repeats`` rate of an ``n x n`` matmul on the CPU (about a tenth of a second)."""
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Best-of-``repeats`` rate of an ``n x n`` matmul on the CPU (a few tenths of a second;
+    the best of several because other processes only ever slow a run down)."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)
     b = a.t().contiguous()
     a @ b  # warm-up

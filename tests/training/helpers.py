@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from olmo_mini.config import TrainConfig, load_config
+from olmo_mini import config
+from olmo_mini.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,8 +34,7 @@ SMALL = [
 
 
 def compose_config(*overrides: str) -> TrainConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return load_config(compose("train", overrides=list(overrides)))
+    return config.compose_config(overrides)
 
 
 def train_command(run_dir: Path, *overrides: str) -> list[str]:

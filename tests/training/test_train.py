@@ -136,6 +136,7 @@ class PoisonGradients(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         self.weights[trainer.global_step] = pl_module.model.lm_head.weight.detach().clone()
+        self.adam_state = trainer.optimizers[0].state[pl_module.model.lm_head.weight]
 
 
 def _nan_config(*overrides):
@@ -151,6 +152,8 @@ def test_nan_step_is_skipped_and_training_goes_on(tmp_path):
     assert grad_norm[3] != grad_norm[3] and all(grad_norm[s] == grad_norm[s] for s in (4, 5))
     assert torch.equal(poison.weights[3], poison.weights[2])  # step 3 changed nothing
     assert not torch.equal(poison.weights[4], poison.weights[3])
+    # ... nor AdamW's moments: its step count (bias correction) counts the 4 applied updates.
+    assert int(poison.adam_state["step"]) == 4 and poison.adam_state["exp_avg"].isfinite().all()
 
 
 def test_too_many_nan_steps_stop_the_run_with_checkpoint_intact(tmp_path):
@@ -171,3 +174,70 @@ def test_sequential_runs_in_one_process_get_their_own_wandb_runs(tmp_path):
         train(config, tmp_path / name)
     for name in ("a", "b"):
         assert len(list((tmp_path / name / "wandb").glob("offline-run-*"))) == 1, name
+
+
+class CountHostSyncs(L.Callback):
+    """Counts, per optimizer step, the calls that make the host wait for a tensor's value."""
+
+    SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: dict[int, int] = {}
+        self._step = 0
+        for name in self.SYNCS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                if self._step:
+                    self.counts[self._step] = self.counts.get(self._step, 0) + 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer, *args):
+        self._step = trainer.global_step + 1
+
+    def on_train_batch_end(self, trainer, *args):
+        self._step = 0
+
+
+def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
+    """Between logging steps a training step never waits for a device value: the metrics,
+    the skip decision and QK-Clip stay on the device until the flush."""
+    syncs = CountHostSyncs(monkeypatch)
+    config = compose_config(
+        *SMALL, "trainer.max_steps=6", "trainer.log_every_n_steps=3", "stability=off",
+        "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
+        "checkpoint.save_final=false", "trainer.sample_new_tokens=0", "optim.qk_clip_tau=100",
+    )
+    train(config, tmp_path, callbacks=[syncs])
+    assert sorted(syncs.counts) == [3, 6], syncs.counts  # the flush steps only
+    loss = series(tmp_path, "train/loss")
+    assert sorted(loss) == [1, 2, 3, 4, 5, 6]  # every step is still logged
+
+
+def test_spike_scores_see_every_step_when_logging_every_few(tmp_path):
+    config = compose_config(
+        *SMALL, "trainer.max_steps=7", "trainer.log_every_n_steps=3",
+        "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
+        "checkpoint.save_final=false", "trainer.sample_new_tokens=0",
+        "stability.every_n_steps=5", "stability.spike_min_history=2",
+    )
+    train(config, tmp_path)
+    assert sorted(series(tmp_path, "stability/spike_score_loss")) == list(range(1, 8))
+    assert sorted(series(tmp_path, "attn/layer0/max_logit")) == [1, 5]
+    assert sorted(series(tmp_path, "train/grad_norm")) == list(range(1, 8))
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    """``model.compile=true`` compiles the whole model with its chunked loss on one device;
+    the losses follow the eager run's."""
+    common = [*SMALL, "trainer.max_steps=3", "trainer.val_check_interval=100", "stability=off",
+              "checkpoint.every_n_steps=0", "checkpoint.save_final=false",
+              "trainer.sample_new_tokens=0"]
+    train(compose_config(*common), tmp_path / "eager")
+    train(compose_config(*common, "model.compile=true"), tmp_path / "compiled")
+    eager, compiled = series(tmp_path / "eager", "train/loss"), series(tmp_path / "compiled", "train/loss")
+    assert sorted(compiled) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
