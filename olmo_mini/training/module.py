@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -272,6 +273,21 @@ class LanguageModelModule(L.LightningModule):
         # Same world size: each rank continues its own stream; otherwise all take rank 0's.
         rank = self.global_rank if len(states) == self.trainer.world_size else 0
         set_rng_states(states[rank])
+
+
+class FlushMetricsOnException(L.Callback):
+    """An interrupted run (Ctrl-C, an error) still logs the steps it completed: Lightning gives
+    callbacks, not the module, ``on_exception``, before it finalizes the loggers."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: LanguageModelModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, TrainingDiverged):
+            return  # flushed when it was raised
+        try:
+            pl_module.flush_metrics(progress_bar=False)
+        except Exception as e:  # the device may be what failed: the original error matters more
+            warnings.warn(f"could not log the last steps' metrics: {e!r}", stacklevel=1)
 
 
 def _finite(x: float) -> bool:

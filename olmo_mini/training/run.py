@@ -18,7 +18,11 @@ from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
 from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import StepCheckpoint, resolve_resume
-from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
+from olmo_mini.training.module import (
+    FlushMetricsOnException,
+    LanguageModelModule,
+    TrainingDiverged,
+)
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
 from olmo_mini.training.qk_clip import QKClip
@@ -75,6 +79,7 @@ def train(
     tau = config.optim.qk_clip_tau
     qk_clip = [] if tau is None else [QKClip(tau, config.model)]
     callbacks = [
+        FlushMetricsOnException(),
         *qk_clip,
         StepCheckpoint(
             run_dir / "checkpoints",

@@ -241,3 +241,23 @@ def test_compiled_model_trains_like_eager(tmp_path):
     assert sorted(compiled) == [1, 2, 3]
     for step in (1, 2, 3):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+
+
+class FailAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("injected failure")
+
+
+def test_an_interrupted_run_still_logs_the_steps_it_completed(tmp_path):
+    config = compose_config(
+        *SMALL, "trainer.max_steps=9", "trainer.log_every_n_steps=3", "stability=off",
+        "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
+        "checkpoint.save_final=false", "trainer.sample_new_tokens=0",
+    )
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(config, tmp_path, callbacks=[FailAt(5)])
+    assert sorted(series(tmp_path, "train/loss")) == [1, 2, 3, 4, 5]
