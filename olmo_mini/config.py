@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 class ModelConfig(OLMo2Config):
     """The ``model`` group: the architecture (``OLMo2Config``) plus how the trainer builds it."""
 
-    # torch.compile for training: the whole model with its loss as one graph on a single device;
+    # torch.compile for training: the whole model with its loss as one graph (one device or DDP);
     # each block under FSDP or activation checkpointing (the root's hooks break the graph there).
     compile: bool = False
     # Start from these weights instead of a random init: a training checkpoint or run dir, a
@@ -100,7 +100,8 @@ class TrainerConfig:
     val_check_interval: int = 50
     log_every_n_steps: int = 10
     activation_checkpointing: bool = False
-    # Peak FLOP/s for perf/mfu; null = Lightning's GPU table, or a measured matmul peak on CPU.
+    # Peak FLOP/s for perf/mfu; null = a known GPU's dense datasheet figure (Lightning's table
+    # for others), or a measured matmul peak on CPU.
     peak_flops: float | None = None
     progress_bar: bool = True
     sample_prompt: str = "def "

@@ -291,13 +291,16 @@ def _read_csv(path: Path) -> Iterator[dict[str, float]]:
 
 
 def _join_launches(histories: Iterable[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """One history from a run's launches: each launch replaces the earlier ones' rows from its
+    first step on. Rows come back in step order; within a launch they need not be logged in
+    it (a measuring step's row can precede the flush that logs the steps before it)."""
     joined: list[dict[str, float]] = []
     for history in histories:
         if history:
-            first = history[0]["step"]
+            first = min(row["step"] for row in history)
             joined = [row for row in joined if row["step"] < first]
         joined.extend(history)
-    return joined
+    return sorted(joined, key=lambda row: row["step"])
 
 
 def _natural_key(path: str | Path) -> list[Any]:

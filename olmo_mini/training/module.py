@@ -106,7 +106,9 @@ class LanguageModelModule(L.LightningModule):
             norm = norm.full_tensor()
         losses = torch.stack([self._ce_sum, self._z_sum]) / self.grad_accum
         self._ce_sum = self._z_sum = None
-        losses = self.trainer.strategy.reduce(losses, reduce_op="mean")  # mean over ranks
+        if dist.is_available() and dist.is_initialized():  # mean over ranks; not strategy.reduce,
+            dist.all_reduce(losses)  # whose barrier would make the host wait every step
+            losses = losses / dist.get_world_size()
         values = torch.cat([losses, norm.reshape(1).float()])  # [ce, z, grad_norm]
         self.last_step_finite = values.isfinite().all()
         optimizer.found_inf = (~self.last_step_finite).float()  # fused AdamW skips if nonzero
@@ -163,6 +165,8 @@ class LanguageModelModule(L.LightningModule):
                                    step=int(metrics["step"]))
             for listener in self.flush_listeners:
                 listener(metrics)
+        for logger in self.loggers:
+            logger.save()  # CSVLogger would otherwise write only every 100 rows
         last = flushed[-1]
         if progress_bar:
             self.log("loss", last["train/loss"], prog_bar=True, logger=False)
@@ -245,7 +249,9 @@ class LanguageModelModule(L.LightningModule):
         return model.eval()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.flush_metrics(progress_bar=False)  # the skip counters must be exact
+        # Checkpoint steps were flushed in on_before_optimizer_step (before Lightning took the
+        # callbacks' states, spike windows included); this covers saves at any other time.
+        self.flush_metrics(progress_bar=False)
         checkpoint["counters"] = {
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
@@ -286,6 +292,8 @@ class FlushMetricsOnException(L.Callback):
             return  # flushed when it was raised
         try:
             pl_module.flush_metrics(progress_bar=False)
+        except TrainingDiverged:
+            pass  # the rows were logged; the run is failing anyway
         except Exception as e:  # the device may be what failed: the original error matters more
             warnings.warn(f"could not log the last steps' metrics: {e!r}", stacklevel=1)
 

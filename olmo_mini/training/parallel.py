@@ -45,7 +45,8 @@ def build_model(
 
         load_init_weights(model, config.init_from)
     # One graph for embedding, blocks, final norm and the chunked LM-head loss where nothing
-    # wraps the blocks: per-block graphs leave the loss and the glue eager (measured slower).
+    # wraps the blocks (one device, or DDP, which wraps the LightningModule): per-block graphs
+    # leave the loss and the glue eager.
     whole_model_compile = config.compile and mesh is None and not trainer.activation_checkpointing
     for block in model.blocks:
         if trainer.activation_checkpointing:

@@ -11,6 +11,7 @@ without discounting the causal mask. MFU = tokens/s x FLOPs per token / (peak x 
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -65,7 +66,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         name = torch.cuda.get_device_name(device)
         if dtype == torch.bfloat16:
             for part, flops in GPU_BF16_PEAK.items():
-                if part in name:
+                if re.search(rf"\b{re.escape(part)}\b", name):  # "L4" is not "L40"
                     return flops
         from lightning.fabric.utilities.throughput import get_available_flops
 
@@ -75,9 +76,9 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` rate of an ``n x n`` matmul on the CPU (a few tenths of a second;
-    the best of several because other processes only ever slow a run down)."""
+def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """Best-of-``repeats`` rate of an ``n x n`` matmul on the CPU (about a tenth of a second
+    in fp32 on 2 cores; the best because other processes only ever slow a run down)."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)
     b = a.t().contiguous()
     a @ b  # warm-up

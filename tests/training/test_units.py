@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from olmo_mini.model import OLMo2, OLMo2Config
-from olmo_mini.model import IGNORE_INDEX
+from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.training.optim import build_optimizer, lr_lambda, param_groups
 from olmo_mini.training.perf import flops_per_token
 from tests.training.helpers import compose_config
