@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import statistics
 import tempfile
 import threading
@@ -36,10 +35,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from olmo_mini.kernels.linear_cross_entropy import linear_cross_entropy_reference
 from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model import hf as hf_keys
 from olmo_mini.training.perf import (
-    GPU_BF16_PEAK,
+    datasheet_bf16_peak,
     flops_per_token,
     measure_matmul_flops,
     peak_flops,
@@ -128,9 +128,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
 def full_logits_loss(model: OLMo2, input_ids: torch.Tensor, labels: torch.Tensor,
                      z_loss: float) -> torch.Tensor:
     """CE + z-loss over the full fp32 logits: the plain path the chunked loss replaces."""
-    logits = model(input_ids).float().flatten(0, 1)
-    lse = torch.logsumexp(logits, dim=-1)
-    return nn.functional.cross_entropy(logits, labels.flatten()) + z_loss * lse.square().mean()
+    hidden = model.hidden_states(input_ids)
+    return linear_cross_entropy_reference(
+        hidden, model.lm_head.weight, labels, z_loss, model.config.final_logit_softcap
+    ).loss
 
 
 def build_train_step(
@@ -291,8 +292,7 @@ def peak_bf16_flops(device: torch.device) -> tuple[float, str]:
     peak = peak_flops(device, "bf16-mixed")
     if peak is None:
         raise ValueError(f"no bf16 peak known for {_device_name(device)}")
-    name = torch.cuda.get_device_name(device)
-    known = any(re.search(rf"\b{re.escape(part)}\b", name) for part in GPU_BF16_PEAK)
+    known = datasheet_bf16_peak(torch.cuda.get_device_name(device)) is not None
     return peak, "datasheet dense bf16" if known else "Lightning's table (may be a sparse figure)"
 
 

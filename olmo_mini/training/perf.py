@@ -58,16 +58,22 @@ GPU_BF16_PEAK = {
 }
 
 
+def datasheet_bf16_peak(device_name: str) -> float | None:
+    """The dense bf16 datasheet peak of a GPU named ``device_name``, if it is in the table."""
+    for part, flops in GPU_BF16_PEAK.items():
+        if re.search(rf"\b{re.escape(part)}\b", device_name):  # "L4" is not "L40"
+            return flops
+    return None
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak FLOP/s of one device for ``precision``: the dense datasheet figure for bf16 on a
     known GPU (Lightning's table otherwise), a measured matmul rate on a CPU."""
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if dtype == torch.bfloat16:
-            for part, flops in GPU_BF16_PEAK.items():
-                if re.search(rf"\b{re.escape(part)}\b", name):  # "L4" is not "L40"
-                    return flops
+        datasheet = datasheet_bf16_peak(torch.cuda.get_device_name(device))
+        if dtype == torch.bfloat16 and datasheet is not None:
+            return datasheet
         from lightning.fabric.utilities.throughput import get_available_flops
 
         return get_available_flops(device, dtype)

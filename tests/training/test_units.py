@@ -67,3 +67,13 @@ def test_flops_per_token_formula():
     config = OLMo2Config(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64)
     non_embedding = OLMo2(config).num_params() - 64 * 32
     assert flops_per_token(config, 16) == 6 * non_embedding + 12 * 2 * 32 * 16
+
+
+def test_datasheet_peaks_match_whole_gpu_names():
+    from olmo_mini.training.perf import datasheet_bf16_peak
+
+    assert datasheet_bf16_peak("NVIDIA H100 80GB HBM3") == 989.5e12  # the SXM part's name
+    assert datasheet_bf16_peak("NVIDIA H100 PCIe") == 756.5e12
+    assert datasheet_bf16_peak("NVIDIA H200") == 989.5e12
+    assert datasheet_bf16_peak("NVIDIA L4") == 121e12
+    assert datasheet_bf16_peak("NVIDIA L40") is None  # not the L4, not in the table
