@@ -9,6 +9,8 @@ the released models (1e-6, 500000).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -36,6 +38,9 @@ _TOP_KEYS = {
     "lm_head.weight": "lm_head.weight",
 }
 _MAX_SHARD_BYTES = 4 * 1024**3
+# OLMo 2's context, for folders whose config gives none (OLMo-core writes -1).
+DEFAULT_CONTEXT = 4096
+log = logging.getLogger(__name__)
 
 
 def to_hf_key(name: str) -> str:
@@ -81,13 +86,30 @@ def config_from_hf(hf: dict) -> OLMo2Config:
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         mlp_hidden_size=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        max_seq_len=_context_length(hf.get("max_position_embeddings")),
         rope_theta=float(theta),
         norm_eps=hf.get("rms_norm_eps", 1e-5),  # transformers' class default when absent
         qk_norm="full",
         block="reordered",
         init_std=hf.get("initializer_range", 0.02),
     )
+
+
+def _context_length(value: object) -> int:
+    """``max_position_embeddings``, or :data:`DEFAULT_CONTEXT` where a peer wrote none (OLMo-core
+    writes -1; RoPE has no learned positions, so any length loads)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    log.warning("config.json: max_position_embeddings is %r; using max_seq_len=%d (OLMo 2's)",
+                value, DEFAULT_CONTEXT)
+    return DEFAULT_CONTEXT
+
+
+def generation_config(special_tokens: dict[str, int | None] | None) -> dict:
+    """``generation_config.json`` content (what transformers' ``GenerationConfig`` writes): the
+    special token ids, so that ``generate`` and OLMo-core's ``load_hf_model`` find them."""
+    return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+            **(special_tokens or {})}
 
 
 def config_to_hf(
@@ -154,8 +176,6 @@ def load_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def save_hf_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write tensors as safetensors, sharded with an index above 4 GiB, like transformers."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -167,13 +187,23 @@ def save_hf_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+        _save_readable(shards[0], path / "model.safetensors", meta)
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / filename), metadata=meta)
+        _save_readable(shard, path / filename, meta)
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_readable(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, with the mode of the folder's other files: safetensors creates 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)

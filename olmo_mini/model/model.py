@@ -408,7 +408,7 @@ class OLMo2(nn.Module):
         """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
         ``special_tokens`` (``eos_token_id``, ``pad_token_id``, ``bos_token_id``) go into
-        ``config.json``; tokenizer files are the caller's to add.
+        ``config.json`` and ``generation_config.json``; tokenizer files are the caller's to add.
         """
         path = Path(path)
         dtype = dtype or self.embed_tokens.weight.dtype
@@ -417,3 +417,5 @@ class OLMo2(nn.Module):
         state = {hf.to_hf_key(k): v.detach().to("cpu", dtype) for k, v in self.state_dict().items()}
         hf.save_hf_state_dict(state, path)
         (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+        generation = hf.generation_config(special_tokens)
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2))

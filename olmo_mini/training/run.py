@@ -26,6 +26,7 @@ from olmo_mini.training.module import (
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
 from olmo_mini.training.qk_clip import QKClip
+from olmo_mini.training.tokenizer_record import RecordTokenizer
 
 
 @dataclass
@@ -80,6 +81,7 @@ def train(
     qk_clip = [] if tau is None else [QKClip(tau, config.model)]
     callbacks = [
         FlushMetricsOnException(),
+        RecordTokenizer(run_dir),
         *qk_clip,
         StepCheckpoint(
             run_dir / "checkpoints",
