@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -37,16 +35,10 @@ from olmo_mini.model.generation import generate
 from olmo_mini.training import train
 from olmo_mini.training.checkpoint import COMPLETE
 from olmo_mini.training.parallel import build_model
+from tests.interop.helpers import tool as _tool
 from tests.training.helpers import REPO, SMALL, compose_config, series
 
 TEXT = "def add(a, b):\n    return a + b\n"
-
-
-def _tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
