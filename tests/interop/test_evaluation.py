@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Olmo2ForCausalL
 from transformers import Olmo2Config as HFOlmo2Config
 
 from olmo_mini.data import OLMoDataModule, train_bpe
-from olmo_mini.interop import export_hf, load, rolling_windows, trained_tokenizer_hash
 from olmo_mini.data.tokenizer import tokenizer_hash
+from olmo_mini.interop import export_hf, load, rolling_windows, trained_tokenizer_hash
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.hf import DEFAULT_CONTEXT
 from tests.interop.helpers import tool
