@@ -202,7 +202,9 @@ def checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's tensors (olmo-mini names) of a single-file or sharded DCP checkpoint."""
     prefix = "model."
     if (checkpoint / STATE_FILE).is_file():
-        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        saved = torch.load(
+            checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True
+        )
         return {k.removeprefix(prefix): v for k, v in saved["state_dict"].items()}
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -216,7 +218,9 @@ def checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:
         if key.startswith(saved_prefix) and isinstance(meta, TensorStorageMetadata)
     }
     if not state:
-        raise ValueError(f"{checkpoint}: no model tensors ({saved_prefix}*) in {checkpoint / '.metadata'}")
+        raise ValueError(
+            f"{checkpoint}: no model tensors ({saved_prefix}*) in {checkpoint / '.metadata'}"
+        )
     with warnings.catch_warnings():  # "assuming ... a single process": which is the point
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
@@ -245,7 +249,9 @@ def _hf_model(folder: Path) -> OLMo2:
     try:
         config_from_hf(json.loads(config_file.read_text()))
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}") from None
+        raise ValueError(
+            f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}"
+        ) from None
     return OLMo2.from_hf(folder).eval()
 
 
@@ -291,8 +297,11 @@ def load_init_weights(model: OLMo2, source: str) -> None:
 def model_overrides(config: OLMo2Config) -> list[str]:
     """``model.<field>=<value>`` command-line overrides describing ``config``'s architecture."""
     values = {f.name: getattr(config, f.name) for f in fields(OLMo2Config)}
-    return [f"model.{k}={'null' if v is None else v}" for k, v in values.items()
-            if k not in ("init_std", "norm_backend")]
+    return [
+        f"model.{k}={'null' if v is None else v}"
+        for k, v in values.items()
+        if k not in ("init_std", "norm_backend")
+    ]
 
 
 # ---------------------------------------------------------------- Hugging Face export / import
@@ -368,8 +377,9 @@ def generate_text(
             raise ValueError("an empty prompt needs an EOS token to start from; give --prompt")
         ids = [loaded.eos_id]
     model = loaded.model.to(device)
-    out = generate(model, torch.tensor([ids], device=device), max_new_tokens,
-                   eos_id=loaded.eos_id, **sampling)
+    out = generate(
+        model, torch.tensor([ids], device=device), max_new_tokens, eos_id=loaded.eos_id, **sampling
+    )
     return loaded.tokenizer.decode(out[0].tolist())
 
 
@@ -377,8 +387,15 @@ def generate_text(
 
 # Data settings evaluation may override: they cut the same held-out token stream differently.
 # Every other data.* setting picks the corpus, its held-out split or the token ids.
-_EVAL_FREE_DATA_FIELDS = ("seq_len", "global_batch_size", "micro_batch_size", "val_batches",
-                          "num_workers", "prepare_procs", "cache_dir")
+_EVAL_FREE_DATA_FIELDS = (
+    "seq_len",
+    "global_batch_size",
+    "micro_batch_size",
+    "val_batches",
+    "num_workers",
+    "prepare_procs",
+    "cache_dir",
+)
 
 
 @dataclass
@@ -435,8 +452,9 @@ def evaluate_batches(
     if tokens == 0:
         raise ValueError("nothing to evaluate: no token to predict")
     loss = total / tokens
-    return EvalResult(loss, math.exp(loss), bits_per_byte(total, n_bytes), tokens, n_bytes,
-                      len(batches))
+    return EvalResult(
+        loss, math.exp(loss), bits_per_byte(total, n_bytes), tokens, n_bytes, len(batches)
+    )
 
 
 def evaluate(loaded: Loaded, config: TrainConfig, device: str = "cpu") -> EvalResult:
@@ -460,11 +478,14 @@ def evaluate(loaded: Loaded, config: TrainConfig, device: str = "cpu") -> EvalRe
     batches = list(datamodule.val_dataloader())
     world = config.trainer.world_size
     batches = batches[: len(batches) // world * world]
-    result = evaluate_batches(loaded.model, batches, token_byte_lengths(datamodule.tokenizer),
-                              device)
+    result = evaluate_batches(
+        loaded.model, batches, token_byte_lengths(datamodule.tokenizer), device
+    )
     windows = sum(len(b["input_ids"]) for b in batches)
-    text = (f"{windows} held-out windows of {data.seq_len + 1} tokens "
-            f"(data.val_fraction={data.val_fraction}) of {_corpus(data)}")
+    text = (
+        f"{windows} held-out windows of {data.seq_len + 1} tokens "
+        f"(data.val_fraction={data.val_fraction}) of {_corpus(data)}"
+    )
     return replace(result, context=data.seq_len, split="held-out", text=text, tokenizer_hash=found)
 
 
@@ -524,9 +545,9 @@ def rolling_windows(
         for first in range(start, end_of_doc, context):
             stop = min(first + context, end_of_doc)
             lo = max(start - 1, stop - 1 - context)
-            labels = stream[lo + 1:stop].astype(np.int64)
+            labels = stream[lo + 1 : stop].astype(np.int64)
             labels[: first - lo - 1] = IGNORE_INDEX
-            windows.append((stream[lo:stop - 1].astype(np.int64), labels))
+            windows.append((stream[lo : stop - 1].astype(np.int64), labels))
         start += length
     return windows
 
@@ -551,19 +572,27 @@ def evaluate_text(
     if context is None:
         context = loaded.config.data.seq_len if loaded.config is not None else max_len
     if not 1 <= context <= max_len:
-        raise ValueError(f"--context {context}: must be between 1 and the model's max_seq_len "
-                         f"({max_len})")
+        raise ValueError(
+            f"--context {context}: must be between 1 and the model's max_seq_len ({max_len})"
+        )
     paths = expand_files(files)
     documents = [text for _, text in file_documents(paths, text_field)]
     flat, lengths = encode_documents(loaded.tokenizer, documents, loaded.eos_id)
     stream = np.concatenate([[loaded.eos_id], flat])
     windows = rolling_windows(stream, lengths, context)
-    batches = [_padded(windows[i:i + batch_size], loaded.eos_id)
-               for i in range(0, len(windows), batch_size)]
+    batches = [
+        _padded(windows[i : i + batch_size], loaded.eos_id)
+        for i in range(0, len(windows), batch_size)
+    ]
     result = evaluate_batches(loaded.model, batches, token_byte_lengths(loaded.tokenizer), device)
-    return replace(result, context=context, split="all", documents=len(documents),
-                   text=f"every document of {', '.join(map(str, paths))}",
-                   tokenizer_hash=tokenizer_hash(loaded.tokenizer))
+    return replace(
+        result,
+        context=context,
+        split="all",
+        documents=len(documents),
+        text=f"every document of {', '.join(map(str, paths))}",
+        tokenizer_hash=tokenizer_hash(loaded.tokenizer),
+    )
 
 
 def _padded(windows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -572,6 +601,6 @@ def _padded(windows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[s
     input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, targets) in enumerate(windows):
-        input_ids[row, :len(ids)] = torch.from_numpy(ids)
-        labels[row, :len(targets)] = torch.from_numpy(targets)
+        input_ids[row, : len(ids)] = torch.from_numpy(ids)
+        labels[row, : len(targets)] = torch.from_numpy(targets)
     return {"input_ids": input_ids, "labels": labels}

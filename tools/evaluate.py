@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", metavar="SOURCE")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.val_batches=8")
-    parser.add_argument("--text", nargs="+", metavar="FILE", help="evaluate every document of these")
+    parser.add_argument(
+        "--text", nargs="+", metavar="FILE", help="evaluate every document of these"
+    )
     parser.add_argument("--context", type=int, help="window length with --text")
     parser.add_argument("--text-field", default="text", help="the text of a .jsonl/.parquet record")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -100,16 +100,23 @@ def _context_length(value: object) -> int:
     writes -1; RoPE has no learned positions, so any length loads)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    log.warning("config.json: max_position_embeddings is %r; using max_seq_len=%d (OLMo 2's)",
-                value, DEFAULT_CONTEXT)
+    log.warning(
+        "config.json: max_position_embeddings is %r; using max_seq_len=%d (OLMo 2's)",
+        value,
+        DEFAULT_CONTEXT,
+    )
     return DEFAULT_CONTEXT
 
 
 def generation_config(special_tokens: dict[str, int | None] | None) -> dict:
     """``generation_config.json`` content (what transformers' ``GenerationConfig`` writes): the
     special token ids, so that ``generate`` and OLMo-core's ``load_hf_model`` find them."""
-    return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            **(special_tokens or {})}
+    return {
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        **(special_tokens or {}),
+    }
 
 
 def config_to_hf(

@@ -61,7 +61,8 @@ def record_tokenizer(
         return
     if not write:
         return
-    write_text_atomic(run_dir / TOKENIZER_CONFIG,
-                      json.dumps({"eos_token": tokenizer.id_to_token(eos)}, indent=2))
+    write_text_atomic(
+        run_dir / TOKENIZER_CONFIG, json.dumps({"eos_token": tokenizer.id_to_token(eos)}, indent=2)
+    )
     write_text_atomic(target, text)  # last: its presence means both files are complete
     log.info("recorded the run's tokenizer (hash %s) in %s", tokenizer_hash(tokenizer), target)

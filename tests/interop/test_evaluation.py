@@ -58,8 +58,9 @@ def test_the_run_records_the_tokenizer_it_trained_with(single_run):
         (["data.source=files", "data.files=[DOCS]"], "data.source"),  # used to take 2% of DOCS
     ],
 )
-def test_overrides_that_change_tokens_or_text_are_errors(single_run, overrides, named, tmp_path,
-                                                         capsys):
+def test_overrides_that_change_tokens_or_text_are_errors(
+    single_run, overrides, named, tmp_path, capsys
+):
     other = tmp_path / "other.json"
     train_bpe(DOCS, vocab_size=300).save(str(other))
     docs = _jsonl(tmp_path / "docs.jsonl", DOCS)
@@ -79,7 +80,9 @@ def test_no_tool_pairs_a_checkpoint_with_another_tokenizer(run, request, tmp_pat
     assert trained == tokenizer_hash(load(copy).tokenizer)
 
     train_bpe(DOCS, vocab_size=300).save(str(copy / "tokenizer.json"))
-    with pytest.raises(ValueError, match=f"tokenizer hash .* trained with tokenizer hash {trained}"):
+    with pytest.raises(
+        ValueError, match=f"tokenizer hash .* trained with tokenizer hash {trained}"
+    ):
         load(copy)
     docs = str(_jsonl(tmp_path / "docs.jsonl", DOCS))
     calls = {
@@ -100,7 +103,9 @@ def test_a_run_that_recorded_no_tokenizer_uses_its_configs_checked(single_run, t
     (copy / "tokenizer_config.json").unlink()
     loaded = load(copy)
     assert loaded.tokenizer_dir is None
-    assert tokenizer_hash(loaded.tokenizer) == trained_tokenizer_hash(copy / "checkpoints" / "step_2")
+    assert tokenizer_hash(loaded.tokenizer) == trained_tokenizer_hash(
+        copy / "checkpoints" / "step_2"
+    )
 
 
 # ---------------------------------------------------------------- evaluating named text whole
@@ -130,7 +135,9 @@ def test_text_scores_every_document_of_a_small_file(single_run, tmp_path, capsys
         for text in DOCS:  # each is shorter than the context: one window after an EOS
             ids = torch.tensor([[loaded.eos_id, *loaded.tokenizer.encode(text).ids]])
             logits = loaded.model(ids[:, :-1])
-            total += float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum")
+            )
             tokens += ids.shape[1] - 1
     assert (result["split"], result["documents"], result["tokens"]) == ("all", 20, tokens)
     assert result["bytes"] == sum(len(t.encode()) for t in DOCS)
@@ -161,11 +168,18 @@ def test_a_model_folder_evaluates_named_text_without_building_a_corpus(
 
 
 def test_save_hf_writes_generation_config_and_readable_weights(tmp_path):
-    model = OLMo2(OLMo2Config(vocab_size=256, d_model=32, n_layers=1, n_heads=2,
-                              mlp_hidden_size=64, max_seq_len=64))
+    model = OLMo2(
+        OLMo2Config(
+            vocab_size=256, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, max_seq_len=64
+        )
+    )
     model.save_hf(tmp_path, special_tokens={"eos_token_id": 3, "pad_token_id": 3})
     generation = GenerationConfig.from_pretrained(tmp_path)
-    assert (generation.eos_token_id, generation.pad_token_id, generation.bos_token_id) == (3, 3, None)
+    assert (generation.eos_token_id, generation.pad_token_id, generation.bos_token_id) == (
+        3,
+        3,
+        None,
+    )
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"]
 
@@ -174,10 +188,19 @@ def test_save_hf_writes_generation_config_and_readable_weights(tmp_path):
 def test_from_hf_takes_a_stated_default_where_peers_give_no_context(context, tmp_path, caplog):
     # OLMo-core's save_hf_model writes max_position_embeddings=-1; transformers loads it.
     hf_config = HFOlmo2Config(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=-1,
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
-        tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=0,
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=-1,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=0,
     )
     torch.manual_seed(0)
     Olmo2ForCausalLM(hf_config).save_pretrained(tmp_path)

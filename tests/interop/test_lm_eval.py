@@ -54,8 +54,11 @@ def test_lm_eval_hf_model_gives_our_loglikelihoods(single_run, tmp_path, monkeyp
         log_samples=True,
     )
 
-    requests = [(args, response[0]) for sample in out["samples"]["olmo_mini_mc"]
-                for args, response in zip(sample["arguments"], sample["resps"], strict=True)]
+    requests = [
+        (args, response[0])
+        for sample in out["samples"]["olmo_mini_mc"]
+        for args, response in zip(sample["arguments"], sample["resps"], strict=True)
+    ]
     assert len(requests) == 18
     for (question, choice), (theirs, _) in requests:
         assert _loglikelihood(ours, question, choice) == pytest.approx(theirs, abs=1e-5)
