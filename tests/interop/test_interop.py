@@ -46,10 +46,19 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A transformers-made Olmo2 (the SMALL shape, norms perturbed) with the runs' tokenizer."""
     folder = tmp_path_factory.mktemp("hf")
     hf_config = HFOlmo2Config(
-        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
-        tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=0,
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=0,
     )
     torch.manual_seed(0)
     model = Olmo2ForCausalLM(hf_config)
@@ -86,8 +95,19 @@ def test_checkpoint_to_hf_gives_same_logits_tokens_and_greedy_text(run, request,
 def test_to_hf_cli_writes_bf16_and_names_bad_sources(fsdp_run, tmp_path, capsys):
     step = fsdp_run / "checkpoints" / "step_2"
     result = subprocess.run(
-        [sys.executable, "tools/convert_hf.py", "to-hf", str(step), str(tmp_path / "bf16"),
-         "--dtype", "bf16"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "tools/convert_hf.py",
+            "to-hf",
+            str(step),
+            str(tmp_path / "bf16"),
+            "--dtype",
+            "bf16",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -131,8 +151,13 @@ def test_hf_to_olmo_mini_gives_same_logits(hf_folder, tmp_path, capsys):
 
 def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
     config = compose_config(
-        *SMALL, "trainer.max_steps=1", "trainer.sample_new_tokens=0", "stability.enabled=false",
-        "checkpoint.every_n_steps=0", "checkpoint.save_final=false", f"model.init_from={hf_folder}",
+        *SMALL,
+        "trainer.max_steps=1",
+        "trainer.sample_new_tokens=0",
+        "stability.enabled=false",
+        "checkpoint.every_n_steps=0",
+        "checkpoint.save_final=false",
+        f"model.init_from={hf_folder}",
     )
     train(config, tmp_path)
     step1 = series(tmp_path, "train/ce_loss")[1]
@@ -142,14 +167,18 @@ def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
     micro_batches = iter(datamodule.train_dataloader())
     source = load_model(hf_folder)
     with torch.no_grad():
-        losses = [source(b["input_ids"], labels=b["labels"]).ce
-                  for b in (next(micro_batches) for _ in range(config.grad_accum_steps))]
+        losses = [
+            source(b["input_ids"], labels=b["labels"]).ce
+            for b in (next(micro_batches) for _ in range(config.grad_accum_steps))
+        ]
     assert step1 == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
 
 
 def test_init_from_with_another_architecture_names_the_option(hf_folder):
     config = compose_config(*SMALL, "model.d_model=32", f"model.init_from={hf_folder}")
-    with pytest.raises(ConfigError, match=r"model.init_from: .*model.d_model=32 but the source has 64"):
+    with pytest.raises(
+        ConfigError, match=r"model.init_from: .*model.d_model=32 but the source has 64"
+    ):
         build_model(config.model, 0, config.trainer, "32-true")
     with pytest.raises(ConfigError, match="model.init_from: '/no/such' does not exist"):
         compose_config(*SMALL, "model.init_from=/no/such")
@@ -159,8 +188,20 @@ def test_generate_cli_is_seeded_and_cache_equals_no_cache(fsdp_run, capsys):
     tool = _tool("generate")
 
     def sample(*extra: str) -> str:
-        args = [str(fsdp_run), "--prompt", "def ", "--max-new-tokens", "16", "--temperature",
-                "1.0", "--top-k", "100", "--top-p", "0.95", *extra]
+        args = [
+            str(fsdp_run),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "100",
+            "--top-p",
+            "0.95",
+            *extra,
+        ]
         assert tool.main(args) == 0
         return capsys.readouterr().out
 
@@ -190,8 +231,11 @@ def test_bits_per_byte_on_a_hand_checkable_example():
     ids = tokenizer.encode(text).ids + [tokenizer.token_to_id("<|endoftext|>")]
     assert lengths[ids].sum() == 13 and lengths[ids[-1]] == 0
     # A zero LM head gives uniform logits: each token costs ln 512 nats = 9 bits.
-    model = OLMo2(OLMo2Config(vocab_size=512, d_model=32, n_layers=1, n_heads=2,
-                              mlp_hidden_size=64, max_seq_len=32))
+    model = OLMo2(
+        OLMo2Config(
+            vocab_size=512, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, max_seq_len=32
+        )
+    )
     torch.nn.init.zeros_(model.lm_head.weight)
     windows = torch.tensor([[ids[0], *ids]])
     batch = {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
