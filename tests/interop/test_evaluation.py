@@ -186,7 +186,7 @@ def test_save_hf_writes_generation_config_and_readable_weights(tmp_path):
 
 @pytest.mark.parametrize("context", [-1, None, "absent"])
 def test_from_hf_takes_a_stated_default_where_peers_give_no_context(context, tmp_path, caplog):
-    # OLMo-core's save_hf_model writes max_position_embeddings=-1; transformers loads it.
+    # OLMo-core's save_hf_model writes max_position_embeddings=-1 (transformers loads it, not None).
     hf_config = HFOlmo2Config(
         vocab_size=256,
         hidden_size=32,
@@ -204,6 +204,9 @@ def test_from_hf_takes_a_stated_default_where_peers_give_no_context(context, tmp
     )
     torch.manual_seed(0)
     Olmo2ForCausalLM(hf_config).save_pretrained(tmp_path)
+    ids = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits
     config_file = tmp_path / "config.json"
     written = json.loads(config_file.read_text())
     if context == "absent":
@@ -216,7 +219,5 @@ def test_from_hf_takes_a_stated_default_where_peers_give_no_context(context, tmp
         ours = OLMo2.from_hf(tmp_path)
     assert ours.config.max_seq_len == DEFAULT_CONTEXT
     assert f"max_position_embeddings is {context if context != 'absent' else None!r}" in caplog.text
-    ids = torch.arange(1, 40).unsqueeze(0)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
