@@ -3,9 +3,10 @@
 A *source* is one of
 
 - a training checkpoint, ``<run_dir>/checkpoints/step_<N>`` (one ``state.ckpt``, or the sharded
-  DCP files of an FSDP run), or a run dir (its newest complete checkpoint). The architecture,
-  tokenizer and data come from the run's config (``.hydra/config.yaml``, else the CSV logger's
-  ``hparams.yaml``). Sharded checkpoints are read without a process group, on one process.
+  DCP files of an FSDP run), or a run dir (its newest complete checkpoint). The architecture
+  and data come from the run's config (``.hydra/config.yaml``, else the CSV logger's
+  ``hparams.yaml``), the tokenizer from the run dir, checked against the hash in the checkpoint
+  (:func:`checkpoint_tokenizer`). Sharded checkpoints are read without a process group.
 - a Hugging Face Olmo2 folder (``config.json``, safetensors, tokenizer files).
 - an olmo-mini weights folder written by :func:`import_hf` (``model.yaml``, ``model.safetensors``
   in olmo-mini parameter names, tokenizer files).
