@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, Olmo2ForCausalLM
-from transformers import Olmo2Config as HFOlmo2Config
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from olmo_mini.data import OLMoDataModule, train_bpe
 from olmo_mini.data.tokenizer import tokenizer_hash
@@ -185,29 +184,13 @@ def test_save_hf_writes_generation_config_and_readable_weights(tmp_path):
 
 
 @pytest.mark.parametrize("context", [-1, None, "absent"])
-def test_from_hf_takes_a_stated_default_where_peers_give_no_context(context, tmp_path, caplog):
-    # OLMo-core's save_hf_model writes max_position_embeddings=-1 (transformers loads it, not None).
-    hf_config = HFOlmo2Config(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=-1,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    Olmo2ForCausalLM(hf_config).save_pretrained(tmp_path)
-    ids = torch.arange(1, 40).unsqueeze(0)
-    with torch.no_grad():
-        expected = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits
-    config_file = tmp_path / "config.json"
+def test_from_hf_takes_a_stated_default_where_peers_give_no_context(
+    context, hf_folder, tmp_path, caplog
+):
+    # OLMo-core's save_hf_model writes max_position_embeddings=-1 (transformers loads that).
+    folder = tmp_path / "peer"
+    shutil.copytree(hf_folder, folder)
+    config_file = folder / "config.json"
     written = json.loads(config_file.read_text())
     if context == "absent":
         del written["max_position_embeddings"]
@@ -216,8 +199,10 @@ def test_from_hf_takes_a_stated_default_where_peers_give_no_context(context, tmp
     config_file.write_text(json.dumps(written))
 
     with caplog.at_level(logging.WARNING, logger="olmo_mini.model.hf"):
-        ours = OLMo2.from_hf(tmp_path)
+        ours = OLMo2.from_hf(folder)
     assert ours.config.max_seq_len == DEFAULT_CONTEXT
     assert f"max_position_embeddings is {context if context != 'absent' else None!r}" in caplog.text
+    ids = torch.arange(1, 40).unsqueeze(0)
+    theirs = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)

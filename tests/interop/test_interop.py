@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,7 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    Olmo2ForCausalLM,
-    PreTrainedTokenizerFast,
 )
-from transformers import Olmo2Config as HFOlmo2Config
 
 from olmo_mini.config import ConfigError
 from olmo_mini.data import OLMoDataModule, train_bpe
@@ -27,7 +23,6 @@ from olmo_mini.interop import (
     export_hf,
     load,
     load_model,
-    run_tokenizer,
     token_byte_lengths,
 )
 from olmo_mini.model import OLMo2, OLMo2Config
@@ -39,38 +34,6 @@ from tests.interop.helpers import tool as _tool
 from tests.training.helpers import REPO, SMALL, compose_config, series
 
 TEXT = "def add(a, b):\n    return a + b\n"
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A transformers-made Olmo2 (the SMALL shape, norms perturbed) with the runs' tokenizer."""
-    folder = tmp_path_factory.mktemp("hf")
-    hf_config = HFOlmo2Config(
-        vocab_size=4096,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = Olmo2ForCausalLM(hf_config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.8, 1.2)
-    model.save_pretrained(folder)
-    tokenizer, eos = run_tokenizer(compose_config(*SMALL))
-    eos_token = tokenizer.id_to_token(eos)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("run", ["single_run", "fsdp_run"])
