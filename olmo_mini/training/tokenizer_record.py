@@ -36,7 +36,7 @@ class RecordTokenizer(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         data = trainer.datamodule
-        with fsspec.open(data.tokenizer_path, "rt", encoding="utf-8") as f:
+        with fsspec.open(data.tokenizer_path, "rt", encoding="utf-8", newline="") as f:
             text = f.read()
         # Every rank checks (so all of them stop together); rank zero writes.
         record_tokenizer(self.run_dir, text, data.tokenizer, data.eos_id, trainer.is_global_zero)
