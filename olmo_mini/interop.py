@@ -314,7 +314,7 @@ def export_hf(source: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     The tokenizer is the run's ``tokenizer.json`` as a ``PreTrainedTokenizerFast`` with EOS (also
     the pad token: the model has no other) so that ``AutoTokenizer`` loads it as trained.
     """
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     loaded = load(source)
     out = Path(out)
@@ -332,7 +332,9 @@ def export_hf(source: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     settings = json.loads(tokenizer_config.read_text())
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"
     tokenizer_config.write_text(json.dumps(settings, indent=2))
-    GenerationConfig(bos_token_id=None, **ids).save_pretrained(out)
+    # The run's tokenizer as it is (transformers 5 adds a post-processor that changes no id):
+    # the folder's tokenizer hash is the checkpoint's.
+    loaded.tokenizer.save(str(out / "tokenizer.json"))
     return out
 
 

@@ -159,6 +159,7 @@ def test_a_model_folder_evaluates_named_text_without_building_a_corpus(
     code, run = _evaluate(capsys, str(single_run), "--text", docs)
     assert code == 0, run
     assert exported["context"] == run["context"] == 64 and exported["tokens"] == run["tokens"]
+    assert exported["tokenizer_hash"] == run["tokenizer_hash"]
     assert exported["loss"] == pytest.approx(run["loss"], rel=1e-6)
     assert not (tmp_path / "cache").exists()  # nothing was tokenized into a cache
 
