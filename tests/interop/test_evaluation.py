@@ -71,7 +71,10 @@ def test_overrides_that_change_tokens_or_text_are_errors(
     assert code == 0 and (result["tokens"], result["context"]) == (2 * 8 * 32, 32)
 
 
-@pytest.mark.parametrize("run", ["single_run", "fsdp_run"])
+@pytest.mark.parametrize(
+    "run",
+    ["single_run", pytest.param("fsdp_run", marks=pytest.mark.slow)],  # meta.pt: 2 processes
+)
 def test_no_tool_pairs_a_checkpoint_with_another_tokenizer(run, request, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(request.getfixturevalue(run), copy)
