@@ -66,7 +66,9 @@ def test_overrides_that_change_tokens_or_text_are_errors(
     args = [o.replace("OTHER", str(other)).replace("DOCS", str(docs)) for o in overrides]
     code, err = _evaluate(capsys, str(single_run), *args)
     assert code == 1 and err.startswith(f"error: {named}=") and "--text" in err
-    # what may change: how many held-out windows, and how they are cut
+
+
+def test_overrides_may_change_how_many_held_out_windows_and_their_length(single_run, capsys):
     code, result = _evaluate(capsys, str(single_run), "data.val_batches=2", "data.seq_len=32")
     assert code == 0 and (result["tokens"], result["context"]) == (2 * 8 * 32, 32)
 
