@@ -177,8 +177,8 @@ class LanguageModelModule(L.LightningModule):
             raise TrainingDiverged(
                 f"step {diverged_at}: {self.config.optim.max_consecutive_skips} optimizer steps in "
                 f"a row had a non-finite loss or gradient norm (optim.max_consecutive_skips="
-                f"{self.config.optim.max_consecutive_skips}); stopping. Their updates were skipped "
-                "and the last checkpoint is intact: lower optim.lr or resume from it."
+                f"{self.config.optim.max_consecutive_skips}); stopping. Their updates were skipped; "
+                "lower optim.lr and resume from a checkpoint saved before the streak."
             )
 
     def _throughput(self, steps: int) -> dict[str, float]:
