@@ -82,7 +82,9 @@ class StepCheckpoint(L.Callback):
             path = Path(trainer.ckpt_path)
             self.last_saved = path.parent if path.name == STATE_FILE else path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+    ) -> None:
         step = trainer.global_step
         if step == self._seen_step:  # mid-accumulation: no optimizer step in this batch
             return
@@ -99,7 +101,8 @@ class StepCheckpoint(L.Callback):
         if pl_module.consecutive_skips > 0:
             rank_zero_only(log.warning)(
                 "step %d: not saving a checkpoint during a streak of %d skipped steps",
-                step, pl_module.consecutive_skips,
+                step,
+                pl_module.consecutive_skips,
             )
             return None
         sharded = isinstance(trainer.strategy, ModelParallelStrategy)
@@ -185,8 +188,10 @@ def read_marker(checkpoint: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable {COMPLETE} marker: {e}") from None
     if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
-        raise ValueError(f"its {COMPLETE} marker lists no file digests (written before olmo-mini "
-                         "verified checkpoints, or damaged)")
+        raise ValueError(
+            f"its {COMPLETE} marker lists no file digests (written before olmo-mini "
+            "verified checkpoints, or damaged)"
+        )
     return marker
 
 
@@ -236,7 +241,9 @@ def step_dirs(directory: Path) -> list[Path]:
     """Every ``step_<N>`` directory, complete or not, oldest first."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.fullmatch(p.name))
+    ]
     return [path for _, path in sorted(found)]
 
 
@@ -302,8 +309,9 @@ def saved_config(checkpoint: Path) -> Any:
     """The resolved run config saved inside ``checkpoint`` (an OmegaConf node)."""
     path = checkpoint / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {CONFIG_FILE} (saved before checkpoints carried "
-                                "their run's config)")
+        raise FileNotFoundError(
+            f"{checkpoint}: no {CONFIG_FILE} (saved before checkpoints carried their run's config)"
+        )
     return OmegaConf.load(path)
 
 

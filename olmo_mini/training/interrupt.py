@@ -81,7 +81,9 @@ class StopOnSignal(L.Callback):
                 " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
             )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+    ) -> None:
         step = trainer.global_step
         if step == self._seen_step:  # mid-accumulation: not a step boundary
             return

@@ -19,7 +19,6 @@ from olmo_mini.data import OLMoDataModule
 from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
-from olmo_mini.training.run_dir import claim, release, resume_command
 from olmo_mini.training.module import (
     FlushMetricsOnException,
     LanguageModelModule,
@@ -28,6 +27,7 @@ from olmo_mini.training.module import (
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
 from olmo_mini.training.qk_clip import QKClip
+from olmo_mini.training.run_dir import claim, release, resume_command
 
 
 @dataclass

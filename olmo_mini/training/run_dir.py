@@ -14,8 +14,8 @@ import atexit
 import json
 import logging
 import os
-import shutil
 import shlex
+import shutil
 import socket
 import sys
 import uuid
@@ -93,8 +93,9 @@ def lock(run_dir: Path) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_lock(path)
-            if holder == me or (holder and holder.get("pid") == me["pid"] and
-                                holder.get("host") == me["host"]):
+            if holder == me or (
+                holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+            ):
                 return  # this process already holds it
             if attempt == 0 and _stale(holder):
                 rank_zero_only(log.warning)("taking over the stale lock %s (%s)", path, holder)
@@ -119,8 +120,11 @@ def release(run_dir: Path) -> None:
 
 
 def _holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
 def _read_lock(path: Path) -> dict | None:
