@@ -78,6 +78,9 @@ class StepCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step  # after a resume: do not re-save the loaded step
+        # Rank 0's id names the temp dir every rank writes into (ranks that SLURM or torchrun
+        # started together may have read the run record before rank 0 wrote it).
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
         if trainer.ckpt_path is not None:
             path = Path(trainer.ckpt_path)
             self.last_saved = path.parent if path.name == STATE_FILE else path
