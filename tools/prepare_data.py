@@ -7,7 +7,7 @@
 
 Train with ``data=shards data.shards=shards/mine`` (a local folder or an fsspec URL after upload).
 Tokenization runs in ``--procs`` processes; the bytes written do not depend on that number.
-``python tools/prepare_data.py --verify shards/mine`` checks every shard's size and SHA-256
+``python tools/prepare_data.py --verify shards/mine`` checks every shard's size and digest
 against the manifest (exit status 1 on a mismatch).
 """
 

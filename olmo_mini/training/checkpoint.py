@@ -9,7 +9,7 @@ the module's counters and RNG states (``LanguageModelModule.on_save_checkpoint``
 from there, not from a file a later launch can replace).
 
 Atomicity and integrity: everything is written to ``.step_<N>.<run id>.tmp``; rank 0 then
-fsyncs every file, records its size and SHA-256 in the ``COMPLETE`` marker (with the step and the
+fsyncs every file, records its size and XXH3-128 digest in the ``COMPLETE`` marker (with the step and the
 run id), fsyncs the marker and renames the directory. A crash before the rename leaves only a temp
 directory of this run, which nothing reads and this run's next save removes. Resuming verifies the
 digests; ``resume=auto`` takes the newest checkpoint of this run that verifies and says which
@@ -21,7 +21,6 @@ checkpoints are never the diverged ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from olmo_mini.config import ConfigError, ModelConfig
+from olmo_mini.integrity import ALGORITHM, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 # Model fields that may differ between a checkpoint and the run resuming it: how the same
 # weights are computed, or how they were first made, not what they compute.
 RESUMABLE_MODEL_FIELDS = ("compile", "norm_backend", "init_from", "init_std")
-_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
@@ -154,16 +153,14 @@ class StepCheckpoint(L.Callback):
 
 
 def _digest_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {size, sha256}}`` of every file under ``directory``, each fsynced."""
+    """``{relative path: {size, xxh3_128}}`` of every file under ``directory``, each fsynced."""
     digests = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+            digest = file_digest(f)
             os.fsync(f.fileno())
         rel = path.relative_to(directory).as_posix()
-        digests[rel] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+        digests[rel] = {"size": path.stat().st_size, ALGORITHM: digest}
     return digests
 
 
@@ -212,12 +209,10 @@ def verify(checkpoint: Path) -> str | None:
             return f"{rel} is missing"
         if size != expected["size"]:
             return f"{rel} has {size} bytes, its marker says {expected['size']}"
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != expected["sha256"]:
-            return f"{rel} does not match its SHA-256 in {COMPLETE} (corrupted)"
+            digest = file_digest(f)
+        if digest != expected.get(ALGORITHM):
+            return f"{rel} does not match its digest in {COMPLETE} (corrupted)"
     return None
 
 

@@ -130,7 +130,7 @@ def test_a_refused_launch_keeps_hydra_config_and_tools_read_the_checkpoints_own(
     assert run_config(tmp_path / "checkpoints" / "step_2").model.block == "reordered"
 
 
-def test_resume_with_another_architecture_names_the_fields(tmp_path):
+def test_resume_with_another_architecture_or_data_names_the_fields(tmp_path):
     train(_config("trainer.max_steps=2", "checkpoint.every_n_steps=2"), tmp_path)
     for override, message in [
         ("model.block=pre", "model.block: checkpoint reordered, now pre"),
@@ -139,6 +139,12 @@ def test_resume_with_another_architecture_names_the_fields(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             train(_config("trainer.max_steps=3", "resume=auto", override), tmp_path)
+    with pytest.raises(
+        ConfigError,
+        match="^resume: the checkpoint's data loader does not match "
+        "this run's data .*'global_batch_size': \\(8, 16\\)",
+    ):
+        train(_config("trainer.max_steps=3", "resume=auto", "data.global_batch_size=16"), tmp_path)
     # A field that does not change what the weights compute may differ.
     train(_config("trainer.max_steps=3", "resume=auto", "model.init_std=0.05"), tmp_path)
     assert "step_3" in _steps(tmp_path)
@@ -167,8 +173,8 @@ def test_resume_verifies_and_falls_back_past_damaged_checkpoints(tmp_path, caplo
         255 - b for b in good[len(good) // 2 :][:4]
     )
     for content, reason in [
-        (bytes(damaged), "state.ckpt does not match its SHA-256"),
-        (b"\0" * len(good), "state.ckpt does not match its SHA-256"),
+        (bytes(damaged), "state.ckpt does not match its digest"),
+        (b"\0" * len(good), "state.ckpt does not match its digest"),
         (good[: len(good) // 2], f"state.ckpt has {len(good) // 2} bytes, its marker says"),
     ]:
         state.write_bytes(content)
