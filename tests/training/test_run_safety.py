@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -375,7 +376,13 @@ def test_a_failed_save_cleans_up_and_the_next_launch_resumes(tmp_path):
         match="step_4 could not be written .*No space left on device; removed its partial files",
     ):
         train(config, tmp_path, callbacks=[FullDisk(4)])
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
+    # Another job's save in progress and another run's checkpoint: pruning leaves both alone.
+    (checkpoints / ".step_9.otherrun.tmp").mkdir()
+    foreign = Path(shutil.copytree(checkpoints / "step_2", checkpoints / "step_1"))
+    marker = json.loads((foreign / COMPLETE).read_text())
+    (foreign / COMPLETE).write_text(json.dumps({**marker, "run_id": "otherrun"}))
     train(
         _config(
             *LONG[len(COMMON) :],
@@ -385,7 +392,8 @@ def test_a_failed_save_cleans_up_and_the_next_launch_resumes(tmp_path):
         ),
         tmp_path,
     )
-    assert _steps(tmp_path) == ["step_4", "step_6"]
+    assert _steps(tmp_path) == ["step_1", "step_4", "step_6"]
+    assert (checkpoints / ".step_9.otherrun.tmp").is_dir()
 
 
 def test_unknown_keys_and_bad_values_are_one_line_naming_the_key():
