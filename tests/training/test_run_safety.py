@@ -119,6 +119,7 @@ def test_two_launches_into_one_dir_at_once_leave_one_run(tmp_path):
     assert saved == {seed}
 
 
+@pytest.mark.slow
 def test_a_refused_launch_keeps_hydra_config_and_tools_read_the_checkpoints_own(tmp_path):
     train(_config("trainer.max_steps=2", "checkpoint.every_n_steps=2"), tmp_path)
     hydra_config = tmp_path / ".hydra" / "config.yaml"
@@ -284,9 +285,8 @@ def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"the run never reached step {step}")
 
 
-@pytest.mark.parametrize(
-    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # end to end; test_a_signal_saves_at_the_next_step_... covers it in process
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
     tmp_path, uninterrupted, signum
 ):
