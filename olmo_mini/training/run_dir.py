@@ -124,6 +124,9 @@ def _holder() -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # Counts requeues: a lock of an earlier run of the same job is stale; one of the same
+        # run (another srun step of this allocation) is not.
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
     }
 
 
@@ -138,12 +141,14 @@ def _read_lock(path: Path) -> dict | None:
 
 
 def _stale(holder: dict | None) -> bool:
-    """A holder known to be gone: a dead pid on this host, or this same (requeued) SLURM job."""
+    """A holder known to be gone: a dead pid on this host, or an earlier run of this SLURM job
+    (before a requeue)."""
     if holder is None:
         return True
-    job = os.environ.get("SLURM_JOB_ID")
-    if job is not None and holder.get("slurm_job_id") == job:
-        return True
+    me = _holder()
+    if me["slurm_job_id"] is not None and holder.get("slurm_job_id") == me["slurm_job_id"]:
+        if holder.get("slurm_restart_count") != me["slurm_restart_count"]:
+            return True
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
     try:

@@ -25,7 +25,7 @@ from olmo_mini.interop import run_config
 from olmo_mini.training import TrainingDiverged, train
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, CheckpointError, resolve_resume
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
-from olmo_mini.training.run_dir import LOCK_FILE, read_run_id
+from olmo_mini.training.run_dir import LOCK_FILE, lock, read_run_id, release
 from tests.training.helpers import (
     REPO,
     SMALL,
@@ -409,3 +409,22 @@ def test_unknown_keys_and_bad_values_are_one_line_naming_the_key():
             compose_config(override)
     with pytest.raises(ConfigError, match="^model.d_model must be a positive integer, got -3$"):
         compose_config("model.d_model=-3")
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path, monkeypatch):
+    """Same job id, same restart count: another live step of the allocation (refused); an
+    earlier restart count: the job before its requeue, gone (taken over)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    live = {"host": "othernode", "pid": 1, "slurm_job_id": "77", "slurm_restart_count": "1"}
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_text(json.dumps(live))
+    with pytest.raises(
+        ConfigError, match="in use by another job \\(pid 1 on othernode, SLURM job 77"
+    ):
+        lock(tmp_path)
+    lock_file.write_text(json.dumps({**live, "slurm_restart_count": "0"}))
+    lock(tmp_path)
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    release(tmp_path)
+    assert not lock_file.exists()
