@@ -9,7 +9,9 @@ names the field (``trainer.precision``, ``data.global_batch_size``, ...) and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +160,16 @@ class CheckpointConfig:
     keep_last: int = 2
     # Also save when training ends (max_steps or stop_at_step), so a finished run can be extended.
     save_final: bool = True
+    # A fresh run in a run dir holding another run's checkpoints deletes them instead of stopping.
+    overwrite: bool = False
+    # Besides SIGTERM and SIGINT, this signal saves and stops (and requeues under SLURM); null: off.
+    requeue_signal: str | None = "SIGUSR1"
 
     def __post_init__(self) -> None:
         _at_least("checkpoint", self, 0, "every_n_steps")
         _at_least("checkpoint", self, 1, "keep_last")
+        if self.requeue_signal is not None:
+            _choice("checkpoint.requeue_signal", self.requeue_signal, ("SIGUSR1", "SIGUSR2", "SIGHUP"))
 
 
 @dataclass
@@ -222,13 +230,37 @@ class TrainConfig:
 
 def load_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     """Validate a composed config and return it as dataclasses, or raise one ``ConfigError``."""
+    _reject_unknown_keys(cfg, TrainConfig, "")
     try:
         node = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         return OmegaConf.to_object(node)  # runs every dataclass's __post_init__
-    except ConfigError:
-        raise
-    except (ValueError, OmegaConfBaseException) as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # ConfigError, or the architecture's own checks (OLMo2Config.<field>)
+        raise ConfigError(str(e).replace("OLMo2Config.", "model.")) from None
+    except OmegaConfBaseException as e:
+        where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+        raise ConfigError(where + str(getattr(e, "msg", e)).splitlines()[0]) from None
+
+
+def _reject_unknown_keys(cfg: DictConfig | dict[str, Any], schema: type, prefix: str) -> None:
+    """A key the schema does not have (a ``+key`` override, a typo in a yaml file) stops with the
+    close matches: it would otherwise be stored and silently ignored."""
+    hints = typing.get_type_hints(schema)
+    for key in cfg:
+        if prefix == "" and key == "hydra":
+            continue
+        name = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"{name}: no such config key{hint}")
+        sub = next((t for t in (hints[key], *typing.get_args(hints[key])) if is_dataclass(t)), None)
+        value = cfg[key] if not isinstance(cfg, DictConfig) else cfg._get_node(key)
+        if sub is not None and isinstance(value, (dict, DictConfig)) and not _is_none(value):
+            _reject_unknown_keys(value, sub, f"{name}.")
+
+
+def _is_none(value: object) -> bool:
+    return isinstance(value, DictConfig) and value._is_none()
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

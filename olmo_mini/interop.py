@@ -4,8 +4,8 @@ A *source* is one of
 
 - a training checkpoint, ``<run_dir>/checkpoints/step_<N>`` (one ``state.ckpt``, or the sharded
   DCP files of an FSDP run), or a run dir (its newest complete checkpoint). The architecture
-  and data come from the run's config (``.hydra/config.yaml``, else the CSV logger's
-  ``hparams.yaml``), the tokenizer from the run dir, checked against the hash in the checkpoint
+  and data come from the run's config saved inside the checkpoint (``config.yaml``), the
+  tokenizer from the run dir, checked against the hash in the checkpoint
   (:func:`checkpoint_tokenizer`). Sharded checkpoints are read without a process group.
 - a Hugging Face Olmo2 folder (``config.json``, safetensors, tokenizer files).
 - an olmo-mini weights folder written by :func:`import_hf` (``model.yaml``, ``model.safetensors``
@@ -38,7 +38,7 @@ from olmo_mini.data.tokenizer import tokenizer_hash
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
 from olmo_mini.model.hf import config_from_hf
-from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints
+from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints, saved_config
 from olmo_mini.training.tokenizer_record import TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -126,20 +126,12 @@ def load(path: str | Path) -> Loaded:
 
 
 def run_config(checkpoint: Path) -> TrainConfig:
-    """The config of the run that wrote ``checkpoint`` (``<run_dir>/checkpoints/step_<N>``)."""
-    run_dir = checkpoint.parent.parent
-    hparams = sorted(
-        (run_dir / "csv").glob("version_*/hparams.yaml"),
-        key=lambda p: int(p.parent.name.removeprefix("version_")),
-    )
-    candidates = [run_dir / ".hydra" / "config.yaml", *reversed(hparams)]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(
-            f"{checkpoint}: cannot find its run's config; looked for {candidates[0]} and "
-            f"{run_dir / 'csv' / 'version_*' / 'hparams.yaml'}"
-        )
-    raw = OmegaConf.load(found)
+    """The config of the run that wrote ``checkpoint``: the one saved inside it (``config.yaml``,
+    covered by its digests), not a file of the run dir that a later launch could replace."""
+    try:
+        raw = saved_config(checkpoint)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; re-save it with this version of olmo-mini") from None
     # Where the run's weights came from is history now: the checkpoint holds them.
     raw.resume = None
     raw.model.init_from = None

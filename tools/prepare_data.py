@@ -7,16 +7,19 @@
 
 Train with ``data=shards data.shards=shards/mine`` (a local folder or an fsspec URL after upload).
 Tokenization runs in ``--procs`` processes; the bytes written do not depend on that number.
+``python tools/prepare_data.py --verify shards/mine`` checks every shard's size and digest
+against the manifest (exit status 1 on a mismatch).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from olmo_mini.data.cli import add_corpus_args, corpus_documents
-from olmo_mini.data.shards import write_shards
+from olmo_mini.data.shards import verify_shards, write_shards
 from olmo_mini.data.tokenizer import default_tokenizer, eos_id, load_tokenizer
 
 
@@ -27,11 +30,20 @@ def main() -> None:
                         "(default: the cached stdlib BPE of --vocab-size)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--eos-token", help="EOS token (default: from the tokenizer)")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--verify", metavar="SHARDS", help="check the shards of a directory or "
+                        "URL against their manifest's digests instead of writing any")
     parser.add_argument("--procs", type=int, help="tokenizer processes (default: all cores)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 28,
                         help="roll over to a new shard after this many tokens")
     args = parser.parse_args()
+    if args.verify:
+        problems = verify_shards(args.verify)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1 if problems else 0)
+    if args.output is None:
+        parser.error("--output is required (unless --verify)")
     path = args.tokenizer or default_tokenizer(args.vocab_size, None, args.val_fraction)
     tokenizer = load_tokenizer(path)
     documents, source = corpus_documents(args)

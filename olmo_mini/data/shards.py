@@ -26,11 +26,13 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import xxhash
 from tokenizers import Tokenizer
 
 from olmo_mini.data.cache import write_text_atomic
 from olmo_mini.data.corpus import is_val
 from olmo_mini.data.tokenizer import tokenizer_hash
+from olmo_mini.integrity import ALGORITHM, file_digest
 
 FORMAT = "olmo-mini-shards/1"
 SPLITS = ("train", "val")
@@ -61,7 +63,10 @@ class _ShardWriter:
             name = f"{self.split}-{len(self.records):05d}"
             self._name = name
             self._file = open(self.out_dir / f"{name}.bin", "wb")
-        tokens.astype(self.dtype, copy=False).tofile(self._file)
+            self._digest = xxhash.xxh3_128()
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        self._file.write(data)
+        self._digest.update(data)
         self._ends.extend((self._tokens + np.cumsum(lengths)).tolist())
         self._tokens += len(tokens)
         self._max_id = max(self._max_id, int(tokens.max(initial=0)))
@@ -75,6 +80,7 @@ class _ShardWriter:
         np.save(self.out_dir / f"{self._name}.docs.npy", np.asarray(self._ends, dtype=np.uint64))
         self.records.append({
             "file": f"{self._name}.bin",
+            ALGORITHM: self._digest.hexdigest(),
             "docs": f"{self._name}.docs.npy",
             "split": self.split,
             "num_tokens": self._tokens,
@@ -229,10 +235,12 @@ def manifest_hash(manifest: dict) -> str:
 
 class TokenFile:
     """One shard's tokens, read by range: ``np.memmap`` for local files, fsspec byte ranges for
-    URLs. The size is checked against the manifest up front so truncation is caught by name."""
+    URLs. The size is checked against the manifest up front so truncation is caught by name; a
+    local file's digest (``xxh3_128`` in the manifest) on its first read, in each process that
+    reads it (URLs: by ``prepare_data.py --verify``, which would otherwise download them)."""
 
-    def __init__(self, url: str, dtype: np.dtype, num_tokens: int) -> None:
-        self.url, self.dtype, self.num_tokens = url, np.dtype(dtype), num_tokens
+    def __init__(self, url: str, dtype: np.dtype, num_tokens: int, digest: str | None = None) -> None:
+        self.url, self.dtype, self.num_tokens, self.digest = url, np.dtype(dtype), num_tokens, digest
         self._fs, self._path = fsspec.core.url_to_fs(url)
         try:
             size = self._fs.size(self._path)
@@ -253,10 +261,44 @@ class TokenFile:
     def read(self, start: int, stop: int) -> np.ndarray:
         if self._local:
             if self._memmap is None:
+                if self.digest is not None:
+                    self.verify()
                 self._memmap = np.memmap(self._path, self.dtype, "r", shape=(self.num_tokens,))
             return self._memmap[start:stop]
         size = self.dtype.itemsize
         return np.frombuffer(self._fs.cat_file(self._path, start * size, stop * size), self.dtype)
+
+
+    def verify(self) -> None:
+        """Compare the whole file with the manifest's digest (XXH3-128) (one pass); a mismatch is an error
+        naming the shard. Later calls in this process (and its loader workers) skip the pass."""
+        if self.digest is None or getattr(self, "_verified", False):
+            return
+        with self._fs.open(self._path, "rb") as f:
+            digest = file_digest(f)
+        if digest != self.digest:
+            raise ValueError(
+                f"corrupt shard {self.url}: its digest (XXH3-128) does not match the manifest (rewrite it "
+                "with tools/prepare_data.py; --verify checks every shard)"
+            )
+        self._verified = True
+
+
+def verify_shards(root: str) -> list[str]:
+    """Every shard of a directory or URL checked for size and digest (XXH3-128); the problems found."""
+    manifest = read_manifest(root)
+    problems = []
+    for rec in manifest["shards"]:
+        try:
+            shard = TokenFile(_join(str(root), rec["file"]), manifest["dtype"], rec["num_tokens"],
+                              rec.get(ALGORITHM))
+            if shard.digest is None:
+                problems.append(f"{shard.url}: no digest in the manifest (written by an older "
+                                "version); size checked only")
+            shard.verify()
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    return problems
 
 
 @dataclass
@@ -275,7 +317,8 @@ class ShardInstances:
     @classmethod
     def open(cls, root: str, split: str, seq_len: int, manifest: dict) -> ShardInstances:
         files = [
-            TokenFile(_join(str(root), rec["file"]), manifest["dtype"], rec["num_tokens"])
+            TokenFile(_join(str(root), rec["file"]), manifest["dtype"], rec["num_tokens"],
+                      rec.get(ALGORITHM))
             for rec in manifest["shards"] if rec["split"] == split
         ]
         return cls(files, seq_len + 1, manifest["vocab_size"])

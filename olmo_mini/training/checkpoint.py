@@ -1,48 +1,92 @@
-"""Atomic step checkpoints and finding the one to resume from.
+"""Verified, atomic step checkpoints of one run, and finding the one to resume from.
 
 ``<run_dir>/checkpoints/step_<N>/`` holds what ``Trainer.save_checkpoint`` writes: a
 torch.distributed.checkpoint directory under FSDP (``ModelParallelStrategy``: one shard file per
 rank plus ``meta.pt``, loadable on any number of processes), else one ``state.ckpt`` file. Besides
 model and optimizer it carries Lightning's loop and scheduler state, the DataModule's position and
-the module's counters and RNG states (``LanguageModelModule.on_save_checkpoint``).
+the module's counters and RNG states (``LanguageModelModule.on_save_checkpoint``), and
+``config.yaml``: the resolved config of the run that wrote it (the tools read the architecture
+from there, not from a file a later launch can replace).
 
-Atomicity: everything is written to ``.step_<N>.tmp``, then rank 0 adds the ``COMPLETE`` marker
-and renames the directory. A crash before the rename leaves only a temp directory, which
-``latest_checkpoint`` ignores and the next save removes.
+Atomicity and integrity: everything is written to ``.step_<N>.<run id>.tmp``; rank 0 then
+fsyncs every file, records its size and XXH3-128 digest in the ``COMPLETE`` marker (with the step and the
+run id), fsyncs the marker and renames the directory. A crash before the rename leaves only a temp
+directory of this run, which nothing reads and this run's next save removes. Resuming verifies the
+digests; ``resume=auto`` takes the newest checkpoint of this run that verifies and says which
+newer ones it skipped and why. Pruning removes only this run's checkpoints and temp directories.
+
+No checkpoint is saved while the run is in a streak of skipped (non-finite) steps, so the kept
+checkpoints are never the diverged ones.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
-from olmo_mini.config import ConfigError
+from olmo_mini.config import ConfigError, ModelConfig
+from olmo_mini.integrity import ALGORITHM, file_digest
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "state.ckpt"
+CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"step_(\d+)")
+# Model fields that may differ between a checkpoint and the run resuming it: how the same
+# weights are computed, or how they were first made, not what they compute.
+RESUMABLE_MODEL_FIELDS = ("compile", "norm_backend", "init_from", "init_std")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); its temp dir is removed."""
 
 
 class StepCheckpoint(L.Callback):
     """Save every ``every_n_steps`` optimizer steps (and at the last step if ``save_final``)."""
 
-    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, save_final: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        every_n_steps: int,
+        keep_last: int,
+        save_final: bool,
+        run_id: str,
+        config_yaml: str,
+    ) -> None:
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.save_final = save_final
+        self.run_id = run_id
+        self.config_yaml = config_yaml
         self._seen_step = -1
+        # The newest checkpoint this run saved or resumed from (named when a run diverges).
+        self.last_saved: Path | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step  # after a resume: do not re-save the loaded step
+        # Rank 0's id names the temp dir every rank writes into (ranks that SLURM or torchrun
+        # started together may have read the run record before rank 0 wrote it).
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
+        if trainer.ckpt_path is not None:
+            path = Path(trainer.ckpt_path)
+            self.last_saved = path.parent if path.name == STATE_FILE else path
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+    ) -> None:
         step = trainer.global_step
         if step == self._seen_step:  # mid-accumulation: no optimizer step in this batch
             return
@@ -50,71 +94,238 @@ class StepCheckpoint(L.Callback):
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
         final = self.save_final and step >= trainer.max_steps
         if periodic or final:
-            self.save(trainer, step)
+            self.save(trainer, pl_module, step)
 
-    def save(self, trainer: L.Trainer, step: int) -> Path:
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path | None:
+        """Write ``step_<step>`` (collective: every rank calls it); None if the run is in a
+        streak of skipped steps, whose weights are not worth keeping."""
+        pl_module.flush_metrics(progress_bar=False)  # the skip counters are exact from here on
+        if pl_module.consecutive_skips > 0:
+            rank_zero_only(log.warning)(
+                "step %d: not saving a checkpoint during a streak of %d skipped steps",
+                step,
+                pl_module.consecutive_skips,
+            )
+            return None
         sharded = isinstance(trainer.strategy, ModelParallelStrategy)
         final = self.directory / f"step_{step}"
-        tmp = self.directory / f".step_{step}.tmp"
-        if trainer.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        tmp = self.directory / f".step_{step}.{self.run_id}.tmp"
+        try:
+            if trainer.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            trainer.strategy.barrier()
+            trainer.save_checkpoint(tmp if sharded else tmp / STATE_FILE)
+            trainer.strategy.barrier()
+            if trainer.is_global_zero:
+                (tmp / CONFIG_FILE).write_text(self.config_yaml)
+                marker = {
+                    "step": step,
+                    "sharded": sharded,
+                    "world_size": trainer.world_size,
+                    "run_id": self.run_id,
+                    "files": _digest_files(tmp),
+                }
+                _write_synced(tmp / COMPLETE, json.dumps(marker, indent=1))
+                _fsync_dir(tmp)
+                if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.directory)
+                self._prune()
+        except OSError as e:
+            if trainer.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"checkpoint step_{step} could not be written to {self.directory}: "
+                f"{e.strerror or e}; removed its partial files, the earlier checkpoints are intact"
+            ) from None
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp if sharded else tmp / STATE_FILE)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            marker = {"step": step, "sharded": sharded, "world_size": trainer.world_size}
-            (tmp / COMPLETE).write_text(json.dumps(marker))
-            if final.exists():  # re-saving a step after resuming from an earlier checkpoint
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        trainer.strategy.barrier()
+        self.last_saved = final
         return final
 
     def _prune(self) -> None:
-        for old in complete_checkpoints(self.directory)[: -self.keep_last]:
+        """Older checkpoints of this run beyond ``keep_last``, and its leftover temp dirs."""
+        for old in complete_checkpoints(self.directory, self.run_id)[: -self.keep_last]:
             shutil.rmtree(old)
-        for tmp in self.directory.glob(".step_*.tmp"):
+        for tmp in self.directory.glob(f".step_*.{self.run_id}.tmp"):
             shutil.rmtree(tmp)
 
 
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """``step_<N>`` directories with the ``COMPLETE`` marker, oldest first."""
+def _digest_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {size, xxh3_128}}`` of every file under ``directory``, each fsynced."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            digest = file_digest(f)
+            os.fsync(f.fileno())
+        rel = path.relative_to(directory).as_posix()
+        digests[rel] = {"size": path.stat().st_size, ALGORITHM: digest}
+    return digests
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    """The ``COMPLETE`` marker's fields; a missing or unreadable one raises ``ValueError``."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no {COMPLETE} marker (its save did not finish)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable {COMPLETE} marker: {e}") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise ValueError(
+            f"its {COMPLETE} marker lists no file digests (written before olmo-mini "
+            "verified checkpoints, or damaged)"
+        )
+    return marker
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be trusted, or None when every file matches its marker."""
+    try:
+        marker = read_marker(checkpoint)
+    except ValueError as e:
+        return str(e)
+    for rel, expected in marker["files"].items():
+        path = checkpoint / rel
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if size != expected["size"]:
+            return f"{rel} has {size} bytes, its marker says {expected['size']}"
+        with open(path, "rb") as f:
+            digest = file_digest(f)
+        if digest != expected.get(ALGORITHM):
+            return f"{rel} does not match its digest in {COMPLETE} (corrupted)"
+    return None
+
+
+def complete_checkpoints(directory: Path, run_id: str | None = None) -> list[Path]:
+    """``step_<N>`` directories with a ``COMPLETE`` marker (of run ``run_id`` if given), oldest
+    first. Markers are not verified here: see ``verify``."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        if not (m := _STEP_DIR.fullmatch(path.name)) or not (path / COMPLETE).is_file():
+            continue
+        if run_id is not None:
+            try:
+                if read_marker(path).get("run_id") != run_id:
+                    continue
+            except ValueError:
+                pass  # this run's damaged checkpoint: listed, and verify says what is wrong
+        found.append((int(m.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def step_dirs(directory: Path) -> list[Path]:
+    """Every ``step_<N>`` directory, complete or not, oldest first."""
     if not directory.is_dir():
         return []
     found = [
-        (int(m.group(1)), path)
-        for path in directory.iterdir()
-        if (m := _STEP_DIR.fullmatch(path.name)) and (path / COMPLETE).is_file()
+        (int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.fullmatch(p.name))
     ]
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume(resume: str | None, run_dir: Path, sharded_strategy: bool) -> str | None:
+def resolve_resume(
+    resume: str | None,
+    run_dir: Path,
+    sharded_strategy: bool,
+    run_id: str | None,
+    model: ModelConfig,
+) -> str | None:
     """The ``ckpt_path`` for ``Trainer.fit``: None for a fresh start.
 
-    ``auto`` takes the newest complete checkpoint under ``<run_dir>/checkpoints`` (none: fresh).
+    ``auto`` takes the newest checkpoint of this run under ``<run_dir>/checkpoints`` that
+    verifies, logging each newer one it skips (none at all: a fresh start, logged too). A given
+    path must verify. Either way its architecture must match ``model``.
     """
     if resume is None:
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir / "checkpoints")
-        if not found:
+        directory = run_dir / "checkpoints"
+        candidates = [p for p in step_dirs(directory) if _belongs(p, run_id)]
+        if not candidates:
+            rank_zero_only(log.info)("no checkpoint under %s: starting fresh", directory)
             return None
-        path = found[-1]
+        skipped = []
+        for path in reversed(candidates):
+            reason = verify(path)
+            if reason is None:
+                break
+            skipped.append(f"{path.name}: {reason}")
+            rank_zero_only(log.warning)("resume=auto: skipping %s: %s", path, reason)
+        else:
+            raise ConfigError(
+                f"resume=auto: no checkpoint under {directory} verifies ({'; '.join(skipped)})"
+            )
     else:
         path = Path(resume)
-        if not (path / COMPLETE).is_file():
-            raise ConfigError(
-                f"resume: {path} is not a complete checkpoint (a step_<N> directory holding a "
-                f"{COMPLETE} marker)"
-            )
-    saved_sharded = json.loads((path / COMPLETE).read_text())["sharded"]
+        reason = verify(path)
+        if reason is not None:
+            raise ConfigError(f"resume: {path} is not a usable checkpoint: {reason}")
+    check_architecture(path, model)
+    saved_sharded = read_marker(path)["sharded"]
     if saved_sharded != sharded_strategy:
         need = "trainer=fsdp" if saved_sharded else "trainer=default or trainer=ddp"
         raise ConfigError(
             f"resume: {path} was written {'with' if saved_sharded else 'without'} FSDP sharding; "
             f"resume it with {need} (any number of devices)"
         )
+    rank_zero_only(log.info)("resuming from %s", path)
     return str(path if saved_sharded else path / STATE_FILE)
+
+
+def _belongs(path: Path, run_id: str | None) -> bool:
+    """Whether a ``step_<N>`` dir is this run's: its marker's run id, or (no readable marker:
+    an unfinished or damaged save) any, so that resuming names it rather than ignoring it."""
+    try:
+        return run_id is None or read_marker(path).get("run_id") == run_id
+    except ValueError:
+        return True
+
+
+def saved_config(checkpoint: Path) -> Any:
+    """The resolved run config saved inside ``checkpoint`` (an OmegaConf node)."""
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint}: no {CONFIG_FILE} (saved before checkpoints carried their run's config)"
+        )
+    return OmegaConf.load(path)
+
+
+def check_architecture(checkpoint: Path, model: ModelConfig) -> None:
+    """Stop, naming every field, if ``model`` differs from the architecture in ``checkpoint``."""
+    saved = saved_config(checkpoint).model
+    diffs = []
+    for f in fields(ModelConfig):
+        if f.name in RESUMABLE_MODEL_FIELDS:
+            continue
+        then, now = saved.get(f.name), getattr(model, f.name)
+        if then != now:
+            diffs.append(f"model.{f.name}: checkpoint {then}, now {now}")
+    if diffs:
+        raise ConfigError(
+            f"resume: {checkpoint} holds another architecture ({'; '.join(diffs)}); resume with the "
+            f"checkpoint's values (only {', '.join('model.' + n for n in RESUMABLE_MODEL_FIELDS)} "
+            "may change)"
+        )

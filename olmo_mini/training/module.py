@@ -177,8 +177,8 @@ class LanguageModelModule(L.LightningModule):
             raise TrainingDiverged(
                 f"step {diverged_at}: {self.config.optim.max_consecutive_skips} optimizer steps in "
                 f"a row had a non-finite loss or gradient norm (optim.max_consecutive_skips="
-                f"{self.config.optim.max_consecutive_skips}); stopping. Their updates were skipped "
-                "and the last checkpoint is intact: lower optim.lr or resume from it."
+                f"{self.config.optim.max_consecutive_skips}); stopping. Their updates were skipped; "
+                "lower optim.lr and resume from a checkpoint saved before the streak."
             )
 
     def _throughput(self, steps: int) -> dict[str, float]:
@@ -264,6 +264,11 @@ class LanguageModelModule(L.LightningModule):
         checkpoint["rng_states"] = states  # one per rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = self.trainer.datamodule  # checked here to stop with one line, not a traceback
+        try:
+            datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
+        except ValueError as e:
+            raise ConfigError(f"resume: {e}") from None
         counters = checkpoint["counters"]
         self.tokens_seen = counters["tokens_seen"]
         self.skipped_steps = counters["skipped_steps"]

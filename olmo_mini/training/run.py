@@ -12,12 +12,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
 from olmo_mini.stability.monitor import StabilityMonitor
-from olmo_mini.training.checkpoint import StepCheckpoint, resolve_resume
+from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
+from olmo_mini.training.interrupt import Interrupted, StopOnSignal
 from olmo_mini.training.module import (
     FlushMetricsOnException,
     LanguageModelModule,
@@ -26,6 +27,7 @@ from olmo_mini.training.module import (
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
 from olmo_mini.training.qk_clip import QKClip
+from olmo_mini.training.run_dir import claim, release, resume_command
 from olmo_mini.training.tokenizer_record import RecordTokenizer
 
 
@@ -48,8 +50,13 @@ def run(cfg: DictConfig) -> RunResult:
         if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
             config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
         result = train(config, run_dir)
-    except (ConfigError, TrainingDiverged) as e:
+    except (ConfigError, TrainingDiverged, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except Interrupted as e:
+        if _is_rank_zero():
+            requeued = " (SLURM job requeued)" if e.requeued else ""
+            print(f"stopped: {e}{requeued}; resume with: {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(e.exit_code)
     if result.val_loss is not None and _is_rank_zero():
         print(f"\nfinal val/loss {result.val_loss:.4f} after {result.global_step} steps")
         print(f"sample: {result.sample!r}\nrun dir: {run_dir}")
@@ -61,7 +68,9 @@ def train(
 ) -> RunResult:
     """Train as ``config`` says, writing metrics and checkpoints under ``run_dir``."""
     trainer_cfg = config.trainer
-    ckpt_path = resolve_resume(config.resume, run_dir, trainer_cfg.strategy == "fsdp")
+    run_id = claim(run_dir, config.resume, config.checkpoint.overwrite)
+    sharded = trainer_cfg.strategy == "fsdp"
+    ckpt_path = resolve_resume(config.resume, run_dir, sharded, run_id, config.model)
     device = torch.device("cuda" if _uses_gpu(trainer_cfg.accelerator) else "cpu")
     precision = trainer_cfg.precision
     if precision == "auto":
@@ -79,16 +88,20 @@ def train(
     # QK-Clip first: its on_train_batch_end rescales weights the checkpoint then saves.
     tau = config.optim.qk_clip_tau
     qk_clip = [] if tau is None else [QKClip(tau, config.model)]
+    checkpoint = StepCheckpoint(
+        run_dir / "checkpoints",
+        config.checkpoint.every_n_steps,
+        config.checkpoint.keep_last,
+        config.checkpoint.save_final,
+        run_id,
+        OmegaConf.to_yaml(OmegaConf.structured(config)),
+    )
     callbacks = [
         FlushMetricsOnException(),
         RecordTokenizer(run_dir),
         *qk_clip,
-        StepCheckpoint(
-            run_dir / "checkpoints",
-            config.checkpoint.every_n_steps,
-            config.checkpoint.keep_last,
-            config.checkpoint.save_final,
-        ),
+        checkpoint,
+        StopOnSignal(checkpoint, config.checkpoint.requeue_signal),
         *callbacks,
     ]
     if config.stability.enabled:
@@ -119,8 +132,15 @@ def train(
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except TrainingDiverged as e:
+        last = checkpoint.last_saved
+        raise TrainingDiverged(
+            f"{e} No checkpoint was saved during the streak; the last one before it: {last}"
+            if last else f"{e} No checkpoint was saved before the streak."
+        ) from None
     finally:
         _finish_wandb(trainer.loggers)
+        release(run_dir)
     val_loss = trainer.callback_metrics.get("val/loss")
     return RunResult(
         None if val_loss is None else float(val_loss), module.sample_text, trainer.global_step

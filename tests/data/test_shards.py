@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -8,7 +10,8 @@ import pytest
 
 from olmo_mini.data import DataConfig, OLMoDataModule, load_tokenizer, read_manifest, write_shards
 from olmo_mini.data.corpus import file_documents, is_val
-from olmo_mini.data.shards import ShardInstances
+from olmo_mini.data.shards import ShardInstances, verify_shards
+from olmo_mini.integrity import ALGORITHM, file_digest
 
 from .conftest import make_docs, write_jsonl
 
@@ -111,6 +114,11 @@ def test_ids_beyond_vocab_are_named(shard_dir: Path, tmp_path: Path) -> None:
     tokens = np.fromfile(shard, np.uint16)
     tokens[5] = 4000  # not a token of the 300-id tokenizer
     tokens.tofile(shard)
+    # As a shard consistently written with a foreign tokenizer: its digest matches its bytes.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    with open(shard, "rb") as f:
+        manifest["shards"][0][ALGORITHM] = file_digest(f)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     dm = module(str(copy))
     with pytest.raises(ValueError, match="token id 4000 .*train-00000.bin"):
         dm._train.read(np.arange(dm._train.num_instances))
@@ -146,3 +154,23 @@ def test_instances_drop_each_shard_remainder(shard_dir: Path) -> None:
     train = ShardInstances.open(str(shard_dir), "train", 16, manifest)
     expected = sum(s["num_tokens"] // 17 for s in manifest["shards"] if s["split"] == "train")
     assert train.num_instances == expected
+
+
+def test_overwritten_shard_fails_its_digest(shard_dir: Path, tmp_path: Path) -> None:
+    """Same size, other bytes: the size check passes, the first read checks the digest."""
+    copy = copy_of(shard_dir, tmp_path)
+    shard = copy / "train-00001.bin"
+    tokens = np.fromfile(shard, np.uint16)
+    tokens[:8] = tokens[8:16]  # still valid ids
+    tokens.tofile(shard)
+    dm = module(str(copy))
+    with pytest.raises(ValueError, match="corrupt shard .*train-00001.bin: its digest"):
+        dm._train.read(np.arange(dm._train.num_instances))
+    assert verify_shards(str(shard_dir)) == []
+    assert [p.split(":")[0] for p in verify_shards(str(copy))] == [
+        f"corrupt shard {copy}/train-00001.bin"
+    ]
+    tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
+    done = subprocess.run([sys.executable, str(tool), "--verify", str(copy)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "error: corrupt shard" in done.stderr

@@ -1,0 +1,193 @@
+"""One run per run dir: an owner record, a lock against a second live job, and the refusal to
+start a new run over another run's checkpoints.
+
+``<run_dir>/run.json`` names the run that owns the dir (a random id, when and where it started);
+checkpoints carry that id in their marker, so resuming and pruning only ever touch this run's.
+``<run_dir>/run.lock`` holds the live job's host, pid and SLURM job id; a second launch stops
+before it writes anything, unless the holder is gone (a dead pid on this host, or the same SLURM
+job requeued), whose lock it takes over. Only global rank zero claims; the other ranks read the id.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from olmo_mini.config import ConfigError
+from olmo_mini.training.checkpoint import step_dirs
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
+
+
+def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+    """Take ``run_dir`` for this launch and return the run id (None on other ranks before rank
+    zero wrote one); a launch that may not use the dir raises ``ConfigError``, having written
+    nothing there."""
+    run_dir = Path(run_dir).resolve()
+    if rank_zero_only.rank != 0:
+        return read_run_id(run_dir)
+    lock(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    existing = step_dirs(checkpoints)
+    if continues(run_dir, resume):
+        run_id = read_run_id(run_dir)
+        if run_id is not None:
+            return run_id
+    elif existing and not overwrite:
+        names = ", ".join(p.name for p in existing[-3:])
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds another run's checkpoints ({names}); continue that run "
+            "with resume=auto, or start this one in another hydra.run.dir "
+            "(checkpoint.overwrite=true deletes them)"
+        )
+    elif existing:
+        rank_zero_only(log.warning)("checkpoint.overwrite=true: deleting %s", checkpoints)
+        shutil.rmtree(checkpoints)
+    run_id = uuid.uuid4().hex[:12]
+    record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
+    _write_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
+    return run_id
+
+
+def continues(run_dir: Path, resume: str | None) -> bool:
+    """Whether a launch with this ``resume`` continues the run that owns ``run_dir``."""
+    if resume == "auto":
+        return True
+    if resume is None:
+        return False
+    return Path(resume).resolve().is_relative_to(Path(run_dir).resolve() / "checkpoints")
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text())["run_id"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{Path(run_dir) / RUN_FILE}: unreadable run record ({e})") from None
+
+
+def lock(run_dir: Path) -> None:
+    """Hold ``<run_dir>/run.lock`` until this process exits; a live holder raises ``ConfigError``."""
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = _holder()
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder == me or (
+                holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+            ):
+                return  # this process already holds it
+            if attempt == 0 and _stale(holder):
+                rank_zero_only(log.warning)("taking over the stale lock %s (%s)", path, holder)
+                path.unlink(missing_ok=True)
+                continue
+            raise ConfigError(
+                f"hydra.run.dir={run_dir} is in use by another job ({_describe(holder)}, see {path}); "
+                "use another hydra.run.dir, or delete the lock if that job is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release, Path(run_dir))
+        return
+
+
+def release(run_dir: Path) -> None:
+    """Remove the lock if this process holds it."""
+    path = Path(run_dir) / LOCK_FILE
+    holder = _read_lock(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _holder() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # Counts requeues: a lock of an earlier run of the same job is stale; one of the same
+        # run (another srun step of this allocation) is not.
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
+    }
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or damaged: treated as held unless proven stale
+    return holder if isinstance(holder, dict) else {}
+
+
+def _stale(holder: dict | None) -> bool:
+    """A holder known to be gone: a dead pid on this host, or an earlier run of this SLURM job
+    (before a requeue)."""
+    if holder is None:
+        return True
+    me = _holder()
+    if me["slurm_job_id"] is not None and holder.get("slurm_job_id") == me["slurm_job_id"]:
+        if holder.get("slurm_restart_count") != me["slurm_restart_count"]:
+            return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "holder unknown"
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def resume_command(run_dir: Path) -> str:
+    """This launch's command line, set to continue the run in ``run_dir``."""
+    kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "train.py"
+    return shlex.join(["python", script, *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
+
+
+class ClaimBeforeHydraWrites(Callback):
+    """Hydra callback: claim the run dir before Hydra writes ``.hydra/config.yaml`` into it, so a
+    launch that may not use the dir (another run's checkpoints, a live job) changes nothing
+    there. A single run only; each job of a sweep claims its dir in ``train``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        try:
+            claim(run_dir, config.get("resume"), bool(config.checkpoint.get("overwrite", False)))
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
