@@ -1,0 +1,97 @@
+"""What ``train.py`` does before torch and Lightning load: validate the config (a bad one costs
+one ``error:`` line and leaves no run dir), save it resolved, pick CPU threads and quiet
+third-party noise. Nothing here imports torch, so a config error is reported in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from olmo_mini.config import ConfigError, TrainConfig, load_config
+
+log = logging.getLogger(__name__)
+
+# Lightning's start-up chatter ("GPU available", the litlogger tip, AMP, "`Trainer.fit` stopped"):
+# the config summary line says the same (olmo_mini.training.console).
+_LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def prepare(cfg: DictConfig) -> TrainConfig:
+    """Validate ``cfg`` (exit with one ``error:`` line), save it resolved, set threads and
+    warning filters. Runs inside Hydra's job, before the heavy stack is imported."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        config = load_config(cfg)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if hydra_cfg.output_subdir is not None and _is_rank_zero():
+        save_resolved(cfg, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
+    set_cpu_threads(config.trainer.cpu_threads, config.trainer.devices)
+    quiet_third_party()
+    return config
+
+
+@contextmanager
+def no_run_dir_on_bad_input() -> Iterator[None]:
+    """Remove the run dir Hydra created for this job when the job exits with an ``error:``
+    line (bad input) before writing anything of its own; a dir that holds more is kept."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
+    try:
+        yield
+    except SystemExit as e:
+        bad_input = isinstance(e.code, str) and e.code.startswith("error:")
+        if bad_input and _is_rank_zero() and {p.name for p in run_dir.iterdir()} <= hydra_files:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def save_resolved(cfg: DictConfig, hydra_dir: Path) -> None:
+    """Overwrite Hydra's ``config.yaml`` with every interpolation resolved (``${hydra:...}``
+    and ``${now:...}`` only resolve inside the job), so tools can read the run's config later."""
+    OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=True)
+
+
+def set_cpu_threads(threads: int | None, processes: int) -> None:
+    """Set torch's intra-op threads through ``OMP_NUM_THREADS`` before torch loads (the child
+    processes Lightning starts inherit it). ``None``: an ``OMP_NUM_THREADS`` already set, else
+    the cores divided among this machine's training processes.
+
+    OpenMP's waiting threads also spin by default: under contention a spinning thread holds a
+    core the other threads of the same op need. ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is None:
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        threads = max(1, (os.cpu_count() or 1) // processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    log.debug("OMP_NUM_THREADS=%d", threads)
+
+
+def quiet_third_party() -> None:
+    """Silence warnings that every run would print and that say nothing about the run."""
+    # Lightning's own pytree helper calls an API that torch >= 2.10 deprecates.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in _LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _is_rank_zero() -> bool:
+    """Rank zero of a launched job (torchrun, SLURM, Lightning's own launcher) or a plain run."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
