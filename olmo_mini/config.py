@@ -103,8 +103,8 @@ class TrainerConfig:
     # Peak FLOP/s for perf/mfu; null = a known GPU's dense datasheet figure (Lightning's table
     # for others), or a measured matmul peak on CPU.
     peak_flops: float | None = None
-    # torch's intra-op threads per process on CPU; null: OMP_NUM_THREADS if set, else the cores
-    # divided by trainer.devices (docs/performance.md has the measurements behind it).
+    # torch's intra-op threads per process on CPU; null: OMP_NUM_THREADS if set, else this
+    # process's share of the idle cores (olmo_mini/startup.py; measurements: docs/performance.md).
     cpu_threads: int | None = None
     progress_bar: bool = True
     sample_prompt: str = "def "

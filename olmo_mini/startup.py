@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, TrainConfig, load_config
+from olmo_mini.data.corpus import expand_files
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,12 @@ def prepare(cfg: DictConfig) -> TrainConfig:
     hydra_cfg = HydraConfig.get()
     try:
         config = load_config(cfg)
+        if config.data.source == "files":
+            expand_files(config.data.files)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # from expand_files: a pattern or a suffix
+        sys.exit(f"error: data.files: {e}")
     if hydra_cfg.output_subdir is not None and _is_rank_zero():
         save_resolved(cfg, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
     set_cpu_threads(config.trainer.cpu_threads, config.trainer.devices)
@@ -68,19 +73,29 @@ def save_resolved(cfg: DictConfig, hydra_dir: Path) -> None:
 
 def set_cpu_threads(threads: int | None, processes: int) -> None:
     """Set torch's intra-op threads through ``OMP_NUM_THREADS`` before torch loads (the child
-    processes Lightning starts inherit it). ``None``: an ``OMP_NUM_THREADS`` already set, else
-    the cores divided among this machine's training processes.
+    processes Lightning starts inherit it).
 
-    OpenMP's waiting threads also spin by default: under contention a spinning thread holds a
-    core the other threads of the same op need. ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep.
+    ``None`` (auto): an ``OMP_NUM_THREADS`` already set, else this process's share of the cores
+    that other work leaves idle (cores minus the 1-minute load average, at least 1). Every op
+    waits for its slowest thread, so threads that compete with other processes for a core make
+    each op wait for a time slice: on 2 loaded cores 2 threads ran 9× slower than 1
+    (docs/performance.md). OpenMP's idle threads also spin by default, holding a core the
+    others need; ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
     if threads is None:
-        if "OMP_NUM_THREADS" in os.environ:
-            return
-        threads = max(1, (os.cpu_count() or 1) // processes)
+        idle = cores - os.getloadavg()[0]
+        threads = max(1, min(cores // processes, round(idle / processes)))
+        if threads < cores // processes and _is_rank_zero():
+            log.info(
+                f"CPU threads: {threads} per process, as the load average "
+                f"({os.getloadavg()[0]:.1f} on {cores} cores) leaves few idle "
+                "(trainer.cpu_threads=N sets it)"
+            )
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    log.debug("OMP_NUM_THREADS=%d", threads)
 
 
 def quiet_third_party() -> None:

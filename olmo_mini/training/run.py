@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
+from olmo_mini.data.config import DataError
 from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import StepCheckpoint, resolve_resume
 from olmo_mini.training.console import ConsoleProgress
@@ -50,7 +51,7 @@ def run(cfg: DictConfig) -> RunResult:
         if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
             config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
         result = train(config, run_dir)
-    except (ConfigError, TrainingDiverged) as e:
+    except (ConfigError, DataError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
     if result.val_loss is not None and _is_rank_zero():
         log.info(f"final val/loss {result.val_loss:.4f} after {result.global_step} steps")
