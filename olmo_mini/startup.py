@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 # Lightning's start-up chatter ("GPU available", the litlogger tip, AMP, "`Trainer.fit` stopped"):
 # the config summary line says the same (olmo_mini.training.console).
-_LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+_LIGHTNING_INFO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
 
 
 def prepare(cfg: DictConfig) -> TrainConfig:

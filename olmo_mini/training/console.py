@@ -65,8 +65,13 @@ class ConsoleProgress(L.Callback):
         if self.bar_enabled:
             self._exit.enter_context(logging_redirect_tqdm())
             self._bar = self._exit.enter_context(
-                tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step",
-                     dynamic_ncols=True, file=sys.stdout)
+                tqdm(
+                    total=trainer.max_steps,
+                    initial=trainer.global_step,
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stdout,
+                )
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -87,9 +92,11 @@ class ConsoleProgress(L.Callback):
             return
         per_step = (time.perf_counter() - self._first_step_end) / _ESTIMATE_STEPS
         total = per_step * (self._max_steps - self._start_step)
-        line = (f"estimated training time on CPU: {_duration(total)} for "
-                f"{self._max_steps - self._start_step} steps ({per_step:.2f} s/step, steps "
-                f"{step - _ESTIMATE_STEPS + 1}-{step})")
+        line = (
+            f"estimated training time on CPU: {_duration(total)} for "
+            f"{self._max_steps - self._start_step} steps ({per_step:.2f} s/step, steps "
+            f"{step - _ESTIMATE_STEPS + 1}-{step})"
+        )
         if total > _LONG_RUN_S:
             line += "; a GPU, fewer trainer.max_steps or model=olmo2_tiny is faster"
         log.info(line)
@@ -120,7 +127,9 @@ class ConsoleProgress(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(pl_module)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, _: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, _: BaseException
+    ) -> None:
         self._close(pl_module)
 
     def _close(self, pl_module: L.LightningModule) -> None:
@@ -130,7 +139,9 @@ class ConsoleProgress(L.Callback):
         self._exit.close()
 
 
-def summary(config: TrainConfig, precision: str, trainer: L.Trainer, module: L.LightningModule) -> str:
+def summary(
+    config: TrainConfig, precision: str, trainer: L.Trainer, module: L.LightningModule
+) -> str:
     """One line: model size, tokens per step, steps, precision, devices and threads."""
     import torch
 

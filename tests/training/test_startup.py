@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -19,8 +18,14 @@ from tests.training.helpers import REPO, SMALL, check, run_train, train_command
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=os.environ.copy(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _tool(name: str) -> ModuleType:
@@ -58,8 +63,14 @@ def test_config_error_is_one_line_before_torch_and_leaves_no_run_dir(tmp_path):
 
 def test_bad_input_keeps_a_run_dir_that_holds_a_run(tmp_path):
     (tmp_path / "csv").mkdir()  # an earlier run's metrics: resuming here with a typo keeps them
-    result = subprocess.run(train_command(tmp_path, "optim.lr=-1"), cwd=REPO, capture_output=True,
-                            text=True, env=os.environ.copy(), timeout=120)
+    result = subprocess.run(
+        train_command(tmp_path, "optim.lr=-1"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert result.returncode == 1 and result.stderr.strip().startswith("error: optim.lr")
     assert (tmp_path / "csv").is_dir() and (tmp_path / ".hydra").is_dir()
 
@@ -68,8 +79,13 @@ def test_auto_threads_leave_cores_to_other_work(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    for load, processes, expected in [(0.2, 1, "8"), (3.0, 1, "5"), (0.0, 2, "4"), (20.0, 1, "1"),
-                                      (6.0, 2, "1")]:
+    for load, processes, expected in [
+        (0.2, 1, "8"),
+        (3.0, 1, "5"),
+        (0.0, 2, "4"),
+        (20.0, 1, "1"),
+        (6.0, 2, "1"),
+    ]:
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         startup.set_cpu_threads(None, processes)
         assert os.environ.pop("OMP_NUM_THREADS") == expected, (load, processes)
@@ -87,10 +103,23 @@ def test_a_study_sweep_job_can_be_exported_sampled_and_evaluated(tmp_path, capsy
     config must be resolved for the tools, which run outside Hydra."""
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "train.py", "-m", "+experiment=qk_lr_sweep_cpu", *SMALL,
-         "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.save_final=true",
-         "hydra.sweeper.params={optim.lr:1e-3,model.qk_norm:none}", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "+experiment=qk_lr_sweep_cpu",
+            *SMALL,
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "checkpoint.save_final=true",
+            "hydra.sweeper.params={optim.lr:1e-3,model.qk_norm:none}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     check(result)
     job = sweep / "0"
@@ -108,8 +137,15 @@ def test_a_study_sweep_job_can_be_exported_sampled_and_evaluated(tmp_path, capsy
 def test_console_tells_the_runs_story_in_plain_lines(tmp_path):
     """Piped stdout: no carriage-return frames, progress in optimizer steps, the same story in
     train.log, none of the known third-party warnings."""
-    result = run_train(tmp_path, *SMALL, "trainer.max_steps=4", "trainer.val_check_interval=4",
-                       "logger=wandb", "checkpoint.every_n_steps=2", "trainer.progress_bar=true")
+    result = run_train(
+        tmp_path,
+        *SMALL,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "logger=wandb",
+        "checkpoint.every_n_steps=2",
+        "trainer.progress_bar=true",
+    )
     check(result)
     out = result.stdout
     assert "\r" not in out and "step 4/4 | loss" in out and "final val/loss" in out
@@ -123,7 +159,11 @@ def test_console_tells_the_runs_story_in_plain_lines(tmp_path):
 def test_a_glob_that_matches_nothing_is_one_line_naming_it(tmp_path):
     result = subprocess.run(
         train_command(tmp_path / "run", "data=files", f"data.files=[{tmp_path}/corpus/*.txt]"),
-        cwd=REPO, capture_output=True, text=True, env=os.environ.copy(), timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: data.files: no file matches '{tmp_path}/corpus/*.txt'"
