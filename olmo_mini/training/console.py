@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 _ESTIMATE_STEPS = 2
 # About this many progress lines per run (on logging steps).
 _LINES_PER_RUN = 10
+# olmo2_tiny's size, rounded up: larger models get it suggested for long CPU runs.
+_TINY_PARAMS = 6_000_000
 # Longer than this on CPU: suggest a GPU or a smaller model.
 _LONG_RUN_S = 15 * 60
 
@@ -49,10 +52,12 @@ class ConsoleProgress(L.Callback):
         self._max_steps = 0
         self._first_step_end = 0.0
         self._line_every = 1
+        self._params = 0
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log.info(summary(self.config, self.precision, trainer, pl_module))
+        self._params = sum(p.numel() for p in pl_module.parameters())
+        log.info(summary(self.config, self.precision, trainer, self._params))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = self._start_step = trainer.global_step
@@ -98,7 +103,8 @@ class ConsoleProgress(L.Callback):
             f"{step - _ESTIMATE_STEPS + 1}-{step})"
         )
         if total > _LONG_RUN_S:
-            line += "; a GPU, fewer trainer.max_steps or model=olmo2_tiny is faster"
+            smaller = " or model=olmo2_tiny" if self._params > _TINY_PARAMS else ""
+            line += f"; a GPU, fewer trainer.max_steps{smaller} would be faster"
         log.info(line)
 
     def _on_flush(self, metrics: dict[str, float]) -> None:
@@ -139,17 +145,13 @@ class ConsoleProgress(L.Callback):
         self._exit.close()
 
 
-def summary(
-    config: TrainConfig, precision: str, trainer: L.Trainer, module: L.LightningModule
-) -> str:
+def summary(config: TrainConfig, precision: str, trainer: L.Trainer, params: int) -> str:
     """One line: model size, tokens per step, steps, precision, devices and threads."""
-    import torch
-
-    params = sum(p.numel() for p in module.parameters())
     embedding = config.model.vocab_size * config.model.d_model
     data = config.data
     device = trainer.strategy.root_device.type
-    threads = f", {torch.get_num_threads()} threads each" if device == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''} each" if device == "cpu" else ""
     return (
         f"model: {params / 1e6:.1f}M parameters ({(params - embedding) / 1e6:.1f}M non-embedding) | "
         f"{data.global_batch_size} × {data.seq_len} = {data.global_batch_size * data.seq_len:,} "

@@ -112,7 +112,7 @@ def test_a_study_sweep_job_can_be_exported_sampled_and_evaluated(tmp_path, capsy
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "checkpoint.save_final=true",
-            "hydra.sweeper.params={optim.lr:1e-3,model.qk_norm:none}",
+            "hydra.sweeper.params={optim.lr:1e-3,model.qk_norm:full}",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=REPO,
@@ -124,7 +124,7 @@ def test_a_study_sweep_job_can_be_exported_sampled_and_evaluated(tmp_path, capsy
     check(result)
     job = sweep / "0"
     saved = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-    assert "model.qk_norm=none" in saved["logger"]["name"] and "${" not in json.dumps(saved)
+    assert "model.qk_norm=full" in saved["logger"]["name"] and "${" not in json.dumps(saved)
     assert "step 2/2 | loss" in result.stdout  # the study shows progress (no bar there)
     assert _tool("convert_hf").main(["to-hf", str(job), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
@@ -149,7 +149,7 @@ def test_console_tells_the_runs_story_in_plain_lines(tmp_path):
     check(result)
     out = result.stdout
     assert "\r" not in out and "step 4/4 | loss" in out and "final val/loss" in out
-    assert out.splitlines()[0].startswith("model: 0.6M parameters")
+    assert "\nmodel: 0.6M parameters (0.3M non-embedding) | 8 × 64 = 512 tokens/step" in "\n" + out
     noise = ("wandb:", "anonymous", "litlogger", "LeafSpec", "weights_only", "GPU available")
     assert not [n for n in noise if n in out + result.stderr], out + result.stderr
     log = (tmp_path / "train.log").read_text()
