@@ -81,22 +81,19 @@ def set_cpu_threads(threads: int | None, processes: int) -> None:
     ``None`` (auto): an ``OMP_NUM_THREADS`` already set, else this process's share of the cores
     that other work leaves idle (cores minus the 1-minute load average, at least 1). Every op
     waits for its slowest thread, so threads that compete with other processes for a core make
-    each op wait for a time slice: on 2 loaded cores 2 threads ran 9× slower than 1
-    (docs/performance.md). OpenMP's idle threads also spin by default, holding a core the
-    others need; ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep.
+    each op wait for a time slice: on 2 loaded cores 2 threads ran 9× slower than 1, while on an
+    idle machine 2 threads are 1.6× faster (docs/performance.md).
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads is None and "OMP_NUM_THREADS" in os.environ:
         return
     cores = os.cpu_count() or 1
     if threads is None:
-        idle = cores - os.getloadavg()[0]
-        threads = max(1, min(cores // processes, round(idle / processes)))
+        load = os.getloadavg()[0]
+        threads = max(1, min(cores // processes, round((cores - load) / processes)))
         if threads < cores // processes and _is_rank_zero():
             log.info(
-                f"CPU threads: {threads} per process, as the load average "
-                f"({os.getloadavg()[0]:.1f} on {cores} cores) leaves few idle "
-                "(trainer.cpu_threads=N sets it)"
+                f"CPU threads: {threads} per process, as the load average ({load:.1f} on "
+                f"{cores} cores) leaves few idle (trainer.cpu_threads=N sets it)"
             )
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
