@@ -125,7 +125,10 @@ def test_a_study_sweep_job_can_be_exported_sampled_and_evaluated(tmp_path, capsy
     assert "model.qk_norm=full" in saved["logger"]["name"] and "${" not in json.dumps(saved)
     assert "step 2/2 | loss" in result.stdout  # the study shows progress (no bar there)
     assert _tool("convert_hf").main(["to-hf", str(job), str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask, modes
     assert _tool("generate").main([str(job), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
     assert _tool("evaluate").main([str(job)]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["batches"] == 1
