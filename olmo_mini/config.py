@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from olmo_mini.data.config import DataConfig
 from olmo_mini.model.config import OLMo2Config
-from olmo_mini.stability.monitor import StabilityConfig
+from olmo_mini.stability.config import StabilityConfig
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -105,6 +105,9 @@ class TrainerConfig:
     # Peak FLOP/s for perf/mfu; null = a known GPU's dense datasheet figure (Lightning's table
     # for others), or a measured matmul peak on CPU.
     peak_flops: float | None = None
+    # torch's intra-op threads per process on CPU; null: OMP_NUM_THREADS if set, else this
+    # process's share of the idle cores (olmo_mini/startup.py; measurements: docs/performance.md).
+    cpu_threads: int | None = None
     progress_bar: bool = True
     sample_prompt: str = "def "
     sample_new_tokens: int = 48
@@ -126,6 +129,8 @@ class TrainerConfig:
                 f"trainer.stop_at_step ({self.stop_at_step}) must be in [1, trainer.max_steps "
                 f"({self.max_steps})]"
             )
+        if self.cpu_threads is not None:
+            _positive("trainer", self, "cpu_threads")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"trainer.peak_flops must be positive, got {self.peak_flops!r}")
 

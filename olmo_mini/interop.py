@@ -37,7 +37,7 @@ from olmo_mini.data.shards import encode_documents
 from olmo_mini.data.tokenizer import tokenizer_hash
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
-from olmo_mini.model.hf import config_from_hf
+from olmo_mini.model.hf import config_from_hf, save_safetensors
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints, saved_config
 from olmo_mini.training.tokenizer_record import TOKENIZER_FILE
 
@@ -338,8 +338,6 @@ def import_hf(folder: str | Path, out: str | Path) -> OLMo2Config:
     ``data.tokenizer`` can point at the folder. Optimizer state does not exist in HF folders: a
     run initialized from this starts AdamW's moments at zero.
     """
-    from safetensors.torch import save_file
-
     kind, where = locate(folder)
     if kind != "hf":
         raise ValueError(f"{where}: not a Hugging Face folder (no config.json)")
@@ -347,7 +345,7 @@ def import_hf(folder: str | Path, out: str | Path) -> OLMo2Config:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(state, out / WEIGHTS_FILE)
     (out / MODEL_YAML).write_text(OmegaConf.to_yaml(model.config.to_dict()))
     for name in TOKENIZER_FILES:
         if (where / name).is_file():

@@ -1,9 +1,14 @@
 """Corpora, tokenizer, token shards, streaming and the resumable ``OLMoDataModule``."""
 
-from olmo_mini.data.config import DataConfig, padded_vocab_size
-from olmo_mini.data.datamodule import OLMoDataModule, prepared_corpus
-from olmo_mini.data.shards import read_manifest, write_shards
-from olmo_mini.data.tokenizer import eos_id, load_tokenizer, train_bpe
+from typing import TYPE_CHECKING
+
+from olmo_mini._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from olmo_mini.data.config import DataConfig, padded_vocab_size
+    from olmo_mini.data.datamodule import OLMoDataModule, prepared_corpus
+    from olmo_mini.data.shards import read_manifest, write_shards
+    from olmo_mini.data.tokenizer import eos_id, load_tokenizer, train_bpe
 
 __all__ = [
     "DataConfig",
@@ -16,3 +21,17 @@ __all__ = [
     "train_bpe",
     "write_shards",
 ]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "DataConfig": ".config",
+        "padded_vocab_size": ".config",
+        "OLMoDataModule": ".datamodule",
+        "prepared_corpus": ".datamodule",
+        "read_manifest": ".shards",
+        "write_shards": ".shards",
+        "eos_id": ".tokenizer",
+        "load_tokenizer": ".tokenizer",
+        "train_bpe": ".tokenizer",
+    },
+)

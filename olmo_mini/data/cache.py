@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cache_root(configured: str | None) -> Path:
@@ -34,6 +38,8 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """
     if target.is_dir():
         return target
+    log.info(f"building {target.name} under {target.parent} (once; later runs reuse it)")
+    started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -44,6 +50,7 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         except OSError:
             if not target.is_dir():
                 raise
+        log.info(f"built {target.name} in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 SOURCES = ("stdlib", "files", "shards", "hf_stream")
 
 
+class DataError(ValueError):
+    """The data cannot feed the run as configured; the message names the setting and the remedy."""
+
+
 @dataclass
 class DataConfig:
     """Where tokens come from and how they are cut into batches.

@@ -63,7 +63,7 @@ def expand_files(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
         if not matches:
-            raise FileNotFoundError(f"data file not found: {pattern}")
+            raise FileNotFoundError(f"no file matches {pattern!r}")
         for match in matches:
             path = Path(match)
             if path.suffix not in TEXT_SUFFIXES:

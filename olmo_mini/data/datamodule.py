@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from olmo_mini.data.cache import build_once, cache_root, content_key
-from olmo_mini.data.config import DataConfig
+from olmo_mini.data.config import DataConfig, DataError
 from olmo_mini.data.corpus import (
     expand_files,
     file_documents,
@@ -150,8 +150,9 @@ class OLMoDataModule(L.LightningDataModule):
         self._train = ShardInstances.open(root, "train", config.seq_len, manifest)
         val = ShardInstances.open(root, "val", config.seq_len, manifest)
         n_val = min(val.num_instances, config.val_batches * config.global_batch_size)
-        self._val_windows = val.read(np.arange(n_val))
         self._what = f"the training split of {root}"
+        _check_splits(config, self._what, self._train.num_instances, n_val, self.world_size)
+        self._val_windows = val.read(np.arange(n_val))
         self.fingerprint = self._fingerprint(manifest_hash(manifest))
 
     def _setup_stream(self, tokenizer_path: str) -> None:
@@ -241,3 +242,22 @@ class OLMoDataModule(L.LightningDataModule):
             )
         self.consumed_global_batches = int(state_dict["consumed_global_batches"])
         self._pending_state = None
+
+
+def _check_splits(config: DataConfig, what: str, n_train: int, n_val: int, world_size: int) -> None:
+    """Before training: at least one global batch to train on and held-out sequences to validate
+    on (a tiny corpus can hold out nothing at the default ``data.val_fraction``)."""
+    if n_train < config.global_batch_size:
+        raise DataError(
+            f"data: {what} has {n_train} sequences of data.seq_len + 1 = {config.seq_len + 1} "
+            f"tokens, fewer than one global batch (data.global_batch_size="
+            f"{config.global_batch_size}): add data or lower data.global_batch_size or data.seq_len"
+        )
+    if n_val < config.micro_batch_size * world_size:
+        raise DataError(
+            f"data.val_fraction ({config.val_fraction}) holds out {n_val} sequences of "
+            f"{config.seq_len + 1} tokens, fewer than one micro-batch per process "
+            f"(data.micro_batch_size × processes = {config.micro_batch_size} × {world_size}), so "
+            "there is nothing to validate on: raise "
+            "data.val_fraction (a few documents need 0.2 or more) or add documents"
+        )

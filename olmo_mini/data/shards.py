@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ from olmo_mini.data.cache import write_text_atomic
 from olmo_mini.data.corpus import is_val
 from olmo_mini.data.tokenizer import tokenizer_hash
 from olmo_mini.integrity import ALGORITHM, file_digest
+
+log = logging.getLogger(__name__)
 
 FORMAT = "olmo-mini-shards/1"
 SPLITS = ("train", "val")
@@ -173,7 +177,9 @@ def write_shards(
     dtype = token_dtype(vocab_size)
     writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
     encoded = _encoded(_tasks(documents, val_fraction), tokenizer, eos, procs or os.cpu_count() or 1)
+    progress = _Progress()
     for splits, tokens, lengths in encoded:
+        progress.update(len(lengths), len(tokens))
         ends = np.cumsum(lengths)
         for split in SPLITS:
             keep = np.fromiter((s == split for s in splits), dtype=bool, count=len(splits))
@@ -201,6 +207,22 @@ def write_shards(
     tokenizer.save(str(out_dir / "tokenizer.json"))
     write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+class _Progress:
+    """A log line every ``every_s`` seconds while a corpus is tokenized."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s, self.docs, self.tokens = every_s, 0, 0
+        self.started = self.last = time.perf_counter()
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs, self.tokens = self.docs + docs, self.tokens + tokens
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info(f"tokenized {self.docs:,} documents, {self.tokens / 1e6:.1f}M tokens "
+                     f"({self.tokens / (now - self.started) / 1e3:.0f}k tokens/s)")
 
 
 # ---------------------------------------------------------------- reading

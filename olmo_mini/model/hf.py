@@ -181,6 +181,17 @@ def load_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """``safetensors``' ``save_file``, with the permissions of any other file written here:
+    safetensors creates its files 0600, unreadable to the rest of a group sharing a folder."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
+
+
 def save_hf_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write tensors as safetensors, sharded with an index above 4 GiB, like transformers."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -192,25 +203,16 @@ def save_hf_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
             size = 0
         shards[-1][name] = tensor.contiguous()
         size += nbytes
-    meta = {"format": "pt"}
     if len(shards) == 1:
-        _save_readable(shards[0], path / "model.safetensors", meta)
+        save_safetensors(shards[0], path / "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_readable(shard, path / filename, meta)
+        save_safetensors(shard, path / filename)
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _save_readable(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
-    """``save_file``, with the mode of the folder's other files: safetensors creates 0600."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(file), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    file.chmod(0o666 & ~umask)

@@ -45,6 +45,10 @@ class LossValue:
     how: str
 
 
+# Longer run names (wandb names made of a sweep's overrides) give way to the config differences.
+MAX_NAME = 40
+
+
 def differing_keys(runs: Sequence[Run]) -> list[str]:
     """Experiment config keys (dotted) whose values are not the same in every run."""
     configs = [experiment_keys(run.config) for run in runs]
@@ -68,12 +72,16 @@ def _format_value(value: Any) -> str:
 
 
 def run_labels(runs: Sequence[Run], names: Sequence[str] | None = None) -> list[str]:
-    """Given names, else each run's own name, else its config differences; made unique."""
+    """Given names, else each run's own name unless it is longer than ``MAX_NAME`` (a sweep's
+    override string would cover the plot), else its config differences; made unique."""
     keys = differing_keys(runs)
     if names is not None and len(names) != len(runs):
         raise ValueError(f"{len(names)} names for {len(runs)} runs")
     labels = [
-        (names[i] if names else "") or run.name or describe(run, keys) or Path(run.source).name
+        (names[i] if names else "")
+        or (run.name if run.name and len(run.name) <= MAX_NAME else "")
+        or describe(run, keys)
+        or Path(run.source).name
         for i, run in enumerate(runs)
     ]
     return [

@@ -6,6 +6,7 @@ best LR, with diverged runs counted at the loss at init rather than at infinity.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ from olmo_mini.stability.compare import (
     set_growth_scale,
 )
 from olmo_mini.stability.runs import Run
+
+log = logging.getLogger(__name__)
+
+# Fewer LRs per arm than this cannot bracket the best one on both sides.
+MIN_GRID_POINTS = 5
 
 
 def lr_sensitivity(final_losses_by_lr: Mapping[float, float], init_loss: float) -> float:
@@ -137,6 +143,9 @@ def report(arms: Sequence[Arm], figures: Sequence[Path]) -> str:
         best_loss = arm.finals[best].value if math.isfinite(best) else math.nan
         lines.append(f"| {arm.label} | {len(arm.runs)} | {arm.init_loss:.4f} | {best:g} | "
                      f"{best_loss:.4f} | **{arm.sensitivity:.4f}** |")
+    warnings = grid_warnings(arms)
+    if warnings:
+        lines += ["", *[f"- **Warning**: {w}" for w in warnings]]
     for arm in arms:
         lines += ["", f"## {arm.label}", "",
                   "| lr | final loss | from | capped | steps | max attn logit (layer, step) | run |",
@@ -153,9 +162,31 @@ def report(arms: Sequence[Arm], figures: Sequence[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_warnings(arms: Sequence[Arm]) -> list[str]:
+    """Arms whose grid cannot locate the best LR: too few points, or the best at an end."""
+    warnings = []
+    for arm in arms:
+        lrs = list(arm.runs)
+        if len(lrs) < MIN_GRID_POINTS:
+            warnings.append(
+                f"arm {arm.label!r} has {len(lrs)} learning rates; with fewer than "
+                f"{MIN_GRID_POINTS} its best LR and LR sensitivity mean little (Wortsman et al. "
+                "use 7 per arm)"
+            )
+        elif arm.best_lr in (lrs[0], lrs[-1]):
+            warnings.append(
+                f"arm {arm.label!r}: the best LR ({arm.best_lr:g}) is at the end of its grid, so "
+                "the optimum may lie outside it; extend the grid past it"
+            )
+    return warnings
+
+
 def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Final loss vs LR per arm, the max-logit grid and ``lr_sensitivity.md`` in ``out_dir``."""
+    """Final loss vs LR per arm, the max-logit grid and ``lr_sensitivity.md`` in ``out_dir``;
+    grids too small to rank arms are a warning on stderr and in the report."""
     arms = analyze(runs)
+    for warning in grid_warnings(arms):
+        log.warning(f"warning: {warning}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_final_loss_vs_lr({a.label: list(a.runs.values()) for a in arms},

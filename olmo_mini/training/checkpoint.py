@@ -115,7 +115,7 @@ class StepCheckpoint(L.Callback):
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             trainer.strategy.barrier()
-            trainer.save_checkpoint(tmp if sharded else tmp / STATE_FILE)
+            trainer.save_checkpoint(tmp if sharded else tmp / STATE_FILE, weights_only=False)
             trainer.strategy.barrier()
             if trainer.is_global_zero:
                 (tmp / CONFIG_FILE).write_text(self.config_yaml)

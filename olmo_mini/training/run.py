@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -10,14 +11,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
+from olmo_mini.data.config import DataError
 from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
+from olmo_mini.training.console import ConsoleProgress
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
 from olmo_mini.training.module import (
     FlushMetricsOnException,
@@ -29,6 +31,8 @@ from olmo_mini.training.perf import default_precision, flops_per_token, peak_flo
 from olmo_mini.training.qk_clip import QKClip
 from olmo_mini.training.run_dir import claim, release, resume_command
 from olmo_mini.training.tokenizer_record import RecordTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +54,7 @@ def run(cfg: DictConfig) -> RunResult:
         if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
             config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
         result = train(config, run_dir)
-    except (ConfigError, TrainingDiverged, CheckpointError) as e:
+    except (ConfigError, DataError, TrainingDiverged, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:
         if _is_rank_zero():
@@ -58,8 +62,8 @@ def run(cfg: DictConfig) -> RunResult:
             print(f"stopped: {e}{requeued}; resume with: {resume_command(run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
     if result.val_loss is not None and _is_rank_zero():
-        print(f"\nfinal val/loss {result.val_loss:.4f} after {result.global_step} steps")
-        print(f"sample: {result.sample!r}\nrun dir: {run_dir}")
+        log.info(f"final val/loss {result.val_loss:.4f} after {result.global_step} steps")
+        log.info(f"sample: {result.sample!r}\nrun dir: {run_dir}")
     return result
 
 
@@ -106,8 +110,7 @@ def train(
     ]
     if config.stability.enabled:
         callbacks.append(StabilityMonitor(config.stability))
-    if trainer_cfg.progress_bar:
-        callbacks.append(StepProgressBar(refresh_rate=accum))
+    callbacks.append(ConsoleProgress(config, precision, bar=trainer_cfg.progress_bar))
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=trainer_cfg.devices,
@@ -125,7 +128,7 @@ def train(
         logger=_loggers(config, run_dir),
         callbacks=callbacks,
         enable_checkpointing=False,
-        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_progress_bar=False,  # ConsoleProgress counts optimizer steps instead
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=run_dir,
@@ -147,19 +150,6 @@ def train(
     )
 
 
-class StepProgressBar(TQDMProgressBar):
-    """Lightning's bar, whose ticks are micro-batches, sized to the run and showing the step."""
-
-    @property
-    def total_train_batches(self) -> int:
-        return self.trainer.max_steps * self.trainer.accumulate_grad_batches
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return {"step": trainer.global_step, **metrics}
-
-
 def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
     """CSV always, wandb when asked; both get the full config.
 
@@ -177,8 +167,10 @@ def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
                 tags=list(cfg.tags),
                 save_dir=str(run_dir),
                 mode=_wandb_mode(cfg),
+                settings={"silent": True},  # no banner or summary: those are in wandb/
             )
         )
+        loggers[-1]._wandb_init.pop("anonymous")  # a no-op in wandb that warns on every run
     for logger in loggers:
         logger.log_hyperparams(asdict(config))
     return loggers

@@ -36,7 +36,7 @@ from tests.training.helpers import REPO, SMALL, compose_config, series
 TEXT = "def add(a, b):\n    return a + b\n"
 
 
-@pytest.mark.parametrize("run", ["single_run", "fsdp_run"])
+@pytest.mark.parametrize("run", ["single_run", pytest.param("fsdp_run", marks=pytest.mark.slow)])
 def test_checkpoint_to_hf_gives_same_logits_tokens_and_greedy_text(run, request, tmp_path):
     run_dir = request.getfixturevalue(run)
     ours = load(run_dir)
@@ -55,6 +55,7 @@ def test_checkpoint_to_hf_gives_same_logits_tokens_and_greedy_text(run, request,
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == ours.eos_id
 
 
+@pytest.mark.slow
 def test_to_hf_cli_writes_bf16_and_names_bad_sources(fsdp_run, tmp_path, capsys):
     step = fsdp_run / "checkpoints" / "step_2"
     result = subprocess.run(
@@ -147,6 +148,7 @@ def test_init_from_with_another_architecture_names_the_option(hf_folder):
         compose_config(*SMALL, "model.init_from=/no/such")
 
 
+@pytest.mark.slow
 def test_generate_cli_is_seeded_and_cache_equals_no_cache(fsdp_run, capsys):
     tool = _tool("generate")
 
@@ -175,7 +177,7 @@ def test_generate_cli_is_seeded_and_cache_equals_no_cache(fsdp_run, capsys):
     assert sample("--seed", "4") != first
 
 
-@pytest.mark.parametrize("run", ["single_run", "fsdp_run"])
+@pytest.mark.parametrize("run", ["single_run", pytest.param("fsdp_run", marks=pytest.mark.slow)])
 def test_evaluate_equals_the_trainers_val_loss(run, request, capsys):
     run_dir = request.getfixturevalue(run)
     assert _tool("evaluate").main([str(run_dir)]) == 0

@@ -117,3 +117,11 @@ def test_final_loss_ignores_a_healthy_val_before_divergence() -> None:
     assert final_loss(healthy).value == 2.5
     train_only = Run("", {}, [{"step": s, "train/loss": float(s)} for s in range(8)], "x")
     assert final_loss(train_only).value == pytest.approx((3 + 4 + 5 + 6 + 7) / 5)
+
+
+def test_long_run_names_give_way_to_config_differences() -> None:
+    overrides = "data.global_batch_size=16,model.d_model=128,model.qk_norm={},optim.lr=0.01"
+    runs = [Run(overrides.format(qk), {"model.qk_norm": qk}, [], qk) for qk in ("full", "none")]
+    assert run_labels(runs) == ["qk_norm=full", "qk_norm=none"]
+    short = [Run(f"tiny-{qk}", {"model.qk_norm": qk}, [], qk) for qk in ("full", "none")]
+    assert run_labels(short) == ["tiny-full", "tiny-none"]

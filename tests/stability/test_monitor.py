@@ -88,6 +88,7 @@ def test_logged_stability_values_equal_direct_measurement(tmp_path) -> None:
     assert "attn/layer1/max_logit" in _logged(tmp_path, 2)
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_runs_both_arms() -> None:
     from olmo_mini.stability.bench import measure_overhead
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from olmo_mini.stability.runs import Run
-from olmo_mini.stability.sensitivity import analyze, lr_sensitivity
+from olmo_mini.stability.sensitivity import analyze, lr_sensitivity, write_report
 from tests.stability.test_runs import write_csv_run
 
 TOOL = Path(__file__).parents[2] / "tools" / "lr_sensitivity.py"
@@ -86,3 +86,17 @@ def test_lr_sensitivity_tool_writes_figures_and_the_report(tmp_path, capsys) -> 
     assert "| 0.01 | nan | train/loss mean @ 0–20 | 6.0000 | 20 | 4 (1, 20) |" in report
     for name in names[:2]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_grid_too_small_to_rank_arms_is_a_warning(tmp_path, caplog) -> None:
+    def run(lr: float, qk: str, final: float) -> Run:
+        return Run("", {"optim.lr": lr, "model.qk_norm": qk}, history([8.0, final], final), qk)
+
+    five = [run(lr, "full", loss) for lr, loss in zip(GRID[:5], (4, 3, 2, 3, 4), strict=True)]
+    edge = [run(lr, "head", loss) for lr, loss in zip(GRID[:5], (6, 5, 4, 3, 2), strict=True)]
+    two = [run(1e-3, "none", 3.0), run(1e-2, "none", 2.0)]
+    write_report(five + edge + two, tmp_path)
+    report = (tmp_path / "lr_sensitivity.md").read_text()
+    assert "'qk_norm=none' has 2 learning rates" in report and "qk_norm=full" not in caplog.text
+    assert f"the best LR ({GRID[4]:g}) is at the end of its grid" in report
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]

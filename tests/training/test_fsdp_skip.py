@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -53,6 +54,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_found_inf_skips_the_update_of_sharded_parameters() -> None:
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)

@@ -180,6 +180,7 @@ def _final_weights(checkpoint) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.endswith(("q_proj.weight", "k_proj.weight"))}
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_clip_like_one(tmp_path):
     """Sharded q/k rows are scaled by the factors of their own heads, from maxima reduced over
     ranks: the final q/k weights, losses and max logits equal one process's."""

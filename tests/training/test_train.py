@@ -51,6 +51,7 @@ def test_default_config_trains_with_falling_loss(tmp_path):
     assert (tmp_path / "checkpoints" / "step_16" / COMPLETE).is_file()
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
     """Same global batch on 1 and 2 processes gives the same losses; the 2-process sharded
     checkpoint resumes on 1 process and continues the same curve."""
@@ -100,12 +101,14 @@ def _assert_same_from_11(run_dir, uninterrupted):
     assert [resumed_val[s] for s in (15, 20)] == [val[s] for s in (15, 20)]
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_exact(tmp_path, uninterrupted):
     check(run_train(tmp_path, *RESUME, "trainer.stop_at_step=10"))
     check(run_train(tmp_path, *RESUME, "trainer.stop_at_step=20", "resume=auto"))
     _assert_same_from_11(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path, uninterrupted):
     process = subprocess.Popen(
         train_command(tmp_path, *RESUME), cwd=REPO,
@@ -229,6 +232,7 @@ def test_spike_scores_see_every_step_when_logging_every_few(tmp_path):
     assert sorted(series(tmp_path, "train/grad_norm")) == list(range(1, 8))
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_eager(tmp_path):
     """``model.compile=true`` compiles the whole model with its chunked loss on one device;
     the losses follow the eager run's."""

@@ -1,0 +1,112 @@
+"""What ``train.py`` does before torch and Lightning load: validate the config (a bad one costs
+one ``error:`` line and leaves no run dir), save it resolved, pick CPU threads and quiet
+third-party noise. Nothing here imports torch, so a config error is reported in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from olmo_mini.config import ConfigError, TrainConfig, load_config
+from olmo_mini.data.corpus import expand_files
+
+log = logging.getLogger(__name__)
+
+# Lightning's start-up chatter ("GPU available", the litlogger tip, AMP, "`Trainer.fit` stopped"):
+# the config summary line says the same (olmo_mini.training.console).
+_LIGHTNING_INFO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
+
+def prepare(cfg: DictConfig) -> TrainConfig:
+    """Validate ``cfg`` (exit with one ``error:`` line), save it resolved, set threads and
+    warning filters. Runs inside Hydra's job, before the heavy stack is imported."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        config = load_config(cfg)
+        if config.data.source == "files":
+            expand_files(config.data.files)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # from expand_files: a pattern or a suffix
+        sys.exit(f"error: data.files: {e}")
+    if hydra_cfg.output_subdir is not None and _is_rank_zero():
+        save_resolved(cfg, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
+    set_cpu_threads(config.trainer.cpu_threads, config.trainer.devices)
+    quiet_third_party()
+    return config
+
+
+@contextmanager
+def no_run_dir_on_bad_input() -> Iterator[None]:
+    """Remove the run dir Hydra created for this job when the job exits with an ``error:``
+    line (bad input) before writing anything of its own; a dir that holds more is kept."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
+    try:
+        yield
+    except SystemExit as e:
+        bad_input = isinstance(e.code, str) and e.code.startswith("error:")
+        if bad_input and _is_rank_zero() and {p.name for p in run_dir.iterdir()} <= hydra_files:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def save_resolved(cfg: DictConfig, hydra_dir: Path) -> None:
+    """Overwrite Hydra's ``config.yaml`` with every interpolation resolved (``${hydra:...}``
+    and ``${now:...}`` only resolve inside the job), so tools can read the run's config later."""
+    OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=True)
+
+
+def set_cpu_threads(threads: int | None, processes: int) -> None:
+    """Set torch's intra-op threads through ``OMP_NUM_THREADS`` before torch loads (the child
+    processes Lightning starts inherit it).
+
+    ``None`` (auto): an ``OMP_NUM_THREADS`` already set, else this process's share of the cores
+    that other work leaves idle (cores minus the 1-minute load average, at least 1). Every op
+    waits for its slowest thread, so threads that compete with other processes for a core make
+    each op wait for a time slice: on 2 loaded cores 2 threads ran 9× slower than 1, while on an
+    idle machine 2 threads are 1.6× faster (docs/performance.md).
+    """
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    if threads is None:
+        load = os.getloadavg()[0]
+        threads = max(1, min(cores // processes, round((cores - load) / processes)))
+        if threads < cores // processes and _is_rank_zero():
+            log.info(
+                f"CPU threads: {threads} per process, as the load average ({load:.1f} on "
+                f"{cores} cores) leaves few idle (trainer.cpu_threads=N sets it)"
+            )
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def quiet_third_party() -> None:
+    """Silence warnings that every run would print and that say nothing about the run."""
+    # Lightning's own pytree helper calls an API that torch >= 2.10 deprecates.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in _LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _is_rank_zero() -> bool:
+    """Rank zero of a launched job (torchrun, SLURM, Lightning's own launcher) or a plain run."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
