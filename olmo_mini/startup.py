@@ -43,7 +43,7 @@ def prepare(cfg: DictConfig) -> TrainConfig:
         sys.exit(f"error: {e}")
     except (FileNotFoundError, ValueError) as e:  # from expand_files: a pattern or a suffix
         sys.exit(f"error: data.files: {e}")
-    if hydra_cfg.output_subdir is not None and _is_rank_zero():
+    if hydra_cfg.output_subdir is not None and is_rank_zero():
         save_resolved(cfg, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
     set_cpu_threads(config.trainer.cpu_threads, config.trainer.devices)
     quiet_third_party()
@@ -58,12 +58,15 @@ def no_run_dir_on_bad_input() -> Iterator[None]:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
+    from olmo_mini.run_dir import LOCK_FILE
+
+    # What Hydra and the run-dir check (olmo_mini.run_dir) write before the config is validated.
+    launch_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log", LOCK_FILE}
     try:
         yield
     except SystemExit as e:
         bad_input = isinstance(e.code, str) and e.code.startswith("error:")
-        if bad_input and _is_rank_zero() and {p.name for p in run_dir.iterdir()} <= hydra_files:
+        if bad_input and is_rank_zero() and {p.name for p in run_dir.iterdir()} <= launch_files:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -90,7 +93,7 @@ def set_cpu_threads(threads: int | None, processes: int) -> None:
     if threads is None:
         load = os.getloadavg()[0]
         threads = max(1, min(cores // processes, round((cores - load) / processes)))
-        if threads < cores // processes and _is_rank_zero():
+        if threads < cores // processes and is_rank_zero():
             log.info(
                 f"CPU threads: {threads} per process, as the load average ({load:.1f} on "
                 f"{cores} cores) leaves few idle (trainer.cpu_threads=N sets it)"
@@ -107,6 +110,6 @@ def quiet_third_party() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     """Rank zero of a launched job (torchrun, SLURM, Lightning's own launcher) or a plain run."""
     return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))

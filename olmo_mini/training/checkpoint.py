@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -37,13 +36,13 @@ from omegaconf import OmegaConf
 
 from olmo_mini.config import ConfigError, ModelConfig
 from olmo_mini.integrity import ALGORITHM, file_digest
+from olmo_mini.run_dir import STEP_DIR, step_dirs
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "state.ckpt"
 CONFIG_FILE = "config.yaml"
-_STEP_DIR = re.compile(r"step_(\d+)")
 # Model fields that may differ between a checkpoint and the run resuming it: how the same
 # weights are computed, or how they were first made, not what they compute.
 RESUMABLE_MODEL_FIELDS = ("compile", "norm_backend", "init_from", "init_std")
@@ -223,7 +222,7 @@ def complete_checkpoints(directory: Path, run_id: str | None = None) -> list[Pat
         return []
     found = []
     for path in directory.iterdir():
-        if not (m := _STEP_DIR.fullmatch(path.name)) or not (path / COMPLETE).is_file():
+        if not (m := STEP_DIR.fullmatch(path.name)) or not (path / COMPLETE).is_file():
             continue
         if run_id is not None:
             try:
@@ -232,16 +231,6 @@ def complete_checkpoints(directory: Path, run_id: str | None = None) -> list[Pat
             except ValueError:
                 pass  # this run's damaged checkpoint: listed, and verify says what is wrong
         found.append((int(m.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def step_dirs(directory: Path) -> list[Path]:
-    """Every ``step_<N>`` directory, complete or not, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.fullmatch(p.name))
-    ]
     return [path for _, path in sorted(found)]
 
 

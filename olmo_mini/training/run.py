@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
 from olmo_mini.data.config import DataError
+from olmo_mini.run_dir import claim, release, resume_command
 from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
 from olmo_mini.training.console import ConsoleProgress
@@ -29,7 +30,6 @@ from olmo_mini.training.module import (
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
 from olmo_mini.training.qk_clip import QKClip
-from olmo_mini.training.run_dir import claim, release, resume_command
 from olmo_mini.training.tokenizer_record import RecordTokenizer
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import pytest
 
 from olmo_mini.config import ConfigError
 from olmo_mini.interop import run_config
+from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release
 from olmo_mini.training import TrainingDiverged, train
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, CheckpointError, resolve_resume
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
-from olmo_mini.training.run_dir import LOCK_FILE, lock, read_run_id, release
 from tests.training.helpers import (
     REPO,
     SMALL,

@@ -6,6 +6,8 @@ checkpoints carry that id in their marker, so resuming and pruning only ever tou
 ``<run_dir>/run.lock`` holds the live job's host, pid and SLURM job id; a second launch stops
 before it writes anything, unless the holder is gone (a dead pid on this host, or the same SLURM
 job requeued), whose lock it takes over. Only global rank zero claims; the other ranks read the id.
+Nothing here imports torch or Lightning: train.py's Hydra callback runs it before the config is
+validated, and a bad launch must fail in about a second.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -23,16 +26,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from olmo_mini.config import ConfigError
-from olmo_mini.training.checkpoint import step_dirs
+from olmo_mini.startup import is_rank_zero
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def step_dirs(directory: Path) -> list[Path]:
+    """Every ``step_<N>`` directory, complete or not, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.fullmatch(p.name))]
+    return [path for _, path in sorted(found)]
 
 
 def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
@@ -40,29 +51,34 @@ def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
     zero wrote one); a launch that may not use the dir raises ``ConfigError``, having written
     nothing there."""
     run_dir = Path(run_dir).resolve()
-    if rank_zero_only.rank != 0:
+    if not is_rank_zero():
         return read_run_id(run_dir)
-    lock(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    existing = step_dirs(checkpoints)
+    check(run_dir, resume, overwrite)
     if continues(run_dir, resume):
         run_id = read_run_id(run_dir)
         if run_id is not None:
             return run_id
-    elif existing and not overwrite:
+    elif step_dirs(run_dir / "checkpoints"):  # check() let it through: overwrite=true
+        log.warning("checkpoint.overwrite=true: deleting %s", run_dir / "checkpoints")
+        shutil.rmtree(run_dir / "checkpoints")
+    run_id = uuid.uuid4().hex[:12]
+    record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
+    _write_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
+    return run_id
+
+
+def check(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Lock ``run_dir`` and refuse (``ConfigError``) a fresh launch over another run's
+    checkpoints; writes nothing but the lock."""
+    lock(run_dir)
+    existing = step_dirs(run_dir / "checkpoints")
+    if existing and not overwrite and not continues(run_dir, resume):
         names = ", ".join(p.name for p in existing[-3:])
         raise ConfigError(
             f"hydra.run.dir={run_dir} holds another run's checkpoints ({names}); continue that run "
             "with resume=auto, or start this one in another hydra.run.dir "
             "(checkpoint.overwrite=true deletes them)"
         )
-    elif existing:
-        rank_zero_only(log.warning)("checkpoint.overwrite=true: deleting %s", checkpoints)
-        shutil.rmtree(checkpoints)
-    run_id = uuid.uuid4().hex[:12]
-    record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
-    _write_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
-    return run_id
 
 
 def continues(run_dir: Path, resume: str | None) -> bool:
@@ -98,7 +114,7 @@ def lock(run_dir: Path) -> None:
             ):
                 return  # this process already holds it
             if attempt == 0 and _stale(holder):
-                rank_zero_only(log.warning)("taking over the stale lock %s (%s)", path, holder)
+                log.warning("taking over the stale lock %s (%s)", path, holder)
                 path.unlink(missing_ok=True)
                 continue
             raise ConfigError(
@@ -181,13 +197,16 @@ def resume_command(run_dir: Path) -> str:
 
 
 class ClaimBeforeHydraWrites(Callback):
-    """Hydra callback: claim the run dir before Hydra writes ``.hydra/config.yaml`` into it, so a
-    launch that may not use the dir (another run's checkpoints, a live job) changes nothing
-    there. A single run only; each job of a sweep claims its dir in ``train``."""
+    """Hydra callback: lock and check the run dir before Hydra writes ``.hydra/config.yaml`` into
+    it, so a launch that may not use the dir (another run's checkpoints, a live job) changes
+    nothing there. A single run only; each job of a sweep is checked in ``train``, which also
+    records the run (``run.json``) once the config has been validated."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
-        run_dir = Path(config.hydra.run.dir)
+        run_dir = Path(config.hydra.run.dir).resolve()
+        if not is_rank_zero():
+            return
         try:
-            claim(run_dir, config.get("resume"), bool(config.checkpoint.get("overwrite", False)))
+            check(run_dir, config.get("resume"), bool(config.checkpoint.get("overwrite", False)))
         except ConfigError as e:
             sys.exit(f"error: {e}")
