@@ -1,0 +1,88 @@
+"""Sharded-from-the-start build under ``trainer=fsdp``: each of two gloo ranks holds only its
+share of the model plus one parameter's init scratch, and the weights are the single-device
+init's, bit for bit."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from olmo_mini.model import OLMo2
+from olmo_mini.training.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from olmo_mini.training.parallel import build_model
+from tests.training.helpers import compose_config
+
+# 88 M parameters (352 MB fp32) in many mid-sized matrices: the largest (8.4 MB) is small
+# against half the model, so the bound below separates sharded from unsharded builds.
+LARGE = [
+    "model.vocab_size=2048",
+    "model.d_model=1024",
+    "model.n_layers=8",
+    "model.n_heads=8",
+    "model.n_kv_heads=8",
+    "model.mlp_hidden_size=2048",
+]
+# nn.init.trunc_normal_ (torch 2.13, rejection sampling) holds the tensor, a redraw, the
+# torch.where result and a mask at once, and a second round can overlap the first: up to five
+# copies of the parameter being drawn. The single-device init needs the same scratch.
+INIT_SCRATCH = 5
+# Python objects, FSDP2 bookkeeping, allocator slack and the local slice's copy.
+FIXED_OVERHEAD = 48 * 2**20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digests(model: OLMo2) -> dict[str, str]:
+    """sha256 of every parameter's whole value (gathered one at a time under FSDP)."""
+    out = {}
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        full = full.detach()
+        out[name] = hashlib.sha256(full.contiguous().numpy().tobytes()).hexdigest()
+    return out
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = compose_config("trainer=fsdp", "trainer.devices=2", *LARGE)
+        mesh = init_device_mesh("cpu", (2,))
+        before = rss_bytes()
+        reset_peak_rss()
+        model = build_model(config.model, config.seed, config.trainer, "32-true", mesh)
+        grown = peak_rss_bytes() - before
+        results[rank] = (grown, _digests(model))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_build_holds_only_the_local_shards_and_equals_the_single_device_init() -> None:
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    config = compose_config(*LARGE)
+    single = build_model(config.model, config.seed, config.trainer, "32-true")
+    sizes = [p.numel() * p.element_size() for p in single.parameters()]
+    param_bytes, largest = sum(sizes), max(sizes)
+    assert param_bytes > 300 * 2**20
+    bound = param_bytes // 2 + INIT_SCRATCH * largest + FIXED_OVERHEAD
+    assert bound < param_bytes  # an unsharded build could not pass
+    expected = _digests(single)
+    for rank in (0, 1):
+        grown, digests = results[rank]
+        print(f"rank {rank}: peak growth {grown / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
+        assert grown < bound, (rank, grown, bound)
+        assert digests == expected, rank
