@@ -188,8 +188,8 @@ def _compose(overrides: list[str]) -> TrainConfig:
         return compose_config(overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    except Exception as e:  # Hydra's own errors (unknown group, bad key) are one line too
-        raise SystemExit(f"error: {type(e).__name__}: {e}") from None
+    except Exception as e:  # Hydra's own errors (an unknown group or key): their first line
+        raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------- the benchmark
