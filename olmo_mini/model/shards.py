@@ -20,7 +20,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 def write_full_(target: torch.Tensor, full: torch.Tensor) -> None:
     """Set ``target`` to ``full`` (same shape); a DTensor ``target`` takes only its local part."""
     if tuple(full.shape) != tuple(target.shape):
-        raise ValueError(f"shape {tuple(full.shape)} does not fit the model's {tuple(target.shape)}")
+        raise ValueError(
+            f"shape {tuple(full.shape)} does not fit the model's {tuple(target.shape)}"
+        )
     with torch.no_grad():
         if isinstance(target, DTensor):
             # src_data_rank=None: every rank holds ``full`` already; slice, do not scatter.

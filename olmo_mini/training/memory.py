@@ -167,8 +167,12 @@ def plan_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Per-device memory of a training config (python train.py's overrides).",
     )
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="the device precision=auto resolves for (default: cuda)")
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="the device precision=auto resolves for (default: cuda)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", help="e.g. model=olmo2_7b trainer=fsdp")
     args = parser.parse_args(argv)
@@ -273,9 +277,12 @@ def bench_main(argv: list[str] | None = None) -> int:
         description="Measure per-rank memory of building (and one step of) a training config.",
     )
     parser.add_argument("--nproc", type=int, default=1, help="processes (ranks) to start")
-    parser.add_argument("--stop-after", choices=STAGES, default="init",
-                        help="init: build + init; backward: + one forward/backward; "
-                        "step: + one AdamW step")
+    parser.add_argument(
+        "--stop-after",
+        choices=STAGES,
+        default="init",
+        help="init: build + init; backward: + one forward/backward; step: + one AdamW step",
+    )
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=olmo2_1b")
     args = parser.parse_args(argv)
     if args.nproc < 1:

@@ -35,8 +35,13 @@ def test_plan_divides_the_states_by_the_shards_and_counts_adam_moments() -> None
 
 def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
     def plan(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), *args],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "plan_memory.py"), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     ok = plan("model=olmo2_7b", "trainer=fsdp", "trainer.devices=8", "data.global_batch_size=64")
     assert ok.returncode == 0, ok.stderr
@@ -44,15 +49,28 @@ def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
     assert "optimizer state (AdamW)" in ok.stdout
     bad = plan("model=olmo2_nope")
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == ["error: In 'train': Could not find 'model/olmo2_nope'"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: In 'train': Could not find 'model/olmo2_nope'"
+    ]
 
 
 @pytest.mark.slow
 def test_bench_reports_each_rank_holding_half_the_parameters() -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_memory.py"), "--nproc", "2",
-         "--stop-after", "step", *SMALL, "trainer=fsdp"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_memory.py"),
+            "--nproc",
+            "2",
+            "--stop-after",
+            "step",
+            *SMALL,
+            "trainer=fsdp",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

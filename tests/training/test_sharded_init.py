@@ -107,8 +107,10 @@ def test_fsdp_build_and_init_from_hold_only_the_local_shards_and_equal_one_proce
     assert not torch.equal(expected_logits, _logits(single))
     for rank in (0, 1):
         grown, digests, grown_loading, logits = results[rank]
-        print(f"rank {rank}: peak growth {grown / 2**20:.0f} MiB (init), "
-              f"{grown_loading / 2**20:.0f} MiB (init_from), bound {bound / 2**20:.0f} MiB")
+        print(
+            f"rank {rank}: peak growth {grown / 2**20:.0f} MiB (init), "
+            f"{grown_loading / 2**20:.0f} MiB (init_from), bound {bound / 2**20:.0f} MiB"
+        )
         assert grown < bound, (rank, grown, bound)
         assert digests == expected, rank
         assert grown_loading < bound, (rank, grown_loading, bound)
