@@ -35,8 +35,9 @@ def build_model(
     The model is built on the meta device and wrapped (AC, compile, ``fully_shard``) before any
     memory exists; then each rank materializes only its shards. Init and ``model.init_from``
     produce each parameter whole on the CPU, one at a time, and keep the local part
-    (``model.shards``): the peak is the rank's shards plus one full parameter, and the weights
-    equal the single-device init for any world size (DTensor random ops would not).
+    (``model.shards``): the peak is the rank's shards plus one parameter and its init scratch,
+    and the weights equal the single-device init for any world size (DTensor random ops would
+    not). The full tensors are drawn on the CPU with a CPU generator, as on one device.
     """
     with torch.device("meta"):
         model = OLMo2(config)
