@@ -217,8 +217,8 @@ def load_init_weights(model: OLMo2, source: str) -> None:
     Safetensors sources (a Hugging Face folder, an olmo-mini weights folder) are read lazily
     (``safe_open``): one whole tensor exists at a time and an FSDP2-sharded ``model`` keeps only
     its part on each rank (``model.shards.write_full_``), so no process ever holds the model.
-    Training checkpoints are read with :func:`checkpoint_state` (memory-mapped for one
-    ``state.ckpt``; whole for a sharded DCP checkpoint). The architectures must agree except in
+    A sharded (DCP) checkpoint is read by DCP straight into the parameters, each rank reading
+    only what overlaps its shards; one ``state.ckpt`` is memory-mapped. The architectures must agree except in
     fields that do not change what the weights compute (``max_seq_len``, ``init_std``,
     ``norm_backend``); else a ``ConfigError`` lists the differences.
     """
@@ -240,6 +240,9 @@ def load_init_weights(model: OLMo2, source: str) -> None:
             f"{'; '.join(differences)}. Set these model.* overrides to the source's values "
             "(tools/convert_hf.py from-hf prints them)"
         )
+    if kind == "checkpoint" and (where / ".metadata").is_file():
+        _load_sharded_checkpoint(model, where)
+        return
     params = dict(model.named_parameters())
     missing = set(params)
     try:
@@ -252,6 +255,23 @@ def load_init_weights(model: OLMo2, source: str) -> None:
         raise ConfigError(f"model.init_from: {e.args[0]}") from None
     if missing:
         raise ConfigError(f"model.init_from: {where} lacks {', '.join(sorted(missing))}")
+
+
+def _load_sharded_checkpoint(model: OLMo2, checkpoint: Path) -> None:
+    """DCP reads the saved model tensors into ``model``'s parameters (their local shards, under
+    FSDP2), resharding from the saving run's world size to this one's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # Lightning's DCP layout, as checkpoint_state reads it: {"state_dict": {"model.<name>": ...}}.
+    state = {f"state_dict.model.{name}": p.detach() for name, p in model.named_parameters()}
+    try:
+        with warnings.catch_warnings():  # one process, no group: "assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(checkpoint))
+    except (CheckpointException, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.init_from: {checkpoint}: {first}") from None
 
 
 def _source_architecture(kind: str, where: Path) -> OLMo2Config:

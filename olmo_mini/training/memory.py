@@ -17,8 +17,9 @@ The planner (``tools/plan_memory.py``) sizes a cluster job before it is submitte
 
 The benchmark (``tools/bench_memory.py``) starts N processes (gloo on CPU, NCCL on GPU), builds
 the model exactly as the trainer does (``training.parallel.build_model``), optionally runs one
-forward/backward and one AdamW step on random tokens, and reports peak RSS (CPU) or
-``max_memory_allocated`` (GPU) per rank as JSON lines.
+forward/backward and one AdamW step on random tokens, and reports per rank as JSON lines: peak
+RSS (CPU) or ``max_memory_allocated`` (GPU), the RSS still in use after the stage, and the bytes
+of the rank's parameter, gradient and optimizer-state tensors (what the planner's states count).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 from olmo_mini.config import TrainConfig, compose_config
 from olmo_mini.model import OLMo2
+from olmo_mini.model.shards import release_freed_memory
 from olmo_mini.training.optim import build_optimizer
 from olmo_mini.training.parallel import build_model
 from olmo_mini.training.perf import default_precision
@@ -235,14 +237,17 @@ def _bench_worker(rank: int, world: int, port: int, stage: str, overrides: list[
             "largest_param_bytes": max(p.numel() * p.element_size() for p in params),
             "local_param_bytes": sum(_local(p).numel() * p.element_size() for p in params),
         }
+        optimizer = None
         if stage != "init":
-            _train_step(model, config, device, precision, optimizer_step=stage == "step")
+            optimizer = _train_step(model, config, device, precision, stage == "step")
+        result["state_bytes"] = _state_bytes(params, optimizer)
         if cuda:
             torch.cuda.synchronize()
             result["peak_bytes"] = torch.cuda.max_memory_allocated()
         else:
             result["peak_bytes"] = peak_rss_bytes()
             result["baseline_rss_bytes"] = baseline
+            release_freed_memory()  # what stays resident is what is still in use
             result["rss_bytes"] = rss_bytes()
         result["seconds"] = round(time.perf_counter() - start, 2)
         print(json.dumps(result), flush=True)
@@ -257,7 +262,7 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 def _train_step(
     model: OLMo2, config: TrainConfig, device: torch.device, precision: str, optimizer_step: bool
-) -> None:
+) -> torch.optim.Optimizer | None:
     """One forward/backward on random tokens as ``training_step`` runs it; then AdamW if asked."""
     generator = torch.Generator().manual_seed(config.seed)
     shape = (config.data.micro_batch_size, config.data.seq_len + 1)
@@ -266,9 +271,20 @@ def _train_step(
     with autocast:
         out = model(tokens[:, :-1], labels=tokens[:, 1:], z_loss=config.optim.z_loss)
     out.loss.backward()
-    if optimizer_step:
-        optimizer = build_optimizer(model, config.optim)
-        optimizer.step()
+    if not optimizer_step:
+        return None
+    optimizer = build_optimizer(model, config.optim)
+    optimizer.step()
+    return optimizer
+
+
+def _state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of this rank's parameters, gradients and optimizer state tensors (local shards)."""
+    tensors = [*params, *(p.grad for p in params if p.grad is not None)]
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def bench_main(argv: list[str] | None = None) -> int:
