@@ -31,7 +31,7 @@ def _worker(rank: int, port: int, step: str, results: dict) -> None:
         model = _build(
             step, "trainer=fsdp", "trainer.devices=2", mesh=init_device_mesh("cpu", (2,))
         )
-        results[rank] = {n: p.full_tensor() for n, p in model.named_parameters()}
+        results[rank] = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
     finally:
         dist.destroy_process_group()
 
