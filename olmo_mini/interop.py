@@ -218,9 +218,9 @@ def load_init_weights(model: OLMo2, source: str) -> None:
     (``safe_open``): one whole tensor exists at a time and an FSDP2-sharded ``model`` keeps only
     its part on each rank (``model.shards.write_full_``), so no process ever holds the model.
     A sharded (DCP) checkpoint is read by DCP straight into the parameters, each rank reading
-    only what overlaps its shards; one ``state.ckpt`` is memory-mapped. The architectures must agree except in
-    fields that do not change what the weights compute (``max_seq_len``, ``init_std``,
-    ``norm_backend``); else a ``ConfigError`` lists the differences.
+    only what overlaps its shards; one ``state.ckpt`` is memory-mapped. The architectures must
+    agree except in fields that do not change what the weights compute (``max_seq_len``,
+    ``init_std``, ``norm_backend``); else a ``ConfigError`` lists the differences.
     """
     try:
         kind, where = locate(source)

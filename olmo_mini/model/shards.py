@@ -3,7 +3,8 @@
 Every rank computes (or reads) the same whole tensor and keeps only its own part, sliced
 locally by the parameter's placements: no communication, and the values equal those of the
 unsharded model for any world size. One whole tensor exists at a time, so the peak memory of an
-initialization or a load is the rank's shards plus the largest parameter.
+initialization or a load is the rank's shards plus the largest parameter (and, for an init,
+the scratch its init function needs: up to four more copies for torch's ``trunc_normal_``).
 """
 
 from __future__ import annotations
