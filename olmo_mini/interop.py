@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from olmo_mini.data.shards import encode_documents
 from olmo_mini.data.tokenizer import tokenizer_hash
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
-from olmo_mini.model.hf import config_from_hf, save_safetensors
+from olmo_mini.model.hf import config_from_hf, from_hf_key, save_safetensors
+from olmo_mini.model.shards import write_full_
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints, saved_config
 from olmo_mini.training.tokenizer_record import TOKENIZER_FILE
 
@@ -261,21 +263,27 @@ def _weights_model(folder: Path) -> OLMo2:
 
 
 def load_init_weights(model: OLMo2, source: str) -> None:
-    """Copy ``model.init_from``'s weights into a freshly built (unsharded) ``model``.
+    """Copy ``model.init_from``'s weights into a freshly built ``model``, one tensor at a time.
 
-    The architectures must agree except in fields that do not change what the weights compute
-    (``max_seq_len``, ``init_std``, ``norm_backend``); else a ``ConfigError`` lists the differences.
+    Safetensors sources (a Hugging Face folder, an olmo-mini weights folder) are read lazily
+    (``safe_open``): one whole tensor exists at a time and an FSDP2-sharded ``model`` keeps only
+    its part on each rank (``model.shards.write_full_``), so no process ever holds the model.
+    A sharded (DCP) checkpoint is read by DCP straight into the parameters, each rank reading
+    only what overlaps its shards; one ``state.ckpt`` is memory-mapped. The architectures must
+    agree except in fields that do not change what the weights compute (``max_seq_len``,
+    ``init_std``, ``norm_backend``); else a ``ConfigError`` lists the differences.
     """
     try:
-        loaded = load_model(source)
-    except (OSError, ValueError) as e:
+        kind, where = locate(source)
+        source_config = _source_architecture(kind, where)
+    except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     differences = [
         f"model.{f.name}={getattr(model.config, f.name)!r} but the source has "
-        f"{getattr(loaded.config, f.name)!r}"
+        f"{getattr(source_config, f.name)!r}"
         for f in fields(OLMo2Config)
         if f.name not in _FREE_FIELDS
-        and getattr(model.config, f.name) != getattr(loaded.config, f.name)
+        and getattr(model.config, f.name) != getattr(source_config, f.name)
     ]
     if differences:
         raise ConfigError(
@@ -283,8 +291,70 @@ def load_init_weights(model: OLMo2, source: str) -> None:
             f"{'; '.join(differences)}. Set these model.* overrides to the source's values "
             "(tools/convert_hf.py from-hf prints them)"
         )
-    with torch.no_grad():
-        model.load_state_dict(loaded.state_dict())
+    if kind == "checkpoint" and (where / ".metadata").is_file():
+        _load_sharded_checkpoint(model, where)
+        return
+    params = dict(model.named_parameters())
+    missing = set(params)
+    try:
+        for name, tensor in _source_tensors(kind, where):
+            if name not in params:
+                raise KeyError(f"{where} has a tensor {name!r} that this model lacks")
+            write_full_(params[name], tensor.to(params[name].dtype))
+            missing.discard(name)
+    except (KeyError, ValueError) as e:  # an unknown name; a shape that does not fit
+        raise ConfigError(f"model.init_from: {e.args[0]}") from None
+    if missing:
+        raise ConfigError(f"model.init_from: {where} lacks {', '.join(sorted(missing))}")
+
+
+def _load_sharded_checkpoint(model: OLMo2, checkpoint: Path) -> None:
+    """DCP reads the saved model tensors into ``model``'s parameters (their local shards, under
+    FSDP2), resharding from the saving run's world size to this one's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # Lightning's DCP layout, as checkpoint_state reads it: {"state_dict": {"model.<name>": ...}}.
+    state = {f"state_dict.model.{name}": p.detach() for name, p in model.named_parameters()}
+    try:
+        with warnings.catch_warnings():  # one process, no group: "assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(checkpoint))
+    except (CheckpointException, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.init_from: {checkpoint}: {first}") from None
+
+
+def _source_architecture(kind: str, where: Path) -> OLMo2Config:
+    """The architecture of a located source, read without its weights."""
+    if kind == "checkpoint":
+        return run_config(where).model
+    if kind == "hf":
+        return config_from_hf(json.loads((where / "config.json").read_text()))
+    return OLMo2Config.from_yaml(where / MODEL_YAML)
+
+
+def _source_tensors(kind: str, where: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(olmo-mini name, whole tensor)`` pairs of a located source, one at a time."""
+    if kind == "checkpoint":
+        yield from checkpoint_state(where).items()
+        return
+    from safetensors import safe_open
+
+    files = sorted(where.glob("*.safetensors")) if kind == "hf" else [where / WEIGHTS_FILE]
+    if not files or not files[0].is_file():
+        raise ValueError(f"{where} has no safetensors file")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            if kind == "hf" and key.endswith("rotary_emb.inv_freq"):
+                continue  # old exports carry this buffer
+            # Opened per tensor: the file is memory-mapped while open, and every page read
+            # stays resident until it is closed, which would add up to the whole file.
+            with safe_open(str(file), framework="pt") as f:
+                tensor = f.get_tensor(key)
+            yield (from_hf_key(key) if kind == "hf" else key), tensor
 
 
 def model_overrides(config: OLMo2Config) -> list[str]:

@@ -17,12 +17,14 @@ from typing import overload
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from olmo_mini.kernels import add_rms_norm, qk_rms_norm, rms_norm
 from olmo_mini.kernels.linear_cross_entropy import LinearCrossEntropyOutput as LossOutput
 from olmo_mini.kernels.linear_cross_entropy import linear_cross_entropy
 from olmo_mini.model import hf
 from olmo_mini.model.config import OLMo2Config
+from olmo_mini.model.shards import init_
 
 
 class Norm(nn.Module):
@@ -287,17 +289,22 @@ class OLMo2(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """Truncated normal (std ``init_std``, cut at +-3 std) everywhere; norm weights 1.
 
-        With ``seed`` the result depends on nothing else (a private generator is used).
+        With ``seed`` the result depends on nothing else (a private generator is used), not even
+        on FSDP2 sharding: sharded parameters are drawn whole on the CPU, one at a time, and each
+        rank keeps its part (``shards.init_``).
         """
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+            weight = self.embed_tokens.weight
+            device = "cpu" if isinstance(weight, DTensor) else weight.device
+            generator = torch.Generator(device=device).manual_seed(seed)
         std = self.config.init_std
+        normal = functools.partial(
+            nn.init.trunc_normal_, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
+        )
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(
-                    module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
-                )
+                init_(module.weight, normal)
             elif isinstance(module, Norm) and module.weight is not None:
                 nn.init.ones_(module.weight)
             elif isinstance(module, Attention) and module.qk_norm == "l2":

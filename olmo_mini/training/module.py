@@ -214,39 +214,29 @@ class LanguageModelModule(L.LightningModule):
         self._window_start += time.perf_counter() - self._val_started
 
     def on_train_end(self) -> None:
-        """Log what is still pending; generate a short sample from the final weights (on rank
-        0, from an unsharded copy)."""
+        """Log what is still pending; generate a short sample from the final weights.
+
+        The sample runs on the trained model as it is (under FSDP every rank takes part, and
+        each block is gathered only while it runs), in the training precision: no rank ever
+        holds an unsharded copy of the model.
+        """
         self.flush_metrics(progress_bar=False)
         if self.config.trainer.sample_new_tokens == 0:
-            return
-        model = self._unsharded_model()
-        if model is None:
             return
         tokenizer = self.trainer.datamodule.tokenizer
         prompt = tokenizer.encode(self.config.trainer.sample_prompt).ids or [
             self.trainer.datamodule.eos_id
         ]
-        ids = generate(
-            model,
-            torch.tensor([prompt]),
-            self.config.trainer.sample_new_tokens,
-            temperature=0.8,
-            top_k=50,
-            seed=self.config.seed,
-        )
+        with self.trainer.precision_plugin.forward_context():
+            ids = generate(
+                self.model,
+                torch.tensor([prompt], device=self.device),
+                self.config.trainer.sample_new_tokens,
+                temperature=0.8,
+                top_k=50,
+                seed=self.config.seed,
+            )
         self.sample_text = tokenizer.decode(ids[0].tolist())
-
-    def _unsharded_model(self) -> OLMo2 | None:
-        """A plain fp32 CPU copy of the model on rank 0 (collective under FSDP); None elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)
-        if self.global_rank != 0:
-            return None
-        model = OLMo2(self.config.model)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-        return model.eval()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoint steps were flushed in on_before_optimizer_step (before Lightning took the

@@ -32,18 +32,15 @@ def build_model(
 ) -> OLMo2:
     """An initialized OLMo2, wrapped as ``trainer`` asks; its weights depend on ``seed`` only.
 
-    Weights are initialized unsharded on the CPU and only then sharded: DTensor random ops on a
-    CPU mesh do not reproduce the unsharded random stream, so initializing the shards directly
-    would make an FSDP run start from different weights than a single-device run.
+    The model is built on the meta device and wrapped (AC, compile, ``fully_shard``) before any
+    memory exists; then each rank materializes only its shards. Init and ``model.init_from``
+    produce each parameter whole on the CPU, one at a time, and keep the local part
+    (``model.shards``): the peak is the rank's shards plus one parameter and its init scratch,
+    and the weights equal the single-device init for any world size (DTensor random ops would
+    not). The full tensors are drawn on the CPU with a CPU generator, as on one device.
     """
     with torch.device("meta"):
         model = OLMo2(config)
-    model.to_empty(device="cpu")
-    model.init_weights(seed)
-    if config.init_from is not None:
-        from olmo_mini.interop import load_init_weights  # interop imports training: import late
-
-        load_init_weights(model, config.init_from)
     # One graph for embedding, blocks, final norm and the chunked LM-head loss where nothing
     # wraps the blocks (one device, or DDP, which wraps the LightningModule): per-block graphs
     # leave the loss and the glue eager.
@@ -66,4 +63,10 @@ def build_model(
         for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device="cpu" if mesh is None else mesh.device_type)
+    model.init_weights(seed)
+    if config.init_from is not None:
+        from olmo_mini.interop import load_init_weights  # interop imports training: import late
+
+        load_init_weights(model, config.init_from)
     return model

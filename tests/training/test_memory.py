@@ -1,0 +1,85 @@
+"""The memory planner's terms from the config, and the benchmark's per-rank measurements."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from olmo_mini.training.memory import plan_memory
+from tests.training.helpers import REPO, SMALL, compose_config
+
+# SMALL's architecture: vocab 4096 (olmo2_tiny), width 64, 2 blocks, SwiGLU hidden 128.
+VOCAB, D, LAYERS, HIDDEN = 4096, 64, 2, 128
+# Embedding + LM head + final norm; per block q/k/v/o, q/k norms, the three MLP matrices, two norms.
+BLOCK = 4 * D * D + 2 * D + 3 * D * HIDDEN + 2 * D
+COUNT = 2 * VOCAB * D + D + LAYERS * BLOCK
+
+
+def test_plan_divides_the_states_by_the_shards_and_counts_adam_moments() -> None:
+    one = plan_memory(compose_config(*SMALL), "cpu")
+    fsdp = plan_memory(compose_config(*SMALL, "trainer=fsdp", "trainer.devices=2"), "cpu")
+    assert one.param_count == fsdp.param_count == COUNT
+    assert (one.params, one.grads, one.optimizer) == (4 * COUNT, 4 * COUNT, 8 * COUNT)
+    assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (2 * COUNT, 2 * COUNT, 4 * COUNT)
+    assert one.fsdp_working_set == 0
+    # The root (embedding, final norm, head) and two blocks, fp32, parameters and gradients.
+    assert fsdp.fsdp_working_set == 2 * 4 * (2 * VOCAB * D + D + 2 * BLOCK)
+    tokens = 2 * 64  # micro_batch_size x seq_len
+    assert one.activations == 4 * tokens * (LAYERS * (13 * D + 4 * HIDDEN) + D)
+    assert one.activations_checkpointed < one.activations
+    assert one.total == 2 * one.params + one.optimizer + one.activations
+
+
+def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
+    def plan(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "plan_memory.py"), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    ok = plan("model=olmo2_7b", "trainer=fsdp", "trainer.devices=8", "data.global_batch_size=64")
+    assert ok.returncode == 0, ok.stderr
+    assert "7.299 B parameters, bf16-mixed, 8 device(s)" in ok.stdout
+    assert "optimizer state (AdamW)" in ok.stdout
+    bad = plan("model=olmo2_nope")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [
+        "error: In 'train': Could not find 'model/olmo2_nope'"
+    ]
+
+
+@pytest.mark.slow
+def test_bench_reports_each_rank_holding_half_the_parameters() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_memory.py"),
+            "--nproc",
+            "2",
+            "--stop-after",
+            "step",
+            *SMALL,
+            "trainer=fsdp",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    for row in rows:
+        assert row["world_size"] == 2 and row["stage"] == "step"
+        assert row["param_bytes"] == 4 * COUNT
+        # Blocks split their matrices' rows evenly; vocab 4096 and width 64 split evenly too.
+        assert row["local_param_bytes"] == 2 * COUNT
+        # Its half of the parameters, gradients and both AdamW moments, plus 25 step counters.
+        assert 8 * COUNT <= row["state_bytes"] <= 8 * COUNT + 8 * 25
+        assert row["baseline_rss_bytes"] < row["rss_bytes"] <= row["peak_bytes"]
