@@ -141,7 +141,9 @@ def load_plan(name: str | Path) -> Plan:
     lrs = numbers("lrs", float)
     if any(lr <= 0 for lr in lrs):
         raise StudyError(f"{path}: lrs must be positive, got {list(lrs)}")
-    for field, overrides in [("base", strings(data.get("base"), "base")), *arms.items()]:
+    named = [("base", strings(data.get("base"), "base"))]
+    named += [(f"arms.{arm}", overrides) for arm, overrides in arms.items()]
+    for field, overrides in named:
         for o in overrides:
             if o.split("=", 1)[0].lstrip("+~") in ("optim.lr", "seed"):
                 raise StudyError(f"{path}: {field} sets {o!r}; the plan's lrs and seeds set it")
@@ -330,6 +332,8 @@ def arm_results(rows: Sequence[Mapping[str, Any]]) -> list[ArmResult]:
             raise StudyError(f"arm {arm!r} (seed {seed}): no run has a finite loss at init")
         init = float(np.mean(inits))
         finals = {r["lr"]: r["final_loss"] for r in members}
+        if len(finals) != len(members):
+            raise StudyError(f"arm {arm!r} (seed {seed}) has two runs at one LR")
         usable = {lr: v for lr, v in finals.items() if math.isfinite(v)}
         best_lr = min(usable, key=usable.__getitem__) if usable else math.nan
         results.append(ArmResult(
