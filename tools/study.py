@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", required=True, help="a name in configs/study/ or a .yaml path")
     parser.add_argument("--out", type=Path, required=True, help="folder of the plan's run dirs")
     parser.add_argument("--report", type=Path, help="report folder (default: <out>/report)")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads per run (1 wastes least CPU on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per run (1 wastes least CPU on a busy machine)",
+    )
     parser.add_argument("--render-only", action="store_true", help="report completed runs only")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()

@@ -42,10 +42,30 @@ RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
 # One row per run, in this column order (the committed per-plan CSV).
 FIELDS = (
-    "plan", "arm", "lr", "seed", "run_id", "steps", "max_steps", "init_loss", "final_loss",
-    "final_from", "stopped_early", "diverged", "peak_attn_logit", "peak_attn_logit_layer",
-    "peak_attn_logit_step", "min_attn_entropy", "peak_abs_logsumexp", "final_logsumexp",
-    "spike_score_loss", "spike_score_grad", "cpu_s", "wall_s", "load_avg_1m", "overrides",
+    "plan",
+    "arm",
+    "lr",
+    "seed",
+    "run_id",
+    "steps",
+    "max_steps",
+    "init_loss",
+    "final_loss",
+    "final_from",
+    "stopped_early",
+    "diverged",
+    "peak_attn_logit",
+    "peak_attn_logit_layer",
+    "peak_attn_logit_step",
+    "min_attn_entropy",
+    "peak_abs_logsumexp",
+    "final_logsumexp",
+    "spike_score_loss",
+    "spike_score_grad",
+    "cpu_s",
+    "wall_s",
+    "load_avg_1m",
+    "overrides",
 )
 _LSE_KEY = "logits/mean_logsumexp"
 
@@ -85,9 +105,10 @@ class Plan:
     def runs(self) -> list[RunSpec]:
         """Arm by arm, then LR, then seed: a partial study holds whole arms first."""
         return [
-            RunSpec(arm, lr, seed,
-                    (*self.base, *extra, f"optim.lr={lr!r}", f"seed={seed}"))
-            for arm, extra in self.arms.items() for lr in self.lrs for seed in self.seeds
+            RunSpec(arm, lr, seed, (*self.base, *extra, f"optim.lr={lr!r}", f"seed={seed}"))
+            for arm, extra in self.arms.items()
+            for lr in self.lrs
+            for seed in self.seeds
         ]
 
 
@@ -104,7 +125,9 @@ def load_plan(name: str | Path) -> Plan:
     path = plan_path(name)
     if not path.is_file():
         known = sorted(p.stem for p in PLAN_DIR.glob("*.yaml"))
-        raise StudyError(f"plan {str(name)!r}: no file {path} (plans in {PLAN_DIR}: {', '.join(known)})")
+        raise StudyError(
+            f"plan {str(name)!r}: no file {path} (plans in {PLAN_DIR}: {', '.join(known)})"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -167,19 +190,39 @@ def is_diverged(final: float, init: float, stopped_early: bool) -> bool:
     return stopped_early or not math.isfinite(final) or final > init
 
 
-def summarize(spec: RunSpec, plan: str, run: Run, max_steps: int, stopped_early: bool,
-              cpu_s: float, wall_s: float, load: float) -> dict[str, Any]:
+def summarize(
+    spec: RunSpec,
+    plan: str,
+    run: Run,
+    max_steps: int,
+    stopped_early: bool,
+    cpu_s: float,
+    wall_s: float,
+    load: float,
+) -> dict[str, Any]:
     """The summary row of one finished run, from its logged history."""
     init, final = init_loss(run).value, final_loss(run)
     peak = max_attention_logit(run)
-    entropies = [v for _, (_, values) in run.layer_series("attn", "entropy").items()
-                 for v in values if math.isfinite(v)]
+    entropies = [
+        v
+        for _, (_, values) in run.layer_series("attn", "entropy").items()
+        for v in values
+        if math.isfinite(v)
+    ]
     _, lse = run.series(_LSE_KEY)
     finite_lse = lse[np.isfinite(lse)]
     return {
-        "plan": plan, "arm": spec.arm, "lr": spec.lr, "seed": spec.seed, "run_id": spec.run_id,
-        "steps": run.final_step, "max_steps": max_steps, "init_loss": init,
-        "final_loss": final.value, "final_from": final.how, "stopped_early": stopped_early,
+        "plan": plan,
+        "arm": spec.arm,
+        "lr": spec.lr,
+        "seed": spec.seed,
+        "run_id": spec.run_id,
+        "steps": run.final_step,
+        "max_steps": max_steps,
+        "init_loss": init,
+        "final_loss": final.value,
+        "final_from": final.how,
+        "stopped_early": stopped_early,
         "diverged": is_diverged(final.value, init, stopped_early),
         "peak_attn_logit": peak[0] if peak else math.nan,
         "peak_attn_logit_layer": peak[1] if peak else -1,
@@ -189,7 +232,9 @@ def summarize(spec: RunSpec, plan: str, run: Run, max_steps: int, stopped_early:
         "final_logsumexp": float(lse[-1]) if lse.size else math.nan,
         "spike_score_loss": run.last("stability/spike_score_loss"),
         "spike_score_grad": run.last("stability/spike_score_grad"),
-        "cpu_s": round(cpu_s, 2), "wall_s": round(wall_s, 2), "load_avg_1m": round(load, 2),
+        "cpu_s": round(cpu_s, 2),
+        "wall_s": round(wall_s, 2),
+        "load_avg_1m": round(load, 2),
         "overrides": " ".join(spec.overrides),
     }
 
@@ -214,8 +259,16 @@ def train_run(spec: RunSpec, plan: str, run_dir: Path) -> dict[str, Any]:
         stopped_early = True
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
-    return summarize(spec, plan, load_run_dir(run_dir), config.trainer.max_steps, stopped_early,
-                     cpu, time.perf_counter() - start, load)
+    return summarize(
+        spec,
+        plan,
+        load_run_dir(run_dir),
+        config.trainer.max_steps,
+        stopped_early,
+        cpu,
+        time.perf_counter() - start,
+        load,
+    )
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -252,8 +305,15 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
             row = train_run(spec, plan.name, run_dir)
             _write_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
             ran += 1
-            log.info("[%d/%d] %s: final loss %.4f, diverged %s, %.0f s CPU", i, len(specs),
-                     spec.run_id, row["final_loss"], row["diverged"], row["cpu_s"])
+            log.info(
+                "[%d/%d] %s: final loss %.4f, diverged %s, %.0f s CPU",
+                i,
+                len(specs),
+                spec.run_id,
+                row["final_loss"],
+                row["diverged"],
+                row["cpu_s"],
+            )
         else:
             log.info("[%d/%d] %s: complete, skipped", i, len(specs), spec.run_id)
         rows.append(row)
@@ -336,16 +396,23 @@ def arm_results(rows: Sequence[Mapping[str, Any]]) -> list[ArmResult]:
             raise StudyError(f"arm {arm!r} (seed {seed}) has two runs at one LR")
         usable = {lr: v for lr, v in finals.items() if math.isfinite(v)}
         best_lr = min(usable, key=usable.__getitem__) if usable else math.nan
-        results.append(ArmResult(
-            arm=arm, seed=seed, init_loss=init, finals=finals, best_lr=best_lr,
-            best_loss=usable.get(best_lr, math.nan), sensitivity=lr_sensitivity(finals, init),
-            peak_attn_logit=_nanmax(r["peak_attn_logit"] for r in members),
-            min_attn_entropy=-_nanmax(-r["min_attn_entropy"] for r in members),
-            peak_abs_logsumexp=_nanmax(r["peak_abs_logsumexp"] for r in members),
-            max_spike_score_loss=_nanmax(r["spike_score_loss"] for r in members),
-            max_spike_score_grad=_nanmax(r["spike_score_grad"] for r in members),
-            diverged_lrs=[r["lr"] for r in members if r["diverged"]],
-        ))
+        results.append(
+            ArmResult(
+                arm=arm,
+                seed=seed,
+                init_loss=init,
+                finals=finals,
+                best_lr=best_lr,
+                best_loss=usable.get(best_lr, math.nan),
+                sensitivity=lr_sensitivity(finals, init),
+                peak_attn_logit=_nanmax(r["peak_attn_logit"] for r in members),
+                min_attn_entropy=-_nanmax(-r["min_attn_entropy"] for r in members),
+                peak_abs_logsumexp=_nanmax(r["peak_abs_logsumexp"] for r in members),
+                max_spike_score_loss=_nanmax(r["spike_score_loss"] for r in members),
+                max_spike_score_grad=_nanmax(r["spike_score_grad"] for r in members),
+                diverged_lrs=[r["lr"] for r in members if r["diverged"]],
+            )
+        )
     return sorted(results, key=lambda a: (a.sensitivity, a.arm, a.seed))
 
 
@@ -354,8 +421,11 @@ def seed_spread(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int
     groups: dict[tuple[str, float], list[float]] = {}
     for row in rows:
         groups.setdefault((row["arm"], row["lr"]), []).append(row["final_loss"])
-    return [(arm, lr, len(v), float(np.mean(v)), float(np.std(v, ddof=1)))
-            for (arm, lr), v in groups.items() if len(v) > 1]
+    return [
+        (arm, lr, len(v), float(np.mean(v)), float(np.std(v, ddof=1)))
+        for (arm, lr), v in groups.items()
+        if len(v) > 1
+    ]
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -365,8 +435,9 @@ def _num(value: float, digits: int = 4) -> str:
     return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
 
 
-def report_markdown(plan_name: str, description: str, rows: Sequence[Mapping[str, Any]],
-                    figures: Sequence[str] = ()) -> str:
+def report_markdown(
+    plan_name: str, description: str, rows: Sequence[Mapping[str, Any]], figures: Sequence[str] = ()
+) -> str:
     """The plan's report: the arm table ranked by LR sensitivity, the per-run table, the cost."""
     arms = arm_results(rows)
     multi_seed = len({a.seed for a in arms}) > 1
@@ -376,43 +447,67 @@ def report_markdown(plan_name: str, description: str, rows: Sequence[Mapping[str
     lines += [
         "Ranked by LR sensitivity = mean over the LR grid of min(final loss, loss at init) − best "
         "final loss (Wortsman et al. 2023, §2.2). Peak/min columns are over every run of the arm; "
-        "spike scores (OLMo 2, % of steps ≥ 7σ from the rolling mean) are the worst run's.",
+        "spike scores (OLMo 2, % of steps ≥ 7σ from the rolling mean) are the worst run's. "
+        "*LRs*: how many LRs of the grid ran; an arm with fewer than the others is incomplete "
+        "and its sensitivity, over its own LRs only, is not comparable.",
         "",
-        "| arm |" + (" seed |" if multi_seed else "") + " loss at init | best LR | best final "
+        "| arm |"
+        + (" seed |" if multi_seed else "")
+        + " LRs | loss at init | best LR | best final "
         "loss | LR sensitivity | peak max attn logit | min attn entropy | peak \\|mean log Z\\| | "
         "spike score loss % | spike score grad % | diverged at LR |",
-        "|---|" + ("---:|" if multi_seed else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|"
+        + ("---:|" if multi_seed else "")
+        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for a in arms:
         diverged = ", ".join(f"{lr:g}" for lr in a.diverged_lrs) or "none"
         lines.append(
-            f"| {a.arm} |" + (f" {a.seed} |" if multi_seed else "")
-            + f" {a.init_loss:.3f} | {_num(a.best_lr)} | {_num(a.best_loss)} | "
+            f"| {a.arm} |"
+            + (f" {a.seed} |" if multi_seed else "")
+            + f" {len(a.finals)} | {a.init_loss:.3f} | {_num(a.best_lr)} | {_num(a.best_loss)} | "
             f"**{a.sensitivity:.3f}** | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
             f"{_num(a.peak_abs_logsumexp, 3)} | {_num(a.max_spike_score_loss, 2)} | "
             f"{_num(a.max_spike_score_grad, 2)} | {diverged} |"
         )
     spread = seed_spread(rows)
     if spread:
-        lines += ["", "Seed-to-seed spread of the final loss:", "",
-                  "| arm | LR | seeds | mean final loss | std (ddof 1) |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {arm} | {lr:g} | {n} | {mean:.4f} | {std:.4f} |"
-                  for arm, lr, n, mean, std in spread]
+        lines += [
+            "",
+            "Seed-to-seed spread of the final loss:",
+            "",
+            "| arm | LR | seeds | mean final loss | std (ddof 1) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {arm} | {lr:g} | {n} | {mean:.4f} | {std:.4f} |" for arm, lr, n, mean, std in spread
+        ]
     lrs = sorted({r["lr"] for r in rows})
-    lines += ["", "Final loss per LR (✗: diverged):", "",
-              "| arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-              "|---|" + "---:|" * len(lrs)]
+    lines += [
+        "",
+        "Final loss per LR (✗: diverged):",
+        "",
+        "| arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+        "|---|" + "---:|" * len(lrs),
+    ]
     flags = {(r["arm"], r["seed"], r["lr"]): r["diverged"] for r in rows}
     for a in arms:
-        cells = [("—" if lr not in a.finals else
-                  _num(a.finals[lr]) + (" ✗" if flags[(a.arm, a.seed, lr)] else "")) for lr in lrs]
+        cells = [
+            (
+                "—"
+                if lr not in a.finals
+                else _num(a.finals[lr]) + (" ✗" if flags[(a.arm, a.seed, lr)] else "")
+            )
+            for lr in lrs
+        ]
         label = f"{a.arm} (seed {a.seed})" if multi_seed else a.arm
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     cpu = sum(r["cpu_s"] for r in rows)
     wall = sum(r["wall_s"] for r in rows)
     loads = [r["load_avg_1m"] for r in rows]
     lines += [
-        "", f"Cost: {len(rows)} runs, {cpu / 60:.1f} min CPU (user + sys), {wall / 60:.1f} min "
+        "",
+        f"Cost: {len(rows)} runs, {cpu / 60:.1f} min CPU (user + sys), {wall / 60:.1f} min "
         f"wall; 1-minute load average at run starts {min(loads):.1f}–{max(loads):.1f}.",
     ]
     lines += ["", *[f"![{Path(f).stem}]({f})" for f in figures]]
@@ -426,17 +521,24 @@ def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax = fig.subplots()
     for i, a in enumerate(arm_results(sorted(rows, key=lambda r: r["arm"]))):
         lrs = np.array(sorted(a.finals))
-        capped = np.array([min(a.finals[lr], a.init_loss) if math.isfinite(a.finals[lr])
-                           else a.init_loss for lr in lrs])
+        capped = np.array(
+            [
+                min(a.finals[lr], a.init_loss) if math.isfinite(a.finals[lr]) else a.init_loss
+                for lr in lrs
+            ]
+        )
         bad = np.array([lr in a.diverged_lrs for lr in lrs])
         color, style = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]
         label = a.arm if len({r["seed"] for r in rows}) == 1 else f"{a.arm} (seed {a.seed})"
         ax.plot(lrs, capped, color=color, linestyle=style, marker="o", markersize=4, label=label)
         if bad.any():
-            ax.plot(lrs[bad], capped[bad], linestyle="none", marker="x", markersize=10,
-                    color=color)
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (capped at init)",
-           title="final loss vs LR (x: diverged)")
+            ax.plot(lrs[bad], capped[bad], linestyle="none", marker="x", markersize=10, color=color)
+    ax.set(
+        xscale="log",
+        xlabel="peak learning rate",
+        ylabel="final val loss (capped at init)",
+        title="final loss vs LR (x: diverged)",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -444,8 +546,9 @@ def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_series(key: str, runs: Mapping[str, Run], rows: Sequence[Mapping[str, Any]],
-                path: Path) -> Path | None:
+def plot_series(
+    key: str, runs: Mapping[str, Run], rows: Sequence[Mapping[str, Any]], path: Path
+) -> Path | None:
     """``key`` over steps: a panel per LR, a line per arm (and seed). None when not logged."""
     by_lr: dict[float, list[tuple[str, Run]]] = {}
     for row in sorted(rows, key=lambda r: (r["lr"], r["arm"], r["seed"])):
@@ -472,15 +575,17 @@ def plot_series(key: str, runs: Mapping[str, Run], rows: Sequence[Mapping[str, A
         handles, labels = ax.get_legend_handles_labels()
         for handle, label in zip(handles, labels, strict=True):
             seen.setdefault(label, handle)
-    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(6, len(seen)),
-               fontsize=7)
+    fig.legend(
+        list(seen.values()), list(seen), loc="lower center", ncol=min(6, len(seen)), fontsize=7
+    )
     fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(seen) // 6), 1, 1))
     fig.savefig(path, dpi=90)
     return path
 
 
-def render(plan: Plan, rows: Sequence[Mapping[str, Any]], report_dir: Path,
-           runs_dir: Path | None = None) -> list[Path]:
+def render(
+    plan: Plan, rows: Sequence[Mapping[str, Any]], report_dir: Path, runs_dir: Path | None = None
+) -> list[Path]:
     """``summary.csv``, the loss-vs-LR figure, the plan's series figures (when the run dirs are
     at hand) and ``<plan>.md`` in ``report_dir``."""
     if not rows:

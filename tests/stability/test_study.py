@@ -32,16 +32,42 @@ ROOT = Path(__file__).parents[2]
 TOOL = ROOT / "tools" / "study.py"
 
 
-def row(arm: str, lr: float, final: float, *, seed: int = 0, init: float = 8.0,
-        stopped: bool = False, logit: float = 10.0, entropy: float = 1.0) -> dict:
+def row(
+    arm: str,
+    lr: float,
+    final: float,
+    *,
+    seed: int = 0,
+    init: float = 8.0,
+    stopped: bool = False,
+    logit: float = 10.0,
+    entropy: float = 1.0,
+) -> dict:
     values = {key: math.nan for key in FIELDS}
     values.update(
-        plan="fixed", arm=arm, lr=lr, seed=seed, run_id=f"{arm}-{lr:g}-{seed}", steps=100,
-        max_steps=100, init_loss=init, final_loss=final, final_from="val/loss @ 100",
-        stopped_early=stopped, diverged=is_diverged(final, init, stopped),
-        peak_attn_logit=logit, peak_attn_logit_layer=0, peak_attn_logit_step=10,
-        min_attn_entropy=entropy, peak_abs_logsumexp=3.0, final_logsumexp=-2.0,
-        spike_score_loss=0.0, spike_score_grad=1.5, cpu_s=30.0, wall_s=60.0, load_avg_1m=4.0,
+        plan="fixed",
+        arm=arm,
+        lr=lr,
+        seed=seed,
+        run_id=f"{arm}-{lr:g}-{seed}",
+        steps=100,
+        max_steps=100,
+        init_loss=init,
+        final_loss=final,
+        final_from="val/loss @ 100",
+        stopped_early=stopped,
+        diverged=is_diverged(final, init, stopped),
+        peak_attn_logit=logit,
+        peak_attn_logit_layer=0,
+        peak_attn_logit_step=10,
+        min_attn_entropy=entropy,
+        peak_abs_logsumexp=3.0,
+        final_logsumexp=-2.0,
+        spike_score_loss=0.0,
+        spike_score_grad=1.5,
+        cpu_s=30.0,
+        wall_s=60.0,
+        load_avg_1m=4.0,
         overrides=f"model.qk_norm={arm}",
     )
     return values
@@ -50,10 +76,19 @@ def row(arm: str, lr: float, final: float, *, seed: int = 0, init: float = 8.0,
 # Arm "none": init 8; finals 6.0, 5.0 (best), 9.0 (above init: diverged, capped at 8), NaN
 # (diverged, counts 8). Mean of capped (6 + 5 + 8 + 8) / 4 = 6.75, minus 5: 1.75.
 # Arm "full": 5.5, 4.5, 4.0 (best), 4.2: mean 4.55 - 4.0 = 0.55.
-FIXED = [row("none", lr, f, logit=lg) for lr, f, lg in
-         ((1e-3, 6.0, 30.0), (1e-2, 5.0, 900.0), (1e-1, 9.0, 2.5e4), (1.0, math.nan, math.nan))]
-FIXED += [row("full", lr, f, entropy=e) for lr, f, e in
-          ((1e-3, 5.5, 2.0), (1e-2, 4.5, 1.2), (1e-1, 4.0, 0.7), (1.0, 4.2, 0.9))]
+FIXED = [
+    row("none", lr, f, logit=lg)
+    for lr, f, lg in (
+        (1e-3, 6.0, 30.0),
+        (1e-2, 5.0, 900.0),
+        (1e-1, 9.0, 2.5e4),
+        (1.0, math.nan, math.nan),
+    )
+]
+FIXED += [
+    row("full", lr, f, entropy=e)
+    for lr, f, e in ((1e-3, 5.5, 2.0), (1e-2, 4.5, 1.2), (1e-1, 4.0, 0.7), (1.0, 4.2, 0.9))
+]
 
 
 def test_divergence_classification_hand_worked() -> None:
@@ -82,15 +117,19 @@ def test_arm_results_hand_worked_and_ranked_by_sensitivity() -> None:
 def test_seed_spread_is_the_sample_std_per_grid_point() -> None:
     rows = [row("full", 0.1, v, seed=s) for s, v in enumerate((4.0, 4.2, 4.4))]
     assert seed_spread(rows + [row("none", 0.1, 5.0)]) == [
-        ("full", 0.1, 3, pytest.approx(4.2), pytest.approx(0.2))]
+        ("full", 0.1, 3, pytest.approx(4.2), pytest.approx(0.2))
+    ]
 
 
 def test_report_renders_fixed_rows(tmp_path) -> None:
     md = report_markdown("fixed", "Two arms.", FIXED, ["final_loss_vs_lr.png"])
-    table = [line for line in md.splitlines() if line.startswith("| full |")
-             or line.startswith("| none |")]
-    assert table[0].startswith("| full | 8.000 | 0.1 | 4 | **0.550** | 10 | 0.7 |")
-    assert table[1].startswith("| none | 8.000 | 0.01 | 5 | **1.750** | 2.5e+04 | 1 |")
+    table = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| full |") or line.startswith("| none |")
+    ]
+    assert table[0].startswith("| full | 4 | 8.000 | 0.1 | 4 | **0.550** | 10 | 0.7 |")
+    assert table[1].startswith("| none | 4 | 8.000 | 0.01 | 5 | **1.750** | 2.5e+04 | 1 |")
     assert table[1].endswith("| 0.1, 1 |") and table[0].endswith("| none |")
     assert "| none | 6 | 5 | 9 ✗ | — ✗ |" in md
     assert "8 runs, 4.0 min CPU (user + sys), 8.0 min wall" in md
@@ -98,7 +137,9 @@ def test_report_renders_fixed_rows(tmp_path) -> None:
     path = write_rows(FIXED, tmp_path / "summary.csv")
     back = read_rows(path)
     assert [r["run_id"] for r in back] == [r["run_id"] for r in FIXED]
-    assert report_markdown("fixed", "Two arms.", back) == report_markdown("fixed", "Two arms.", FIXED)
+    assert report_markdown("fixed", "Two arms.", back) == report_markdown(
+        "fixed", "Two arms.", FIXED
+    )
     assert plot_loss_vs_lr(back, tmp_path / "loss.png").stat().st_size > 10_000
 
 
@@ -119,6 +160,7 @@ def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
             load_plan(path)
 
 
+@pytest.mark.slow
 def test_tiny_plan_end_to_end_then_skips_completed_runs(tmp_path) -> None:
     plan = load_plan("tiny")
     rows, ran = run_plan(plan, tmp_path)
@@ -137,8 +179,9 @@ def test_killed_study_continues_without_redoing_completed_runs(tmp_path) -> None
     out = tmp_path / "study"
     cmd = [sys.executable, str(TOOL), "--plan", "tiny", "--out", str(out), "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not list(out.glob(f"*/{RESULT_FILE}")):
         assert proc.poll() is None and time.monotonic() < deadline, "no run completed"
