@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
-from olmo_mini.stability.study import StudyError, completed_rows, load_plan, render, run_plan
+from olmo_mini.stability.study import (
+    StudyError,
+    completed_rows,
+    load_plan,
+    pooled_std,
+    read_rows,
+    render,
+    run_plan,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads per run (1 wastes least CPU on a busy machine)",
     )
     parser.add_argument("--render-only", action="store_true", help="report completed runs only")
+    parser.add_argument(
+        "--seed-spread",
+        type=Path,
+        metavar="CSV",
+        help="a seeds plan's summary.csv: add each arm's sensitivity std under that noise",
+    )
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
@@ -44,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             rows, ran = completed_rows(plan, args.out), 0
         else:
             rows, ran = run_plan(plan, args.out)
-        written = render(plan, rows, args.report or args.out / "report", args.out)
+        sigma = None
+        if args.seed_spread is not None:
+            sigma = pooled_std(read_rows(args.seed_spread))
+            if not math.isfinite(sigma):
+                raise StudyError(f"{args.seed_spread}: no grid point was run with several seeds")
+        written = render(plan, rows, args.report or args.out / "report", args.out, sigma)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

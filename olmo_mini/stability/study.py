@@ -428,6 +428,28 @@ def seed_spread(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int
     ]
 
 
+def pooled_std(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The seed-to-seed std of the final loss pooled over the repeated grid points (the root
+    mean of their variances); NaN when no point was repeated."""
+    spread = seed_spread(rows)
+    if not spread:
+        return math.nan
+    return math.sqrt(sum(std**2 for *_, std in spread) / len(spread))
+
+
+def sensitivity_noise(
+    finals: Mapping[float, float], init: float, sigma: float, draws: int = 4000, seed: int = 0
+) -> float:
+    """The std of an arm's LR sensitivity if every final loss moved by independent N(0, sigma)
+    seed noise (Monte Carlo): an estimate from the measured final-loss spread, for telling
+    which sensitivity gaps a single seed per point can resolve."""
+    rng = np.random.default_rng(seed)
+    values = np.array(list(finals.values()), dtype=np.float64)
+    noisy = values + rng.normal(0.0, sigma, size=(draws, values.size))
+    samples = [lr_sensitivity(dict(enumerate(row)), init) for row in noisy]
+    return float(np.std(samples))
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 
@@ -436,9 +458,17 @@ def _num(value: float, digits: int = 4) -> str:
 
 
 def report_markdown(
-    plan_name: str, description: str, rows: Sequence[Mapping[str, Any]], figures: Sequence[str] = ()
+    plan_name: str,
+    description: str,
+    rows: Sequence[Mapping[str, Any]],
+    figures: Sequence[str] = (),
+    sigma: float | None = None,
 ) -> str:
-    """The plan's report: the arm table ranked by LR sensitivity, the per-run table, the cost."""
+    """The plan's report: the arm table ranked by LR sensitivity, the per-run table, the cost.
+
+    ``sigma``: a seed-to-seed std of the final loss measured elsewhere (another plan); each
+    arm's sensitivity then gets the std that noise of that size would give it.
+    """
     arms = arm_results(rows)
     multi_seed = len({a.seed for a in arms}) > 1
     lines = [f"# Study plan `{plan_name}`", ""]
@@ -449,7 +479,13 @@ def report_markdown(
         "final loss (Wortsman et al. 2023, §2.2). Peak/min columns are over every run of the arm; "
         "spike scores (OLMo 2, % of steps ≥ 7σ from the rolling mean) are the worst run's. "
         "*LRs*: how many LRs of the grid ran; an arm with fewer than the others is incomplete "
-        "and its sensitivity, over its own LRs only, is not comparable.",
+        "and its sensitivity, over its own LRs only, is not comparable."
+        + (
+            ""
+            if sigma is None
+            else f" Sensitivities show ± the std that seed noise of {sigma:.3f} nats per final "
+            "loss (measured by the seeds plan) would give them."
+        ),
         "",
         "| arm |"
         + (" seed |" if multi_seed else "")
@@ -460,13 +496,19 @@ def report_markdown(
         + ("---:|" if multi_seed else "")
         + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def noise(a: ArmResult) -> str:
+        if sigma is None:
+            return ""
+        return f" ± {sensitivity_noise(a.finals, a.init_loss, sigma):.3f}"
+
     for a in arms:
         diverged = ", ".join(f"{lr:g}" for lr in a.diverged_lrs) or "none"
         lines.append(
             f"| {a.arm} |"
             + (f" {a.seed} |" if multi_seed else "")
             + f" {len(a.finals)} | {a.init_loss:.3f} | {_num(a.best_lr)} | {_num(a.best_loss)} | "
-            f"**{a.sensitivity:.3f}** | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
+            f"**{a.sensitivity:.3f}**{noise(a)} | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
             f"{_num(a.peak_abs_logsumexp, 3)} | {_num(a.max_spike_score_loss, 2)} | "
             f"{_num(a.max_spike_score_grad, 2)} | {diverged} |"
         )
@@ -584,10 +626,14 @@ def plot_series(
 
 
 def render(
-    plan: Plan, rows: Sequence[Mapping[str, Any]], report_dir: Path, runs_dir: Path | None = None
+    plan: Plan,
+    rows: Sequence[Mapping[str, Any]],
+    report_dir: Path,
+    runs_dir: Path | None = None,
+    sigma: float | None = None,
 ) -> list[Path]:
     """``summary.csv``, the loss-vs-LR figure, the plan's series figures (when the run dirs are
-    at hand) and ``<plan>.md`` in ``report_dir``."""
+    at hand) and ``<plan>.md`` in ``report_dir``; ``sigma`` as in ``report_markdown``."""
     if not rows:
         raise StudyError(f"plan {plan.name!r}: no completed runs to report")
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -601,7 +647,8 @@ def render(
             if path is not None:
                 figures.append(path)
     md = report_dir / f"{plan.name}.md"
-    md.write_text(report_markdown(plan.name, plan.description, rows, [p.name for p in figures]))
+    names = [p.name for p in figures]
+    md.write_text(report_markdown(plan.name, plan.description, rows, names, sigma))
     return [*written, *figures, md]
 
 

@@ -21,10 +21,12 @@ from olmo_mini.stability.study import (
     is_diverged,
     load_plan,
     plot_loss_vs_lr,
+    pooled_std,
     read_rows,
     report_markdown,
     run_plan,
     seed_spread,
+    sensitivity_noise,
     write_rows,
 )
 
@@ -121,6 +123,18 @@ def test_seed_spread_is_the_sample_std_per_grid_point() -> None:
     ]
 
 
+def test_pooled_std_and_sensitivity_noise() -> None:
+    rows = [row("full", 0.1, v, seed=s) for s, v in enumerate((4.0, 4.2, 4.4))]
+    rows += [row("none", 0.1, v, seed=s) for s, v in enumerate((5.0, 5.4, 5.8))]
+    assert pooled_std(rows) == pytest.approx(math.sqrt((0.2**2 + 0.4**2) / 2))
+    assert math.isnan(pooled_std(FIXED))
+    # Two LRs far apart: sensitivity = (b - a) / 2 exactly, whose std is sigma / sqrt(2).
+    assert sensitivity_noise({0.1: 3.0, 1.0: 5.0}, 8.0, 0.0) == 0.0
+    noise = sensitivity_noise({0.1: 3.0, 1.0: 5.0}, 8.0, 0.1, draws=20000)
+    assert noise == pytest.approx(0.1 / math.sqrt(2), rel=0.03)
+    assert sensitivity_noise({0.1: 3.0}, 8.0, 0.1) == 0.0  # one LR: always 0
+
+
 def test_report_renders_fixed_rows(tmp_path) -> None:
     md = report_markdown("fixed", "Two arms.", FIXED, ["final_loss_vs_lr.png"])
     table = [
@@ -141,6 +155,9 @@ def test_report_renders_fixed_rows(tmp_path) -> None:
         "fixed", "Two arms.", FIXED
     )
     assert plot_loss_vs_lr(back, tmp_path / "loss.png").stat().st_size > 10_000
+    with_noise = report_markdown("fixed", "", FIXED, sigma=0.1)
+    assert "seed noise of 0.100 nats" in with_noise
+    assert "| **0.550** ± 0.0" in with_noise
 
 
 def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
