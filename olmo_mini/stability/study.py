@@ -285,11 +285,45 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _claim(lock: Path) -> bool:
+    """Take ``lock`` for this process: False while another live process holds it. A lock whose
+    process is gone (a killed study) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text() or "0")
+            except (FileNotFoundError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
-    """Run every incomplete run of ``plan`` under ``out``; return all rows and how many ran.
+    """Run every incomplete run of ``plan`` under ``out``; return the completed rows and how
+    many ran here.
 
     A run dir without ``result.json`` is what a killed study left behind: it is removed and
-    the run starts again from scratch, so no run ever continues another launch's files.
+    the run starts again from scratch, so no run ever continues another launch's files. Each
+    run is claimed with ``<run_id>.lock`` (the owner's pid), so several processes can work
+    through one plan side by side, each skipping the runs another live one is training.
     """
     out.mkdir(parents=True, exist_ok=True)
     rows, ran = [], 0
@@ -297,25 +331,34 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
     for i, spec in enumerate(specs, start=1):
         run_dir = out / spec.run_id
         row = read_result(run_dir)
-        if row is None:
-            if run_dir.exists():
-                log.info("%s: incomplete (no %s); starting it again", run_dir, RESULT_FILE)
-                shutil.rmtree(run_dir)
-            log.info("[%d/%d] %s", i, len(specs), spec.run_id)
-            row = train_run(spec, plan.name, run_dir)
-            _write_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
-            ran += 1
-            log.info(
-                "[%d/%d] %s: final loss %.4f, diverged %s, %.0f s CPU",
-                i,
-                len(specs),
-                spec.run_id,
-                row["final_loss"],
-                row["diverged"],
-                row["cpu_s"],
-            )
-        else:
+        if row is not None:
             log.info("[%d/%d] %s: complete, skipped", i, len(specs), spec.run_id)
+            rows.append(row)
+            continue
+        lock = out / f"{spec.run_id}.lock"
+        if not _claim(lock):
+            log.info("[%d/%d] %s: another process is training it", i, len(specs), spec.run_id)
+            continue
+        try:
+            if (row := read_result(run_dir)) is None:  # not finished by another meanwhile
+                if run_dir.exists():
+                    log.info("%s: incomplete (no %s); starting it again", run_dir, RESULT_FILE)
+                    shutil.rmtree(run_dir)
+                log.info("[%d/%d] %s", i, len(specs), spec.run_id)
+                row = train_run(spec, plan.name, run_dir)
+                _write_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
+                ran += 1
+                log.info(
+                    "[%d/%d] %s: final loss %.4f, diverged %s, %.0f s CPU",
+                    i,
+                    len(specs),
+                    spec.run_id,
+                    row["final_loss"],
+                    row["diverged"],
+                    row["cpu_s"],
+                )
+        finally:
+            lock.unlink(missing_ok=True)
         rows.append(row)
     return rows, ran
 

@@ -180,8 +180,16 @@ def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
 @pytest.mark.slow
 def test_tiny_plan_end_to_end_then_skips_completed_runs(tmp_path) -> None:
     plan = load_plan("tiny")
+    first = plan.runs()[0].run_id
+    lock = tmp_path / f"{first}.lock"
+    lock.write_text(str(os.getppid()))  # a live process holds the first run
     rows, ran = run_plan(plan, tmp_path)
-    assert ran == 4 and len(rows) == 4
+    assert ran == 3 and first not in {r["run_id"] for r in rows}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(str(gone.pid))  # its holder is gone: the lock is stale
+    rows, ran = run_plan(plan, tmp_path)
+    assert ran == 1 and len(rows) == 4 and not lock.exists()
     for r in rows:
         assert r["steps"] == r["max_steps"] == 4 and r["final_from"] == "val/loss @ 4"
         assert math.isfinite(r["final_loss"]) and math.isfinite(r["peak_attn_logit"])
