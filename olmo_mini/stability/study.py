@@ -644,26 +644,36 @@ def plot_series(
         return None
     arms = sorted({label for members in by_lr.values() for label, _ in members})
     color = {label: f"C{i % 10}" for i, label in enumerate(arms)}
-    fig = Figure(figsize=(3.6 * len(by_lr), 3.6))
-    axes = fig.subplots(1, len(by_lr), squeeze=False, sharey=True)[0]
-    for ax, (lr, members) in zip(axes, sorted(by_lr.items()), strict=True):
+    cols = min(4, len(by_lr))
+    rows_n = math.ceil(len(by_lr) / cols)
+    legend_rows = math.ceil(len(arms) / 4)
+    fig = Figure(figsize=(4.2 * cols, 3.3 * rows_n + 0.25 * legend_rows + 0.3))
+    axes = list(fig.subplots(rows_n, cols, squeeze=False, sharey=True).flat)
+    for ax, (lr, members) in zip(axes, sorted(by_lr.items()), strict=False):
         for label, run in members:
             steps, values = run.series(key)
-            ax.plot(steps, values, color=color[label], linewidth=1.1, label=label)
+            ax.plot(
+                steps,
+                values,
+                color=color[label],
+                linewidth=1.1,
+                label=label,
+                linestyle=("-", "--", ":")[arms.index(label) // 10 % 3],
+            )
         if "max_logit" in key:
             ax.set_yscale("log")
-        ax.set(title=f"lr={lr:g}", xlabel="step")
+        ax.set(title=f"lr={lr:g}", xlabel="step", ylabel=key)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(key)
+    for ax in list(axes)[len(by_lr) :]:
+        ax.axis("off")
     seen: dict[str, Any] = {}
-    for ax in axes:
+    for ax in fig.axes:
         handles, labels = ax.get_legend_handles_labels()
         for handle, label in zip(handles, labels, strict=True):
             seen.setdefault(label, handle)
-    fig.legend(
-        list(seen.values()), list(seen), loc="lower center", ncol=min(6, len(seen)), fontsize=7
-    )
-    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(seen) // 6), 1, 1))
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=4, fontsize=8)
+    bottom = (0.25 * legend_rows + 0.3) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=90)
     return path
 
