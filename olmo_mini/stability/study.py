@@ -1,0 +1,710 @@
+"""A stability study: a named grid of training runs (arms × LRs × seeds), run one after another,
+resumable, and rendered as one summary row per run plus an arm table and figures.
+
+A plan is a YAML file (``configs/study/<name>.yaml``): ``base`` overrides shared by every run,
+``arms`` (name → overrides), ``lrs`` and ``seeds``. Each run trains in this process (no
+interpreter start-up per run) in its own directory ``<out>/<run_id>``; the run id carries a
+hash of the run's full overrides, so editing a plan makes new runs instead of reusing old ones.
+A run is complete only when its ``result.json`` (the summary row) exists: it is written
+atomically after training ends, so a study killed mid-run redoes that run from a fresh
+directory and skips every completed one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+
+from olmo_mini.stability.compare import final_loss, init_loss, max_attention_logit
+from olmo_mini.stability.runs import Run, load_run_dir
+from olmo_mini.stability.sensitivity import lr_sensitivity
+
+log = logging.getLogger(__name__)
+
+PLAN_DIR = Path(__file__).resolve().parents[2] / "configs" / "study"
+RESULT_FILE = "result.json"
+SUMMARY_FILE = "summary.csv"
+# One row per run, in this column order (the committed per-plan CSV).
+FIELDS = (
+    "plan",
+    "arm",
+    "lr",
+    "seed",
+    "run_id",
+    "steps",
+    "max_steps",
+    "init_loss",
+    "final_loss",
+    "final_from",
+    "stopped_early",
+    "diverged",
+    "peak_attn_logit",
+    "peak_attn_logit_layer",
+    "peak_attn_logit_step",
+    "min_attn_entropy",
+    "peak_abs_logsumexp",
+    "final_logsumexp",
+    "spike_score_loss",
+    "spike_score_grad",
+    "cpu_s",
+    "wall_s",
+    "load_avg_1m",
+    "overrides",
+)
+_LSE_KEY = "logits/mean_logsumexp"
+
+
+class StudyError(ValueError):
+    """A plan or a study folder is not usable; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a plan."""
+
+    arm: str
+    lr: float
+    seed: int
+    overrides: tuple[str, ...]  # the full Hydra override list, base first
+
+    @property
+    def run_id(self) -> str:
+        digest = hashlib.sha1("\n".join(self.overrides).encode()).hexdigest()[:8]
+        slug = re.sub(r"[^A-Za-z0-9.]+", "_", self.arm).strip("_")
+        return f"{slug}-lr{self.lr:g}-s{self.seed}-{digest}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A named grid: every arm at every LR and seed, on the same ``base`` overrides."""
+
+    name: str
+    description: str
+    base: tuple[str, ...]
+    arms: dict[str, tuple[str, ...]]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    series: tuple[str, ...]  # metrics drawn over steps, one figure each
+
+    def runs(self) -> list[RunSpec]:
+        """Arm by arm, then LR, then seed: a partial study holds whole arms first."""
+        return [
+            RunSpec(arm, lr, seed, (*self.base, *extra, f"optim.lr={lr!r}", f"seed={seed}"))
+            for arm, extra in self.arms.items()
+            for lr in self.lrs
+            for seed in self.seeds
+        ]
+
+
+def plan_path(name: str | Path) -> Path:
+    """A plan file: a path as given, else ``configs/study/<name>.yaml``."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return PLAN_DIR / f"{name}.yaml"
+
+
+def load_plan(name: str | Path) -> Plan:
+    """Read and check a plan; every problem is one ``StudyError`` naming the file and field."""
+    path = plan_path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in PLAN_DIR.glob("*.yaml"))
+        raise StudyError(
+            f"plan {str(name)!r}: no file {path} (plans in {PLAN_DIR}: {', '.join(known)})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: expected a mapping with base, arms, lrs, seeds")
+    unknown = sorted(set(data) - {"description", "base", "arms", "lrs", "seeds", "series"})
+    if unknown:
+        raise StudyError(f"{path}: unknown fields {unknown}")
+
+    def strings(value: Any, field: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise StudyError(f"{path}: {field} must be a list of strings, got {value!r}")
+        return tuple(value)
+
+    def numbers(field: str, kind: type) -> tuple:
+        value = data.get(field)
+        if not isinstance(value, list) or not value:
+            raise StudyError(f"{path}: {field} must be a non-empty list, got {value!r}")
+        try:
+            out = tuple(kind(v) for v in value if not isinstance(v, bool))
+        except (TypeError, ValueError):
+            raise StudyError(f"{path}: {field} must hold numbers, got {value!r}") from None
+        if len(out) != len(value) or len(set(out)) != len(out):
+            raise StudyError(f"{path}: {field} must hold distinct numbers, got {value!r}")
+        return out
+
+    arms_raw = data.get("arms")
+    if not isinstance(arms_raw, dict) or not arms_raw:
+        raise StudyError(f"{path}: arms must be a non-empty mapping of name to overrides")
+    arms = {str(k): strings(v, f"arms.{k}") for k, v in arms_raw.items()}
+    lrs = numbers("lrs", float)
+    if any(lr <= 0 for lr in lrs):
+        raise StudyError(f"{path}: lrs must be positive, got {list(lrs)}")
+    named = [("base", strings(data.get("base"), "base"))]
+    named += [(f"arms.{arm}", overrides) for arm, overrides in arms.items()]
+    for field, overrides in named:
+        for o in overrides:
+            if o.split("=", 1)[0].lstrip("+~") in ("optim.lr", "seed"):
+                raise StudyError(f"{path}: {field} sets {o!r}; the plan's lrs and seeds set it")
+    return Plan(
+        name=path.stem,
+        description=str(data.get("description") or ""),
+        base=strings(data.get("base"), "base"),
+        arms=arms,
+        lrs=lrs,
+        seeds=numbers("seeds", int) if "seeds" in data else (0,),
+        series=strings(data.get("series"), "series"),
+    )
+
+
+# --- one run ----------------------------------------------------------------------------------
+
+
+def is_diverged(final: float, init: float, stopped_early: bool) -> bool:
+    """Diverged: stopped on non-finite steps, a non-finite final loss, or one above the loss at
+    init (the run ended worse than it started)."""
+    return stopped_early or not math.isfinite(final) or final > init
+
+
+def summarize(
+    spec: RunSpec,
+    plan: str,
+    run: Run,
+    max_steps: int,
+    stopped_early: bool,
+    cpu_s: float,
+    wall_s: float,
+    load: float,
+) -> dict[str, Any]:
+    """The summary row of one finished run, from its logged history."""
+    init, final = init_loss(run).value, final_loss(run)
+    peak = max_attention_logit(run)
+    entropies = [
+        v
+        for _, (_, values) in run.layer_series("attn", "entropy").items()
+        for v in values
+        if math.isfinite(v)
+    ]
+    _, lse = run.series(_LSE_KEY)
+    finite_lse = lse[np.isfinite(lse)]
+    return {
+        "plan": plan,
+        "arm": spec.arm,
+        "lr": spec.lr,
+        "seed": spec.seed,
+        "run_id": spec.run_id,
+        "steps": run.final_step,
+        "max_steps": max_steps,
+        "init_loss": init,
+        "final_loss": final.value,
+        "final_from": final.how,
+        "stopped_early": stopped_early,
+        "diverged": is_diverged(final.value, init, stopped_early),
+        "peak_attn_logit": peak[0] if peak else math.nan,
+        "peak_attn_logit_layer": peak[1] if peak else -1,
+        "peak_attn_logit_step": peak[2] if peak else -1,
+        "min_attn_entropy": min(entropies) if entropies else math.nan,
+        "peak_abs_logsumexp": float(np.abs(finite_lse).max()) if finite_lse.size else math.nan,
+        "final_logsumexp": float(lse[-1]) if lse.size else math.nan,
+        "spike_score_loss": run.last("stability/spike_score_loss"),
+        "spike_score_grad": run.last("stability/spike_score_grad"),
+        "cpu_s": round(cpu_s, 2),
+        "wall_s": round(wall_s, 2),
+        "load_avg_1m": round(load, 2),
+        "overrides": " ".join(spec.overrides),
+    }
+
+
+def train_run(spec: RunSpec, plan: str, run_dir: Path) -> dict[str, Any]:
+    """Train ``spec`` in this process into a fresh ``run_dir``; return its summary row.
+
+    A run that stops on non-finite steps (``TrainingDiverged``) is a result, not an error.
+    """
+    from olmo_mini.config import compose_config
+    from olmo_mini.training.module import TrainingDiverged
+    from olmo_mini.training.run import train
+
+    config = compose_config(list(spec.overrides))
+    load = os.getloadavg()[0]
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    stopped_early = False
+    try:
+        train(config, run_dir)
+    except TrainingDiverged as err:
+        log.info("%s: %s", spec.run_id, err)
+        stopped_early = True
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
+    return summarize(
+        spec,
+        plan,
+        load_run_dir(run_dir),
+        config.trainer.max_steps,
+        stopped_early,
+        cpu,
+        time.perf_counter() - start,
+        load,
+    )
+
+
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary row when the run completed, else None."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _claim(lock: Path) -> bool:
+    """Take ``lock`` for this process: False while another live process holds it. A lock whose
+    process is gone (a killed study) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text() or "0")
+            except (FileNotFoundError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
+    """Run every incomplete run of ``plan`` under ``out``; return the completed rows and how
+    many ran here.
+
+    A run dir without ``result.json`` is what a killed study left behind: it is removed and
+    the run starts again from scratch, so no run ever continues another launch's files. Each
+    run is claimed with ``<run_id>.lock`` (the owner's pid), so several processes can work
+    through one plan side by side, each skipping the runs another live one is training.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rows, ran = [], 0
+    specs = plan.runs()
+    for i, spec in enumerate(specs, start=1):
+        run_dir = out / spec.run_id
+        row = read_result(run_dir)
+        if row is not None:
+            log.info("[%d/%d] %s: complete, skipped", i, len(specs), spec.run_id)
+            rows.append(row)
+            continue
+        lock = out / f"{spec.run_id}.lock"
+        if not _claim(lock):
+            log.info("[%d/%d] %s: another process is training it", i, len(specs), spec.run_id)
+            continue
+        try:
+            if (row := read_result(run_dir)) is None:  # not finished by another meanwhile
+                if run_dir.exists():
+                    log.info("%s: incomplete (no %s); starting it again", run_dir, RESULT_FILE)
+                    shutil.rmtree(run_dir)
+                log.info("[%d/%d] %s", i, len(specs), spec.run_id)
+                row = train_run(spec, plan.name, run_dir)
+                _write_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
+                ran += 1
+                log.info(
+                    "[%d/%d] %s: final loss %.4f, diverged %s, %.0f s CPU",
+                    i,
+                    len(specs),
+                    spec.run_id,
+                    row["final_loss"],
+                    row["diverged"],
+                    row["cpu_s"],
+                )
+        finally:
+            lock.unlink(missing_ok=True)
+        rows.append(row)
+    return rows, ran
+
+
+# --- reading and aggregating rows ---------------------------------------------------------------
+
+
+def write_rows(rows: Iterable[Mapping[str, Any]], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in FIELDS})
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Summary rows from a plan's CSV, typed as ``summarize`` wrote them."""
+    ints = {"seed", "steps", "max_steps", "peak_attn_logit_layer", "peak_attn_logit_step"}
+    text = {"plan", "arm", "run_id", "final_from", "overrides"}
+    rows = []
+    with path.open(newline="") as f:
+        for line, raw in enumerate(csv.DictReader(f), start=2):
+            missing = [k for k in FIELDS if k not in raw]
+            if missing:
+                raise StudyError(f"{path}:{line}: missing columns {missing}")
+            row: dict[str, Any] = {}
+            for key in FIELDS:
+                value = raw[key]
+                if key in text:
+                    row[key] = value
+                elif key in ("stopped_early", "diverged"):
+                    row[key] = value == "True"
+                else:
+                    row[key] = int(value) if key in ints else float(value)
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class ArmResult:
+    """One arm over its LR grid (one seed): the Wortsman et al. numbers and the worst metrics."""
+
+    arm: str
+    seed: int
+    init_loss: float
+    finals: dict[float, float]
+    best_lr: float
+    best_loss: float
+    sensitivity: float
+    peak_attn_logit: float
+    min_attn_entropy: float
+    peak_abs_logsumexp: float
+    max_spike_score_loss: float
+    max_spike_score_grad: float
+    diverged_lrs: list[float]
+
+
+def _nanmax(values: Iterable[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) if finite else math.nan
+
+
+def arm_results(rows: Sequence[Mapping[str, Any]]) -> list[ArmResult]:
+    """Rows grouped by (arm, seed), scored, ranked by LR sensitivity (lowest first)."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["seed"]), []).append(row)
+    results = []
+    for (arm, seed), members in groups.items():
+        members = sorted(members, key=lambda r: r["lr"])
+        inits = [r["init_loss"] for r in members if math.isfinite(r["init_loss"])]
+        if not inits:
+            raise StudyError(f"arm {arm!r} (seed {seed}): no run has a finite loss at init")
+        init = float(np.mean(inits))
+        finals = {r["lr"]: r["final_loss"] for r in members}
+        if len(finals) != len(members):
+            raise StudyError(f"arm {arm!r} (seed {seed}) has two runs at one LR")
+        usable = {lr: v for lr, v in finals.items() if math.isfinite(v)}
+        best_lr = min(usable, key=usable.__getitem__) if usable else math.nan
+        results.append(
+            ArmResult(
+                arm=arm,
+                seed=seed,
+                init_loss=init,
+                finals=finals,
+                best_lr=best_lr,
+                best_loss=usable.get(best_lr, math.nan),
+                sensitivity=lr_sensitivity(finals, init),
+                peak_attn_logit=_nanmax(r["peak_attn_logit"] for r in members),
+                min_attn_entropy=-_nanmax(-r["min_attn_entropy"] for r in members),
+                peak_abs_logsumexp=_nanmax(r["peak_abs_logsumexp"] for r in members),
+                max_spike_score_loss=_nanmax(r["spike_score_loss"] for r in members),
+                max_spike_score_grad=_nanmax(r["spike_score_grad"] for r in members),
+                diverged_lrs=[r["lr"] for r in members if r["diverged"]],
+            )
+        )
+    return sorted(results, key=lambda a: (a.sensitivity, a.arm, a.seed))
+
+
+def seed_spread(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int, float, float]]:
+    """Per (arm, LR) with several seeds: (arm, lr, n, mean final loss, sample std)."""
+    groups: dict[tuple[str, float], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["lr"]), []).append(row["final_loss"])
+    return [
+        (arm, lr, len(v), float(np.mean(v)), float(np.std(v, ddof=1)))
+        for (arm, lr), v in groups.items()
+        if len(v) > 1
+    ]
+
+
+def pooled_std(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The seed-to-seed std of the final loss pooled over the repeated grid points (the root
+    mean of their variances); NaN when no point was repeated."""
+    spread = seed_spread(rows)
+    if not spread:
+        return math.nan
+    return math.sqrt(sum(std**2 for *_, std in spread) / len(spread))
+
+
+def sensitivity_noise(
+    finals: Mapping[float, float], init: float, sigma: float, draws: int = 4000, seed: int = 0
+) -> float:
+    """The std of an arm's LR sensitivity if every final loss moved by independent N(0, sigma)
+    seed noise (Monte Carlo): an estimate from the measured final-loss spread, for telling
+    which sensitivity gaps a single seed per point can resolve."""
+    rng = np.random.default_rng(seed)
+    values = np.array(list(finals.values()), dtype=np.float64)
+    noisy = values + rng.normal(0.0, sigma, size=(draws, values.size))
+    samples = [lr_sensitivity(dict(enumerate(row)), init) for row in noisy]
+    return float(np.std(samples))
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def _num(value: float, digits: int = 4) -> str:
+    return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def report_markdown(
+    plan_name: str,
+    description: str,
+    rows: Sequence[Mapping[str, Any]],
+    figures: Sequence[str] = (),
+    sigma: float | None = None,
+) -> str:
+    """The plan's report: the arm table ranked by LR sensitivity, the per-run table, the cost.
+
+    ``sigma``: a seed-to-seed std of the final loss measured elsewhere (another plan); each
+    arm's sensitivity then gets the std that noise of that size would give it.
+    """
+    arms = arm_results(rows)
+    multi_seed = len({a.seed for a in arms}) > 1
+    lines = [f"# Study plan `{plan_name}`", ""]
+    if description:
+        lines += [description.strip(), ""]
+    lines += [
+        "Ranked by LR sensitivity = mean over the LR grid of min(final loss, loss at init) − best "
+        "final loss (Wortsman et al. 2023, §2.2). Peak/min columns are over every run of the arm; "
+        "spike scores (OLMo 2, % of steps ≥ 7σ from the rolling mean) are the worst run's. "
+        "*LRs*: how many LRs of the grid ran; an arm with fewer than the others is incomplete "
+        "and its sensitivity, over its own LRs only, is not comparable."
+        + (
+            ""
+            if sigma is None
+            else f" Sensitivities show ± the std that seed noise of {sigma:.3f} nats per final "
+            "loss (measured by the seeds plan) would give them."
+        ),
+        "",
+        "| arm |"
+        + (" seed |" if multi_seed else "")
+        + " LRs | loss at init | best LR | best final "
+        "loss | LR sensitivity | peak max attn logit | min attn entropy | peak \\|mean log Z\\| | "
+        "spike score loss % | spike score grad % | diverged at LR |",
+        "|---|"
+        + ("---:|" if multi_seed else "")
+        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def noise(a: ArmResult) -> str:
+        if sigma is None:
+            return ""
+        return f" ± {sensitivity_noise(a.finals, a.init_loss, sigma):.3f}"
+
+    for a in arms:
+        diverged = ", ".join(f"{lr:g}" for lr in a.diverged_lrs) or "none"
+        lines.append(
+            f"| {a.arm} |"
+            + (f" {a.seed} |" if multi_seed else "")
+            + f" {len(a.finals)} | {a.init_loss:.3f} | {_num(a.best_lr)} | {_num(a.best_loss)} | "
+            f"**{a.sensitivity:.3f}**{noise(a)} | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
+            f"{_num(a.peak_abs_logsumexp, 3)} | {_num(a.max_spike_score_loss, 2)} | "
+            f"{_num(a.max_spike_score_grad, 2)} | {diverged} |"
+        )
+    spread = seed_spread(rows)
+    if spread:
+        lines += [
+            "",
+            "Seed-to-seed spread of the final loss:",
+            "",
+            "| arm | LR | seeds | mean final loss | std (ddof 1) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {arm} | {lr:g} | {n} | {mean:.4f} | {std:.4f} |" for arm, lr, n, mean, std in spread
+        ]
+    lrs = sorted({r["lr"] for r in rows})
+    lines += [
+        "",
+        "Final loss per LR (✗: diverged):",
+        "",
+        "| arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+        "|---|" + "---:|" * len(lrs),
+    ]
+    flags = {(r["arm"], r["seed"], r["lr"]): r["diverged"] for r in rows}
+    for a in arms:
+        cells = [
+            (
+                "—"
+                if lr not in a.finals
+                else _num(a.finals[lr]) + (" ✗" if flags[(a.arm, a.seed, lr)] else "")
+            )
+            for lr in lrs
+        ]
+        label = f"{a.arm} (seed {a.seed})" if multi_seed else a.arm
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cpu = sum(r["cpu_s"] for r in rows)
+    wall = sum(r["wall_s"] for r in rows)
+    loads = [r["load_avg_1m"] for r in rows]
+    lines += [
+        "",
+        f"Cost: {len(rows)} runs, {cpu / 60:.1f} min CPU (user + sys), {wall / 60:.1f} min "
+        f"wall; 1-minute load average at run starts {min(loads):.1f}–{max(loads):.1f}.",
+    ]
+    lines += ["", *[f"![{Path(f).stem}]({f})" for f in figures]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Final loss against peak LR, a line per (arm, seed); diverged runs as crosses at their
+    capped value (the loss at init), as LR sensitivity counts them."""
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
+    for i, a in enumerate(arm_results(sorted(rows, key=lambda r: r["arm"]))):
+        lrs = np.array(sorted(a.finals))
+        capped = np.array(
+            [
+                min(a.finals[lr], a.init_loss) if math.isfinite(a.finals[lr]) else a.init_loss
+                for lr in lrs
+            ]
+        )
+        bad = np.array([lr in a.diverged_lrs for lr in lrs])
+        color, style = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]
+        label = a.arm if len({r["seed"] for r in rows}) == 1 else f"{a.arm} (seed {a.seed})"
+        ax.plot(lrs, capped, color=color, linestyle=style, marker="o", markersize=4, label=label)
+        if bad.any():
+            ax.plot(lrs[bad], capped[bad], linestyle="none", marker="x", markersize=10, color=color)
+    ax.set(
+        xscale="log",
+        xlabel="peak learning rate",
+        ylabel="final val loss (capped at init)",
+        title="final loss vs LR (x: diverged)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_series(
+    key: str, runs: Mapping[str, Run], rows: Sequence[Mapping[str, Any]], path: Path
+) -> Path | None:
+    """``key`` over steps: a panel per LR, a line per arm (and seed). None when not logged."""
+    by_lr: dict[float, list[tuple[str, Run]]] = {}
+    for row in sorted(rows, key=lambda r: (r["lr"], r["arm"], r["seed"])):
+        run = runs.get(row["run_id"])
+        if run is not None and key in run.keys():
+            by_lr.setdefault(row["lr"], []).append((f"{row['arm']} s{row['seed']}", run))
+    if not by_lr:
+        return None
+    arms = sorted({label for members in by_lr.values() for label, _ in members})
+    color = {label: f"C{i % 10}" for i, label in enumerate(arms)}
+    cols = min(4, len(by_lr))
+    rows_n = math.ceil(len(by_lr) / cols)
+    legend_rows = math.ceil(len(arms) / 4)
+    fig = Figure(figsize=(4.2 * cols, 3.3 * rows_n + 0.25 * legend_rows + 0.3))
+    axes = list(fig.subplots(rows_n, cols, squeeze=False, sharey=True).flat)
+    for ax, (lr, members) in zip(axes, sorted(by_lr.items()), strict=False):
+        for label, run in members:
+            steps, values = run.series(key)
+            ax.plot(
+                steps,
+                values,
+                color=color[label],
+                linewidth=1.1,
+                label=label,
+                linestyle=("-", "--", ":")[arms.index(label) // 10 % 3],
+            )
+        if "max_logit" in key:
+            ax.set_yscale("log")
+        ax.set(title=f"lr={lr:g}", xlabel="step", ylabel=key)
+        ax.grid(alpha=0.3)
+    for ax in list(axes)[len(by_lr) :]:
+        ax.axis("off")
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        for handle, label in zip(handles, labels, strict=True):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=4, fontsize=8)
+    bottom = (0.25 * legend_rows + 0.3) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def render(
+    plan: Plan,
+    rows: Sequence[Mapping[str, Any]],
+    report_dir: Path,
+    runs_dir: Path | None = None,
+    sigma: float | None = None,
+) -> list[Path]:
+    """``summary.csv``, the loss-vs-LR figure, the plan's series figures (when the run dirs are
+    at hand) and ``<plan>.md`` in ``report_dir``; ``sigma`` as in ``report_markdown``."""
+    if not rows:
+        raise StudyError(f"plan {plan.name!r}: no completed runs to report")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_rows(rows, report_dir / SUMMARY_FILE)]
+    figures = [plot_loss_vs_lr(rows, report_dir / "final_loss_vs_lr.png")]
+    if runs_dir is not None and plan.series:
+        runs = {r["run_id"]: load_run_dir(runs_dir / r["run_id"]) for r in rows}
+        for key in plan.series:
+            name = re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_") + ".png"
+            path = plot_series(key, runs, rows, report_dir / name)
+            if path is not None:
+                figures.append(path)
+    md = report_dir / f"{plan.name}.md"
+    names = [p.name for p in figures]
+    md.write_text(report_markdown(plan.name, plan.description, rows, names, sigma))
+    return [*written, *figures, md]
+
+
+def completed_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
+    """The rows of the plan's runs that completed under ``out``, in plan order."""
+    return [row for spec in plan.runs() if (row := read_result(out / spec.run_id)) is not None]

@@ -1,0 +1,226 @@
+"""The study runner: hand-worked LR sensitivity and divergence, the report on fixed rows, plan
+errors, the tiny plan end to end, and a killed study that continues without redoing runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from olmo_mini.stability.study import (
+    FIELDS,
+    RESULT_FILE,
+    StudyError,
+    arm_results,
+    is_diverged,
+    load_plan,
+    plot_loss_vs_lr,
+    pooled_std,
+    read_rows,
+    report_markdown,
+    run_plan,
+    seed_spread,
+    sensitivity_noise,
+    write_rows,
+)
+
+ROOT = Path(__file__).parents[2]
+TOOL = ROOT / "tools" / "study.py"
+
+
+def row(
+    arm: str,
+    lr: float,
+    final: float,
+    *,
+    seed: int = 0,
+    init: float = 8.0,
+    stopped: bool = False,
+    logit: float = 10.0,
+    entropy: float = 1.0,
+) -> dict:
+    values = {key: math.nan for key in FIELDS}
+    values.update(
+        plan="fixed",
+        arm=arm,
+        lr=lr,
+        seed=seed,
+        run_id=f"{arm}-{lr:g}-{seed}",
+        steps=100,
+        max_steps=100,
+        init_loss=init,
+        final_loss=final,
+        final_from="val/loss @ 100",
+        stopped_early=stopped,
+        diverged=is_diverged(final, init, stopped),
+        peak_attn_logit=logit,
+        peak_attn_logit_layer=0,
+        peak_attn_logit_step=10,
+        min_attn_entropy=entropy,
+        peak_abs_logsumexp=3.0,
+        final_logsumexp=-2.0,
+        spike_score_loss=0.0,
+        spike_score_grad=1.5,
+        cpu_s=30.0,
+        wall_s=60.0,
+        load_avg_1m=4.0,
+        overrides=f"model.qk_norm={arm}",
+    )
+    return values
+
+
+# Arm "none": init 8; finals 6.0, 5.0 (best), 9.0 (above init: diverged, capped at 8), NaN
+# (diverged, counts 8). Mean of capped (6 + 5 + 8 + 8) / 4 = 6.75, minus 5: 1.75.
+# Arm "full": 5.5, 4.5, 4.0 (best), 4.2: mean 4.55 - 4.0 = 0.55.
+FIXED = [
+    row("none", lr, f, logit=lg)
+    for lr, f, lg in (
+        (1e-3, 6.0, 30.0),
+        (1e-2, 5.0, 900.0),
+        (1e-1, 9.0, 2.5e4),
+        (1.0, math.nan, math.nan),
+    )
+]
+FIXED += [
+    row("full", lr, f, entropy=e)
+    for lr, f, e in ((1e-3, 5.5, 2.0), (1e-2, 4.5, 1.2), (1e-1, 4.0, 0.7), (1.0, 4.2, 0.9))
+]
+
+
+def test_divergence_classification_hand_worked() -> None:
+    assert is_diverged(math.nan, 8.0, False)
+    assert is_diverged(math.inf, 8.0, False)
+    assert is_diverged(8.01, 8.0, False)  # ended above the loss at init
+    assert is_diverged(5.0, 8.0, True)  # stopped on non-finite steps
+    assert not is_diverged(8.0, 8.0, False)
+    assert not is_diverged(7.9, 8.0, False)
+
+
+def test_arm_results_hand_worked_and_ranked_by_sensitivity() -> None:
+    full, none = arm_results(FIXED)
+    assert (full.arm, none.arm) == ("full", "none")
+    assert full.sensitivity == pytest.approx(0.55)
+    assert none.sensitivity == pytest.approx(1.75)
+    assert (full.best_lr, full.best_loss) == (1e-1, 4.0)
+    assert (none.best_lr, none.best_loss) == (1e-2, 5.0)
+    assert none.diverged_lrs == [1e-1, 1.0] and full.diverged_lrs == []
+    assert none.peak_attn_logit == 2.5e4  # the NaN run's logit is skipped
+    assert full.min_attn_entropy == 0.7
+    with pytest.raises(StudyError, match="two runs at one LR"):
+        arm_results(FIXED + [row("full", 1e-3, 5.0)])
+
+
+def test_seed_spread_is_the_sample_std_per_grid_point() -> None:
+    rows = [row("full", 0.1, v, seed=s) for s, v in enumerate((4.0, 4.2, 4.4))]
+    assert seed_spread(rows + [row("none", 0.1, 5.0)]) == [
+        ("full", 0.1, 3, pytest.approx(4.2), pytest.approx(0.2))
+    ]
+
+
+def test_pooled_std_and_sensitivity_noise() -> None:
+    rows = [row("full", 0.1, v, seed=s) for s, v in enumerate((4.0, 4.2, 4.4))]
+    rows += [row("none", 0.1, v, seed=s) for s, v in enumerate((5.0, 5.4, 5.8))]
+    assert pooled_std(rows) == pytest.approx(math.sqrt((0.2**2 + 0.4**2) / 2))
+    assert math.isnan(pooled_std(FIXED))
+    # Two LRs far apart: sensitivity = (b - a) / 2 exactly, whose std is sigma / sqrt(2).
+    assert sensitivity_noise({0.1: 3.0, 1.0: 5.0}, 8.0, 0.0) == 0.0
+    noise = sensitivity_noise({0.1: 3.0, 1.0: 5.0}, 8.0, 0.1, draws=20000)
+    assert noise == pytest.approx(0.1 / math.sqrt(2), rel=0.03)
+    assert sensitivity_noise({0.1: 3.0}, 8.0, 0.1) == 0.0  # one LR: always 0
+
+
+def test_report_renders_fixed_rows(tmp_path) -> None:
+    md = report_markdown("fixed", "Two arms.", FIXED, ["final_loss_vs_lr.png"])
+    table = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| full |") or line.startswith("| none |")
+    ]
+    assert table[0].startswith("| full | 4 | 8.000 | 0.1 | 4 | **0.550** | 10 | 0.7 |")
+    assert table[1].startswith("| none | 4 | 8.000 | 0.01 | 5 | **1.750** | 2.5e+04 | 1 |")
+    assert table[1].endswith("| 0.1, 1 |") and table[0].endswith("| none |")
+    assert "| none | 6 | 5 | 9 ✗ | — ✗ |" in md
+    assert "8 runs, 4.0 min CPU (user + sys), 8.0 min wall" in md
+    assert "![final_loss_vs_lr](final_loss_vs_lr.png)" in md
+    path = write_rows(FIXED, tmp_path / "summary.csv")
+    back = read_rows(path)
+    assert [r["run_id"] for r in back] == [r["run_id"] for r in FIXED]
+    assert report_markdown("fixed", "Two arms.", back) == report_markdown(
+        "fixed", "Two arms.", FIXED
+    )
+    assert plot_loss_vs_lr(back, tmp_path / "loss.png").stat().st_size > 10_000
+    with_noise = report_markdown("fixed", "", FIXED, sigma=0.1)
+    assert "seed noise of 0.100 nats" in with_noise
+    assert "| **0.550** ± 0.0" in with_noise
+
+
+def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
+    with pytest.raises(StudyError, match="no file .*nosuch.yaml.*tiny"):
+        load_plan("nosuch")
+    cases = {
+        "arms: {a: []}\nlrs: [0.1]\nextra: 1\n": "unknown fields \\['extra'\\]",
+        "arms: {a: [optim.lr=0.1]}\nlrs: [0.1]\n": "arms.a sets 'optim.lr=0.1'",
+        "arms: {a: []}\nlrs: [0.1, 0.1]\n": "lrs must hold distinct numbers",
+        "arms: {a: []}\nlrs: []\n": "lrs must be a non-empty list",
+        "arms: {a: model.qk_norm=none}\nlrs: [0.1]\n": "arms.a must be a list of strings",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"plan{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(StudyError, match=f"{path}: {message}"):
+            load_plan(path)
+
+
+@pytest.mark.slow
+def test_tiny_plan_end_to_end_then_skips_completed_runs(tmp_path) -> None:
+    plan = load_plan("tiny")
+    first = plan.runs()[0].run_id
+    lock = tmp_path / f"{first}.lock"
+    lock.write_text(str(os.getppid()))  # a live process holds the first run
+    rows, ran = run_plan(plan, tmp_path)
+    assert ran == 3 and first not in {r["run_id"] for r in rows}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(str(gone.pid))  # its holder is gone: the lock is stale
+    rows, ran = run_plan(plan, tmp_path)
+    assert ran == 1 and len(rows) == 4 and not lock.exists()
+    for r in rows:
+        assert r["steps"] == r["max_steps"] == 4 and r["final_from"] == "val/loss @ 4"
+        assert math.isfinite(r["final_loss"]) and math.isfinite(r["peak_attn_logit"])
+        assert r["cpu_s"] > 0 and math.isfinite(r["peak_abs_logsumexp"])
+    assert len({r["run_id"] for r in rows}) == 4
+    again, ran = run_plan(plan, tmp_path)
+    assert ran == 0 and again == rows
+
+
+@pytest.mark.slow
+def test_killed_study_continues_without_redoing_completed_runs(tmp_path) -> None:
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(TOOL), "--plan", "tiny", "--out", str(out), "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not list(out.glob(f"*/{RESULT_FILE}")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no run completed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.parent.name: p.read_bytes() for p in out.glob(f"*/{RESULT_FILE}")}
+    assert 1 <= len(done) < 4
+
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"plan tiny: 4 of 4 runs complete, {4 - len(done)} trained now" in result.stdout
+    for run_id, content in done.items():  # completed runs untouched
+        assert (out / run_id / RESULT_FILE).read_bytes() == content
+    for run_dir in (p.parent for p in out.glob(f"*/{RESULT_FILE}")):  # one launch each
+        assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
+    assert read_rows(out / "report" / "summary.csv")[0]["run_id"] in done
