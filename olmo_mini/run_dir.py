@@ -102,6 +102,18 @@ def read_run_id(run_dir: Path) -> str | None:
 def lock(run_dir: Path) -> None:
     """Hold ``<run_dir>/run.lock`` until this process exits; a live holder raises ``ConfigError``."""
     path = Path(run_dir) / LOCK_FILE
+    holder = try_lock(path)
+    if holder is not None:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} is in use by another job ({_describe(holder)}, see {path}); "
+            "use another hydra.run.dir, or delete the lock if that job is gone"
+        )
+    atexit.register(release, Path(run_dir))
+
+
+def try_lock(path: Path) -> dict | None:
+    """Create the lock file ``path`` for this process: None once held (also when this process
+    held it already), else the live holder's record. A stale lock is taken over."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = _holder()
     for attempt in range(2):
@@ -109,27 +121,26 @@ def lock(run_dir: Path) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_lock(path)
-            if holder == me or (
-                holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
-            ):
-                return  # this process already holds it
+            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                return None
             if attempt == 0 and _stale(holder):
                 log.warning("taking over the stale lock %s (%s)", path, holder)
                 path.unlink(missing_ok=True)
                 continue
-            raise ConfigError(
-                f"hydra.run.dir={run_dir} is in use by another job ({_describe(holder)}, see {path}); "
-                "use another hydra.run.dir, or delete the lock if that job is gone"
-            ) from None
+            return holder or {}
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        atexit.register(release, Path(run_dir))
-        return
+        return None
+    raise AssertionError("unreachable: the second attempt returns")
 
 
 def release(run_dir: Path) -> None:
-    """Remove the lock if this process holds it."""
-    path = Path(run_dir) / LOCK_FILE
+    """Remove the run dir's lock if this process holds it."""
+    unlock(Path(run_dir) / LOCK_FILE)
+
+
+def unlock(path: Path) -> None:
+    """Remove the lock file ``path`` if this process holds it."""
     holder = _read_lock(path)
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)

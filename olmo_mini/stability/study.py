@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from olmo_mini.run_dir import try_lock, unlock
 from olmo_mini.stability.compare import final_loss, init_loss, max_attention_logit
 from olmo_mini.stability.runs import Run, load_run_dir
 from olmo_mini.stability.sensitivity import lr_sensitivity
@@ -285,37 +286,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _claim(lock: Path) -> bool:
-    """Take ``lock`` for this process: False while another live process holds it. A lock whose
-    process is gone (a killed study) is taken over."""
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text() or "0")
-            except (FileNotFoundError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _alive(owner):
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
     """Run every incomplete run of ``plan`` under ``out``; return the completed rows and how
     many ran here.
@@ -336,7 +306,7 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
             rows.append(row)
             continue
         lock = out / f"{spec.run_id}.lock"
-        if not _claim(lock):
+        if try_lock(lock) is not None:
             log.info("[%d/%d] %s: another process is training it", i, len(specs), spec.run_id)
             continue
         try:
@@ -358,7 +328,7 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
                     row["cpu_s"],
                 )
         finally:
-            lock.unlink(missing_ok=True)
+            unlock(lock)
         rows.append(row)
     return rows, ran
 

@@ -131,6 +131,7 @@ class StepCheckpoint(L.Callback):
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 _fsync_dir(self.directory)
+                log.info("checkpoint saved: %s", final)
                 self._prune()
         except OSError as e:
             if trainer.is_global_zero:

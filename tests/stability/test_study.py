@@ -3,9 +3,11 @@ errors, the tiny plan end to end, and a killed study that continues without redo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,12 +184,12 @@ def test_tiny_plan_end_to_end_then_skips_completed_runs(tmp_path) -> None:
     plan = load_plan("tiny")
     first = plan.runs()[0].run_id
     lock = tmp_path / f"{first}.lock"
-    lock.write_text(str(os.getppid()))  # a live process holds the first run
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))  # held
     rows, ran = run_plan(plan, tmp_path)
     assert ran == 3 and first not in {r["run_id"] for r in rows}
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    lock.write_text(str(gone.pid))  # its holder is gone: the lock is stale
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))  # stale
     rows, ran = run_plan(plan, tmp_path)
     assert ran == 1 and len(rows) == 4 and not lock.exists()
     for r in rows:
