@@ -82,7 +82,8 @@ def set_cpu_threads(threads: int | None, processes: int) -> None:
     processes Lightning starts inherit it).
 
     ``None`` (auto): an ``OMP_NUM_THREADS`` already set, else this process's share of the cores
-    that other work leaves idle (cores minus the 1-minute load average, at least 1). Every op
+    that other work leaves idle (cores minus the whole cores that the 1-minute load average says
+    are busy, at least 1: a load of 0.6 left over from an earlier job still gets every core). Every op
     waits for its slowest thread, so threads that compete with other processes for a core make
     each op wait for a time slice: on 2 loaded cores 2 threads ran 9× slower than 1, while on an
     idle machine 2 threads are 1.6× faster (docs/performance.md).
@@ -92,7 +93,7 @@ def set_cpu_threads(threads: int | None, processes: int) -> None:
     cores = os.cpu_count() or 1
     if threads is None:
         load = os.getloadavg()[0]
-        threads = max(1, min(cores // processes, round((cores - load) / processes)))
+        threads = max(1, min(cores // processes, (cores - int(load)) // processes))
         if threads < cores // processes and is_rank_zero():
             log.info(
                 f"CPU threads: {threads} per process, as the load average ({load:.1f} on "
