@@ -116,8 +116,15 @@ class TrainerConfig:
         _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
         _choice("trainer.strategy", self.strategy, STRATEGIES)
         _choice("trainer.precision", self.precision, PRECISIONS)
-        _positive("trainer", self, "devices", "num_nodes", "max_steps", "val_check_interval",
-                  "log_every_n_steps")
+        _positive(
+            "trainer",
+            self,
+            "devices",
+            "num_nodes",
+            "max_steps",
+            "val_check_interval",
+            "log_every_n_steps",
+        )
         _at_least("trainer", self, 0, "sample_new_tokens")
         if self.strategy == "single" and self.devices * self.num_nodes != 1:
             raise ConfigError(
@@ -174,7 +181,9 @@ class CheckpointConfig:
         _at_least("checkpoint", self, 0, "every_n_steps")
         _at_least("checkpoint", self, 1, "keep_last")
         if self.requeue_signal is not None:
-            _choice("checkpoint.requeue_signal", self.requeue_signal, ("SIGUSR1", "SIGUSR2", "SIGHUP"))
+            _choice(
+                "checkpoint.requeue_signal", self.requeue_signal, ("SIGUSR1", "SIGUSR2", "SIGHUP")
+            )
 
 
 @dataclass
@@ -255,13 +264,35 @@ def _reject_unknown_keys(cfg: DictConfig | dict[str, Any], schema: type, prefix:
             continue
         name = f"{prefix}{key}"
         if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ConfigError(f"{name}: no such config key{hint}")
-        sub = next((t for t in (hints[key], *typing.get_args(hints[key])) if is_dataclass(t)), None)
+            raise _no_such_key(str(key), hints, prefix)
+        sub = _dataclass_of(hints[key])
         value = cfg[key] if not isinstance(cfg, DictConfig) else cfg._get_node(key)
         if sub is not None and isinstance(value, (dict, DictConfig)) and not _is_none(value):
             _reject_unknown_keys(value, sub, f"{name}.")
+
+
+def unknown_key_error(full_key: str) -> ConfigError:
+    """The error for ``full_key`` (``trainer.max_step``), which names no field of the schema,
+    with the close matches."""
+    *parents, key = full_key.split(".")
+    schema: Any = TrainConfig
+    for i, part in enumerate(parents):
+        schema = _dataclass_of(typing.get_type_hints(schema).get(part, None))
+        if schema is None:
+            return ConfigError(f"{'.'.join(parents[: i + 1])}: no such config section")
+    prefix = "".join(f"{p}." for p in parents)
+    return _no_such_key(key, typing.get_type_hints(schema), prefix)
+
+
+def _no_such_key(key: str, hints: dict[str, Any], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(hints), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ConfigError(f"{prefix}{key}: no such config key{hint}")
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass in a field's type (``X`` or ``X | None``), if any."""
+    return next((t for t in (hint, *typing.get_args(hint)) if is_dataclass(t)), None)
 
 
 def _is_none(value: object) -> bool:

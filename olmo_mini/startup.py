@@ -10,13 +10,13 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from olmo_mini.config import ConfigError, TrainConfig, load_config
+from olmo_mini.config import ConfigError, TrainConfig, load_config, unknown_key_error
 from olmo_mini.data.corpus import expand_files
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,46 @@ _LIGHTNING_INFO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
 )
+
+
+def report_bad_overrides(main: Callable[[], None]) -> None:
+    """Run Hydra's ``main`` with a bad override (a typo in a key, a wrong type, a missing config
+    option, bad syntax) reported as one ``error:`` line naming it (exit status 1) instead of
+    Hydra's multi-line report. ``OLMO_MINI_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) keeps Hydra's."""
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    if os.environ.get("OLMO_MINI_DEBUG") or os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, rather than printing and exiting 1
+    try:
+        main()
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
+        sys.exit(f"error: {override_error(e)}")
+
+
+def override_error(e: Exception) -> str:
+    """One line for Hydra's composition error ``e``: what was overridden and why it failed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = e.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        return str(unknown_key_error(cause.full_key))  # with the close matches
+    first, _, rest = str(e).partition("\n")
+    if isinstance(e, OverrideParseException):  # bad syntax; the rest links Hydra's grammar docs
+        return f"{first} ({rest.strip()})"
+    if isinstance(e, MissingConfigException) and "Available options" in rest:
+        options = rest.split("Config search path:")[0].split(":", 1)[1].split()
+        return f"{first}; available: {', '.join(options)}"
+    what = first.removeprefix("Error merging override ").rstrip(".")
+    if isinstance(cause, OmegaConfBaseException):
+        return f"{what}: {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
+    return what
 
 
 def prepare(cfg: DictConfig) -> TrainConfig:

@@ -61,6 +61,42 @@ def test_config_error_is_one_line_before_torch_and_leaves_no_run_dir(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "trainer.max_step=5",
+            "trainer.max_step: no such config key; did you mean trainer.max_steps, "
+            "trainer.stop_at_step?",
+        ),
+        (
+            "model.d_model=abc",
+            "model.d_model=abc: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (
+            "model=olmo2_huge",
+            "In 'train': Could not find 'model/olmo2_huge'; available: olmo2_13b, olmo2_1b, "
+            "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny",
+        ),
+        ("trainer.foo.bar=1", "trainer.foo: no such config key"),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_it(tmp_path, override, message):
+    """Hydra's own composition errors (before train.py's code runs) are one line too."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", override, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {message}"
+    assert not run_dir.exists()
+
+
 def test_bad_input_keeps_a_run_dir_that_holds_a_run(tmp_path):
     (tmp_path / "csv").mkdir()  # an earlier run's metrics: resuming here with a typo keeps them
     result = subprocess.run(
