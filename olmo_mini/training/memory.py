@@ -250,7 +250,10 @@ def _bench_worker(rank: int, world: int, port: int, stage: str, overrides: list[
             release_freed_memory()  # what stays resident is what is still in use
             result["rss_bytes"] = rss_bytes()
         result["seconds"] = round(time.perf_counter() - start, 2)
-        print(json.dumps(result), flush=True)
+        # One write(2) per line: ranks share stdout, and a pipe keeps a write under PIPE_BUF
+        # whole, where print's separate writes of text and newline could interleave.
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), (json.dumps(result) + "\n").encode())
     finally:
         if mesh is not None:
             dist.destroy_process_group()
