@@ -236,8 +236,8 @@ class OLMoDataModule(L.LightningDataModule):
             diff = {k: (saved.get(k), self.fingerprint.get(k))
                     for k in sorted(set(saved) | set(self.fingerprint))
                     if saved.get(k) != self.fingerprint.get(k)}
-            raise ValueError(
-                "the checkpoint's data loader does not match this run's data "
+            raise DataError(
+                "resume: the checkpoint's data loader does not match this run's data "
                 f"(field: (checkpoint, now)): {diff}; resuming would not replay the same batches"
             )
         self.consumed_global_batches = int(state_dict["consumed_global_batches"])

@@ -254,11 +254,6 @@ class LanguageModelModule(L.LightningModule):
         checkpoint["rng_states"] = states  # one per rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        datamodule = self.trainer.datamodule  # checked here to stop with one line, not a traceback
-        try:
-            datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
-        except ValueError as e:
-            raise ConfigError(f"resume: {e}") from None
         counters = checkpoint["counters"]
         self.tokens_seen = counters["tokens_seen"]
         self.skipped_steps = counters["skipped_steps"]

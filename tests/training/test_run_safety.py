@@ -21,6 +21,7 @@ import lightning as L
 import pytest
 
 from olmo_mini.config import ConfigError
+from olmo_mini.data.config import DataError
 from olmo_mini.interop import run_config
 from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release
 from olmo_mini.training import TrainingDiverged, train
@@ -142,7 +143,7 @@ def test_resume_with_another_architecture_or_data_names_the_fields(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(message)):
             train(_config("trainer.max_steps=3", "resume=auto", override), tmp_path)
     with pytest.raises(
-        ConfigError,
+        DataError,
         match="^resume: the checkpoint's data loader does not match "
         "this run's data .*'global_batch_size': \\(8, 16\\)",
     ):
@@ -285,22 +286,29 @@ def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"the run never reached step {step}")
 
 
-@pytest.mark.slow  # end to end; test_a_signal_saves_at_the_next_step_... covers it in process
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
-    tmp_path, uninterrupted, signum
-):
+def _signal_at_step_2(run_dir: Path, overrides: list[str], signum: int) -> tuple[int, str]:
+    """Launch ``train.py`` into ``run_dir``, send ``signum`` once it logged step 2, and return
+    its exit status and stderr."""
     process = subprocess.Popen(
-        train_command(tmp_path, *LONG),
+        train_command(run_dir, *overrides),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for_step(tmp_path, 2, process)
+    _wait_for_step(run_dir, 2, process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=240)
-    assert process.returncode == 128 + signum, err[-3000:]
+    return process.returncode, err
+
+
+@pytest.mark.slow  # end to end; test_a_signal_saves_at_the_next_step_... covers it in process
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
+    tmp_path, uninterrupted, signum
+):
+    returncode, err = _signal_at_step_2(tmp_path, LONG, signum)
+    assert returncode == 128 + signum, err[-3000:]
     name = signal.Signals(signum).name
     found = re.search(
         rf"^stopped: {name} at step (\d+): saved (\S+); resume with: python train.py "
@@ -319,17 +327,9 @@ def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_both_fsdp_ranks_with_a_checkpoint(tmp_path, uninterrupted):
     fsdp = [*LONG, "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu"]
-    process = subprocess.Popen(
-        train_command(tmp_path, *fsdp),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for_step(tmp_path, 2, process)
-    process.send_signal(signal.SIGTERM)  # the launcher (rank 0) only, as a scheduler might
-    _, err = process.communicate(timeout=240)
-    assert process.returncode == 143, err[-3000:]
+    # To the launcher (rank 0) only, as a scheduler might.
+    returncode, err = _signal_at_step_2(tmp_path, fsdp, signal.SIGTERM)
+    assert returncode == 143, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     step = int(re.search(r"^stopped: SIGTERM at step (\d+)", err, re.M).group(1))
     assert len(list((tmp_path / "checkpoints" / f"step_{step}").glob("*.distcp"))) == 2
