@@ -11,8 +11,10 @@ import torch
 
 from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2, OLMo2Config
-from olmo_mini.training import qk_clip, train
-from olmo_mini.training.qk_clip import check_supported, clip_model, max_attention_logit
+from olmo_mini.stability import metrics
+from olmo_mini.stability.metrics import max_attention_logit
+from olmo_mini.training import train
+from olmo_mini.training.qk_clip import check_supported, clip_model
 from tests.training.helpers import SMALL, check, compose_config, run_train, series
 
 
@@ -40,7 +42,7 @@ def reference_max_logits(model: OLMo2, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_max_attention_logit_is_exact_in_chunks_with_gqa(monkeypatch):
-    monkeypatch.setattr(qk_clip, "_CHUNK_ELEMENTS", 2 * 4 * 9 * 2)  # two query rows per chunk
+    monkeypatch.setattr(metrics, "_PROBE_ELEMENTS", 2 * 4 * 9 * 2)  # two query rows per chunk
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
     k_rep = k.repeat_interleave(2, dim=1)

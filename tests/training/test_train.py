@@ -206,10 +206,11 @@ class CountHostSyncs(L.Callback):
 
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
     """Between logging steps a training step never waits for a device value: the metrics,
-    the skip decision and QK-Clip stay on the device until the flush."""
+    the stability measurements, the skip decision and QK-Clip stay on the device until the
+    flush."""
     syncs = CountHostSyncs(monkeypatch)
     config = compose_config(
-        *SMALL, "trainer.max_steps=6", "trainer.log_every_n_steps=3", "stability=off",
+        *SMALL, "trainer.max_steps=6", "trainer.log_every_n_steps=3", "stability.every_n_steps=2",
         "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
         "checkpoint.save_final=false", "trainer.sample_new_tokens=0", "optim.qk_clip_tau=100",
     )
