@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from olmo_mini.bench.harness import markdown_table, parser
 from olmo_mini.data import DataConfig, OLMoDataModule, padded_vocab_size
-from olmo_mini.data.corpus import is_val, stdlib_documents
+from olmo_mini.data.corpus import stdlib_documents
 from olmo_mini.data.shards import write_shards
 from olmo_mini.data.tokenizer import default_tokenizer, eos_id, load_tokenizer
 from olmo_mini.model import OLMo2, OLMo2Config
@@ -38,19 +38,20 @@ class DataRow:
     tokens_per_s: float
     yardstick: float
 
+    @property
+    def ratio(self) -> float:
+        return self.tokens_per_s / self.yardstick
+
 
 def prepare_rate(
-    documents: list[tuple[str, str]],
-    tokenizer: Tokenizer,
-    eos: int,
-    out: Path,
-    procs: int,
-    tokens: int,
+    documents: list[tuple[str, str]], tokenizer: Tokenizer, eos: int, out: Path, procs: int, n: int
 ) -> float:
     """Tokens/s of ``write_shards`` (what ``prepare_data.py`` runs) on ``procs`` processes."""
     start = time.perf_counter()
-    write_shards(documents, tokenizer, eos, out, "bench", 0.0, procs)
-    return tokens / (time.perf_counter() - start)
+    write_shards(
+        documents, tokenizer, eos, out, "bench", 0.02, procs
+    )  # the loader needs a val split
+    return n / (time.perf_counter() - start)
 
 
 def loader_rate(config: DataConfig, seconds: float) -> float:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     path = default_tokenizer(args.vocab_size, None, 0.02)
     tokenizer = load_tokenizer(path)
     eos = eos_id(tokenizer, path=path)
-    documents = [(k, t) for k, t in stdlib_documents(args.max_docs) if not is_val(k, 0.02)]
+    documents = list(stdlib_documents(args.max_docs))
     texts = [t for _, t in documents]
 
     def encoded_tokens() -> int:
@@ -119,29 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         files = [str(Path(tmp) / f"docs{i}.jsonl") for i in range(4)]
         for i, file in enumerate(files):  # several files so streaming workers get whole files
             Path(file).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[i::4]))
-        common = dict(
-            seq_len=args.seq_len,
-            micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.micro_batch_size * 4,
-            val_batches=1,
-        )
-        for workers in (0, 2):
-            shards = DataConfig(
-                source="shards", shards=f"{tmp}/shards{procs}", num_workers=workers, **common
-            )
-            measure(f"shard loader ({workers} workers)", loader_rate, shards, args.seconds)
-        for workers in (0, 2):
-            stream = DataConfig(
-                source="hf_stream",
-                hf_path="json",
-                hf_data_files=files,
-                tokenizer=str(path),
-                num_workers=workers,
-                val_fraction=0.0,
-                hf_val_split="train",
-                **common,
-            )
-            measure(f"streaming loader ({workers} workers)", loader_rate, stream, args.seconds)
+        micro = args.micro_batch_size
+        common = dict(seq_len=args.seq_len, micro_batch_size=micro, global_batch_size=4 * micro)
+        shards = dict(source="shards", shards=f"{tmp}/shards{procs}")
+        hf_stream = dict(source="hf_stream", hf_path="json", hf_data_files=files, val_fraction=0.0)
+        hf_stream.update(tokenizer=str(path), hf_val_split="train")
+        for kind, source in (("shard", shards), ("streaming", hf_stream)):
+            for workers in (0, 2):
+                config = DataConfig(num_workers=workers, val_batches=1, **source, **common)
+                measure(f"{kind} loader ({workers} workers)", loader_rate, config, args.seconds)
     shape = (tokenizer.get_vocab_size(), args.micro_batch_size, args.seq_len)
     measure("training fwd+bwd (tiny model, CPU)", training_rate, *shape)
 
@@ -151,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = ["measurement", "tokens/s", "tokenizers encode_batch just before", "ratio"]
     cells = [
-        (
-            r.name,
-            f"{r.tokens_per_s:,.0f}",
-            f"{r.yardstick:,.0f}",
-            f"{r.tokens_per_s / r.yardstick:.1%}",
-        )
+        (r.name, f"{r.tokens_per_s:,.0f}", f"{r.yardstick:,.0f}", f"{r.ratio:.1%}")
         for r in rows.values()
     ]
     print(markdown_table(header, cells, numeric=3))
@@ -165,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     met = {True: "met", False: "NOT met"}
     print(
         f"\ntargets: shard loader ≥ 20M tokens/s: {met[shard_best >= 20e6]}; "
-        f"streaming (2 workers) ≥ 70%: {met[stream.tokens_per_s >= 0.7 * stream.yardstick]}; "
-        f"prepare_data ≥ 80%: {met[prep.tokens_per_s >= 0.8 * prep.yardstick]}"
+        f"streaming (2 workers) ≥ 70%: {met[stream.ratio >= 0.7]}; "
+        f"prepare_data ≥ 80%: {met[prep.ratio >= 0.8]}"
     )
     if args.json:
         record = {

@@ -75,11 +75,9 @@ def reset_peak(device: torch.device) -> int:
 def peak_bytes(device: torch.device) -> int:
     """The peak since :func:`reset_peak` or the start: allocated on a GPU, resident on a CPU."""
     sync(device)
-    return (
-        torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda"
-        else _proc_status_bytes("VmHWM")
-    )
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM")
 
 
 def rss_bytes() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ NO_GPU_MESSAGE = "bench_norm needs a CUDA GPU; none found, nothing measured."
 FWD_TRAFFIC = {"rms_norm": 2, "add_rms_norm": 3, "qk_rms_norm": 2}
 BWD_TRAFFIC = {"rms_norm": 3, "add_rms_norm": 3, "qk_rms_norm": 3}
 
+NormFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 Timer = Callable[[Callable[[], object], list[torch.Tensor]], float]
 """``timer(fn, grad_to_none) -> ms``; ``triton.testing.do_bench`` on a GPU."""
 
@@ -74,7 +76,7 @@ def make_inputs(op: str, m: int, d: int, dtype: torch.dtype, device: str) -> lis
     return [leaf(m // 2, d), leaf(m - m // 2, d), *weights]
 
 
-def provider_fn(op: str, provider: str) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+def provider_fn(op: str, provider: str) -> NormFn:
     """The function under test; F.rms_norm gets its weight in the activation dtype, as it needs."""
     reference = functools.partial(
         {
@@ -106,11 +108,7 @@ def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tenso
     return out if isinstance(out, tuple) else (out,)
 
 
-def time_passes(
-    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
-    inputs: list[torch.Tensor],
-    timer: Timer,
-) -> dict[str, float]:
+def time_passes(fn: NormFn, inputs: list[torch.Tensor], timer: Timer) -> dict[str, float]:
     """Forward, backward (graph kept, upstream grads fixed) and forward+backward, in ms."""
     outs = _as_tuple(fn(*inputs))  # also warms up (and compiles, for torch.compile)
     grads = [torch.randn_like(o) for o in outs]
@@ -179,21 +177,13 @@ def write_report(
         len(ops), len(PASSES), figsize=(5 * len(PASSES), 3.5 * len(ops)), squeeze=False
     )
     shapes = list(dict.fromkeys((r.m, r.d) for r in results))
+    by_case = {(r.op, r.pass_, r.provider, r.m, r.d): r.gbps for r in results}
     for row, op in enumerate(ops):
         for col, pass_ in enumerate(PASSES):
             ax = axes[row][col]
             for provider in dict.fromkeys(r.provider for r in results):
-                by_shape = {
-                    (r.m, r.d): r.gbps
-                    for r in results
-                    if (r.op, r.pass_, r.provider) == (op, pass_, provider)
-                }
-                ax.plot(
-                    range(len(shapes)),
-                    [by_shape.get(s, float("nan")) for s in shapes],
-                    marker="o",
-                    label=provider,
-                )
+                gbps = [by_case.get((op, pass_, provider, *shape), math.nan) for shape in shapes]
+                ax.plot(range(len(shapes)), gbps, marker="o", label=provider)
             ax.axhline(clone_gbps, color="gray", linestyle="--", label="torch.clone")
             ax.set_xticks(
                 range(len(shapes)), [f"{m}x{d}" for m, d in shapes], rotation=60, fontsize=7

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,8 @@ from olmo_mini.training.perf import (
 )
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``step(input_ids, labels) -> loss``: forward, loss, backward, optimizer step; no host sync."""
+"""``fn(input_ids, labels) -> loss``: a loss, or a whole training step (forward, loss, backward,
+optimizer step; no host sync)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,28 +244,6 @@ def peak_bf16_flops(device: torch.device) -> tuple[float, str]:
     return peak, "datasheet dense bf16" if known else "Lightning's table (may be a sparse figure)"
 
 
-def trainer_overrides(
-    size: BenchSize, mode: TrainMode, steps: int, peak: float, device: torch.device
-) -> list[str]:
-    """``train.py`` overrides for the benchmark's model, batch, mode and device: one micro-batch
-    per step; a quiet run without stability measurement (the CSV log stays). The data is the
-    default corpus; the vocabulary is the benchmark's."""
-    if mode.full_logits_loss:
-        raise ValueError("the trainer always uses the chunked loss: no full-ce mode")
-    return [
-        *(f"model.{key}={value}" for key, value in size.model_fields().items()),
-        f"model.compile={str(mode.compile).lower()}",
-        f"data.seq_len={size.seq_len}",
-        f"data.global_batch_size={size.batch_size}",
-        f"data.micro_batch_size={size.batch_size}",
-        f"trainer.precision={'bf16-mixed' if mode.precision == 'bf16' else '32-true'}",
-        f"trainer.peak_flops={peak}",
-        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
-        "stability=off",
-        *quiet_run(steps),
-    ]
-
-
 @dataclasses.dataclass
 class TrainRow:
     """One framework x mode. Model-level rows carry the peak memory and loss of one step; the
@@ -304,14 +283,30 @@ def measure_trainer(
     steps: int,
     peak: float,
     device: torch.device,
-    extra_overrides: list[str] = (),
+    extra_overrides: Sequence[str] = (),
 ) -> tuple[list[float], Runner, str]:
     """olmo-mini's trainer (``olmo_mini.training.train``, what ``python train.py`` runs) at this
-    size and mode for ``steps`` steps, each followed by one model-level step in the same mode:
-    the trainer's step times, the model-level runner and the trainer's command."""
+    size and mode for ``steps`` steps of one micro-batch, each followed by one model-level step in
+    the same mode: a quiet run without stability measurement, on the default corpus with the
+    benchmark's vocabulary. Returns the trainer's step times, the model-level runner and the
+    trainer's command."""
+    if mode.full_logits_loss:
+        raise ValueError("the trainer always uses the chunked loss: no full-ce mode")
     if steps < 4:
         raise ValueError(f"the trainer row needs at least 4 steps, got {steps}")
-    overrides = trainer_overrides(size, mode, steps, peak, device) + list(extra_overrides)
+    overrides = [
+        *(f"model.{key}={value}" for key, value in size.model_fields().items()),
+        f"model.compile={str(mode.compile).lower()}",
+        f"data.seq_len={size.seq_len}",
+        f"data.global_batch_size={size.batch_size}",
+        f"data.micro_batch_size={size.batch_size}",
+        f"trainer.precision={'bf16-mixed' if mode.precision == 'bf16' else '32-true'}",
+        f"trainer.peak_flops={peak}",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+        "stability=off",
+        *quiet_run(steps),
+        *extra_overrides,
+    ]
     runner, batch = make_runner("olmo-mini", mode, size, device), make_batch(size, device)
 
     def between() -> None:
@@ -350,7 +345,7 @@ def run_benchmark(
     warmup: int = 2,
     repeats: int = 5,
     trainer_steps: int = 0,
-    trainer_extra: list[str] = (),
+    trainer_extra: Sequence[str] = (),
 ) -> TrainResult:
     """Time every mode of both frameworks interleaved. With ``trainer_steps``, then also run
     ``python train.py`` in olmo-mini's fastest mode; its first quarter of steps (compilation,
@@ -420,48 +415,26 @@ def format_table(result: TrainResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``tools/bench_train.py``: the table, then one JSON line (the machine-readable record)."""
-    default = BenchSize()
     cli = parser("olmo-mini vs transformers Olmo2 training steps")
-    for field in dataclasses.fields(BenchSize):
-        cli.add_argument(
-            f"--{field.name.replace('_', '-')}", type=int, default=getattr(default, field.name)
-        )
+    sizes = dataclasses.asdict(BenchSize())
+    for name, default in sizes.items():
+        cli.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     cli.add_argument("--toy", action="store_true", help="tiny shape (tests); overrides sizes")
-    cli.add_argument(
-        "--olmo-modes",
-        nargs="*",
-        default=[PLAIN.name, FASTEST.name],
-        help="olmo-mini modes, e.g. fp32+eager bf16+compile fp32+eager+full-ce",
-    )
-    cli.add_argument(
-        "--hf-modes",
-        nargs="*",
-        default=[PLAIN.name, FASTEST.name],
-        help="transformers modes, e.g. fp32+eager bf16+compile",
-    )
+    modes = [PLAIN.name, FASTEST.name]
+    cli.add_argument("--olmo-modes", nargs="*", default=modes, help="e.g. fp32+eager+full-ce")
+    cli.add_argument("--hf-modes", nargs="*", default=modes, help="e.g. fp32+eager bf16+compile")
     cli.add_argument(
         "--trainer-steps",
         type=int,
         default=0,
-        help="also run olmo-mini's trainer this many steps in its fastest mode, "
-        "interleaved with model-level steps (0: skip; the first quarter is "
-        "left out as warm-up)",
+        help="also run olmo-mini's trainer this many steps in its fastest mode, interleaved with "
+        "model-level steps (0: skip; the first quarter is left out as warm-up)",
     )
-    cli.add_argument(
-        "--trainer-overrides",
-        nargs="*",
-        default=[],
-        help="extra train.py overrides for that run, e.g. stability=default",
-    )
+    cli.add_argument("--trainer-overrides", nargs="*", default=[], help="e.g. stability=default")
     cli.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     cli.add_argument("--repeats", type=int, default=5, help="timed steps per mode")
     cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    cli.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice, one per core)",
-    )
+    cli.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     args = cli.parse_args(argv)
     if 0 < args.trainer_steps < 4:
         raise SystemExit(
@@ -474,20 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = (
-        TOY
-        if args.toy
-        else BenchSize(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSize)})
-    )
-    result = run_benchmark(
-        size,
-        olmo_modes,
-        hf_modes,
-        torch.device(args.device),
-        args.warmup,
-        args.repeats,
-        args.trainer_steps,
-        args.trainer_overrides,
-    )
+    size = TOY if args.toy else BenchSize(**{name: getattr(args, name) for name in sizes})
+    steps = (args.warmup, args.repeats, args.trainer_steps, args.trainer_overrides)
+    result = run_benchmark(size, olmo_modes, hf_modes, torch.device(args.device), *steps)
     print(format_table(result) + "\n" + json_line(result), flush=True)
     return 0
