@@ -46,10 +46,11 @@ def load_average() -> list[float] | None:
 
 
 def device_name(device: torch.device) -> str:
+    """What a result was measured on: the GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
     return "cpu"

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 
 from olmo_mini.bench.harness import json_line, parser, peak_bytes, reset_peak, rss_bytes
 from olmo_mini.config import TrainConfig, compose_config
@@ -55,8 +58,6 @@ class MemoryRow:
 
 
 def _worker(rank: int, world: int, port: int, stage: str, overrides: list[str]) -> None:
-    import torch.distributed as dist
-
     config = compose_config(overrides)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -69,8 +70,6 @@ def _worker(rank: int, world: int, port: int, stage: str, overrides: list[str]) 
         if cuda:
             torch.cuda.set_device(rank)
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-        from torch.distributed.device_mesh import init_device_mesh
-
         mesh = init_device_mesh(device.type, (world,))
     try:
         baseline = reset_peak(device)
@@ -164,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if config.trainer.precision == "bf16-true":
         raise SystemExit("error: trainer.precision=bf16-true is not measured by bench_memory")
-    import torch.multiprocessing as mp
-
     if args.nproc > 1 and torch.cuda.is_available() and torch.cuda.device_count() < args.nproc:
         raise SystemExit(
             f"error: --nproc {args.nproc} but only {torch.cuda.device_count()} GPU(s) visible"

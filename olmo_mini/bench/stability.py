@@ -25,6 +25,7 @@ from olmo_mini.bench.harness import (
     quiet_run,
     time_trainer,
 )
+from olmo_mini.config import compose_config
 from olmo_mini.training.memory import compose_or_exit
 
 
@@ -49,9 +50,7 @@ def measure_overhead(
     rates: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for enabled in (False, True):
-            config = compose_or_exit(
-                [*quiet_run(steps), *overrides, f"stability.enabled={enabled}"]
-            )
+            config = compose_config([*quiet_run(steps), *overrides, f"stability.enabled={enabled}"])
             seconds = time_trainer(config)[max(warmup, 1) - 1 :]  # the first step has no time
             rates[enabled].append(len(seconds) / sum(seconds))
     return OverheadResult(
@@ -71,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--repeats", type=int, default=2)
     args = cli.parse_args(argv)
     if args.steps < 2 or not 0 <= args.warmup < args.steps:
-        raise SystemExit(f"error: need --steps >= 2 and 0 <= --warmup < --steps, got {args.warmup}")
+        raise SystemExit(
+            f"error: need --steps >= 2 and 0 <= --warmup < --steps, got --steps {args.steps} --warmup {args.warmup}"
+        )
+    compose_or_exit(args.overrides)  # a bad override: one error line before anything runs
     result = measure_overhead(args.overrides, args.steps, args.warmup, args.repeats)
     rates = {"off": result.steps_per_s_off, "on": result.steps_per_s_on}
     rows = [(name, f"{r:.3f}", f"{r * result.tokens_per_step:,.0f}") for name, r in rates.items()]

@@ -65,9 +65,7 @@ class TrainMode:
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(
-                f"TrainMode.precision must be 'fp32' or 'bf16', got {self.precision!r}"
-            )
+            raise ValueError(f"a mode's precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     @property
     def name(self) -> str:
