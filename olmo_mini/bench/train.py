@@ -262,6 +262,8 @@ class TrainRow:
 
 @dataclasses.dataclass
 class TrainResult:
+    """The whole run: ``tools/bench_train.py``'s table and its last line, as JSON."""
+
     size: BenchSize
     device: str
     flops_per_token: float

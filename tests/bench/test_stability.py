@@ -17,7 +17,9 @@ def test_overhead_benchmark_runs_both_arms(capsys: pytest.CaptureFixture[str]) -
     assert result.tokens_per_step == 8 * 64 and result.every_n_steps == 2
     assert main([*SMALL, "--steps", "3", "--warmup", "1", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1:3] == ["| monitor | steps/s | tokens/s |", "|---|---:|---:|"]
+    table = lines.index("| monitor | steps/s | tokens/s |")
+    assert lines[table - 1].startswith("machine: ") and lines[table + 1] == "|---|---:|---:|"
+    assert [line.split(" | ")[0] for line in lines[table + 2 : table + 4]] == ["| off", "| on"]
     assert lines[-2].startswith("overhead at stability.every_n_steps=10: ")
     record = json.loads(lines[-1])
     assert record["overhead"] == pytest.approx(
