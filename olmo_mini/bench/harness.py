@@ -58,7 +58,10 @@ def device_name(device: torch.device) -> str:
 
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key} (peak RSS needs Linux)")
 
 
 def reset_peak(device: torch.device) -> int:
