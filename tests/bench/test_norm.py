@@ -53,6 +53,9 @@ def test_sweep_and_report_on_cpu(tmp_path: Path) -> None:
     assert fwd.pct_clone == pytest.approx(100 * fwd.gbps)
     norm.write_report(results, 1.0, "cpu", tmp_path)
     with open(tmp_path / "norm_bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(results)
+        reader = csv.DictReader(f)
+        assert len(list(reader)) == len(results)
+    # The columns tools/gpu_check.py reads back.
+    assert reader.fieldnames == ["op", "pass_", "provider", "m", "d", "ms", "gbps", "pct_clone"]
     assert "| qk_rms_norm | fwd+bwd | triton | 8 | 64 |" in (tmp_path / "norm_bench.md").read_text()
     assert (tmp_path / "norm_bench.png").stat().st_size > 0
