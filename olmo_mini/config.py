@@ -67,7 +67,7 @@ class OptimConfig:
     # Non-finite loss or grad norm skips the step; this many in a row stops the run.
     max_consecutive_skips: int = 5
     # QK-Clip (Kimi K2): after each step, shrink W_q/W_k of every head whose max attention
-    # logit in that step's forward exceeded tau, by tau / max logit; null: off.
+    # logit in that step's forward exceeded tau, by tau / max logit; null: off. K2 used 100.
     qk_clip_tau: float | None = None
 
     def __post_init__(self) -> None:
@@ -143,8 +143,9 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Atomic checkpoints under ``<run_dir>/checkpoints/step_<N>``; 0 disables them."""
+    """Atomic checkpoints under ``<run_dir>/checkpoints/step_<N>``, verified on resume."""
 
+    # 0: no periodic checkpoints (save_final and a signal still save).
     every_n_steps: int = 100
     keep_last: int = 2
     # Also save when training ends (max_steps or stop_at_step), so a finished run can be extended.
@@ -180,7 +181,7 @@ class ClusterConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole run; ``resume`` is a checkpoint directory, ``auto`` (newest in the run dir) or null."""
+    """The whole run: one field per group, the seed and where to resume from."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,7 +192,10 @@ class TrainConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     # null unless cluster=slurm (configs/cluster/).
     cluster: ClusterConfig | None = None
+    # Weights and data order.
     seed: int = 0
+    # null: fresh start; auto: newest complete checkpoint under <run dir>/checkpoints (else
+    # fresh); or a checkpoint directory, e.g. outputs/<run>/checkpoints/step_100.
     resume: str | None = None
 
     def __post_init__(self) -> None:

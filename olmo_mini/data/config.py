@@ -68,7 +68,9 @@ class DataConfig:
         if self.source == "files" and not self.files:
             raise ConfigError("data.files must list at least one file when data.source is 'files'")
         if self.source == "shards" and not self.shards:
-            raise ConfigError("data.shards must name a directory or URL when data.source is 'shards'")
+            raise ConfigError(
+                "data.shards must name a directory or URL when data.source is 'shards'"
+            )
         if self.source == "hf_stream" and not self.hf_path:
             raise ConfigError("data.hf_path must be set when data.source is 'hf_stream'")
         if self.source == "hf_stream" and self.hf_val_split is None and self.val_fraction == 0:
@@ -94,4 +96,3 @@ def padded_vocab_size(n: int, multiple: int = 128) -> int:
     if n <= 0 or multiple <= 0:
         raise ValueError(f"padded_vocab_size needs positive sizes, got n={n}, multiple={multiple}")
     return -(-n // multiple) * multiple
-

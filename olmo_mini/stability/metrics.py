@@ -39,8 +39,10 @@ class Reduction:
         """Combine across the default process group (no-op without one). Every rank must call."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        for table, op in ((self.sums, torch.distributed.ReduceOp.SUM),
-                          (self.maxes, torch.distributed.ReduceOp.MAX)):
+        for table, op in (
+            (self.sums, torch.distributed.ReduceOp.SUM),
+            (self.maxes, torch.distributed.ReduceOp.MAX),
+        ):
             if not table:
                 continue
             names = sorted(table)
