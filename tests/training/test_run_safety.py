@@ -28,8 +28,8 @@ from olmo_mini.training import TrainingDiverged, train
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, CheckpointError, resolve_resume
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
 from tests.training.helpers import (
-    REPO,
     CHECKPOINTS,
+    REPO,
     check,
     compose_config,
     run_train,
