@@ -24,11 +24,6 @@ from olmo_mini.model.config import OLMo2Config
 from olmo_mini.stability.config import StabilityConfig
 from olmo_mini.validation import ConfigError, at_least, in_range, one_of, positive
 
-ACCELERATORS = ("auto", "cpu", "gpu")
-STRATEGIES = ("single", "ddp", "fsdp")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true")
-LOGGERS = ("none", "wandb")
-
 
 @dataclass
 class ModelConfig(OLMo2Config):
@@ -106,9 +101,9 @@ class TrainerConfig:
     sample_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        one_of("trainer", self, "accelerator", ACCELERATORS)
-        one_of("trainer", self, "strategy", STRATEGIES)
-        one_of("trainer", self, "precision", PRECISIONS)
+        one_of("trainer", self, "accelerator", ("auto", "cpu", "gpu"))
+        one_of("trainer", self, "strategy", ("single", "ddp", "fsdp"))
+        one_of("trainer", self, "precision", ("auto", "32-true", "bf16-mixed", "bf16-true"))
         steps = ("max_steps", "val_check_interval", "log_every_n_steps")
         positive("trainer", self, "devices", "num_nodes", *steps, "cpu_threads", "peak_flops")
         at_least("trainer", self, 0, "sample_new_tokens")
@@ -137,7 +132,7 @@ class LoggerConfig:
     mode: str | None = None
 
     def __post_init__(self) -> None:
-        one_of("logger", self, "kind", LOGGERS)
+        one_of("logger", self, "kind", ("none", "wandb"))
         one_of("logger", self, "mode", ("online", "offline", "disabled"))
 
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 from olmo_mini.validation import ConfigError, at_least, in_range, one_of
 
-SOURCES = ("stdlib", "files", "shards", "hf_stream")
-
 
 class DataError(ConfigError):
     """The data cannot feed the run as configured; the message names the setting and the remedy."""
@@ -54,7 +52,7 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        one_of("data", self, "source", SOURCES)
+        one_of("data", self, "source", ("stdlib", "files", "shards", "hf_stream"))
         batches = ("global_batch_size", "micro_batch_size", "val_batches")
         at_least("data", self, 1, "seq_len", *batches, "max_docs", "prepare_procs")
         at_least("data", self, 0, "num_workers")

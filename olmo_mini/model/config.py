@@ -17,15 +17,7 @@ CHOICES = {
     "norm_backend": ("auto", "torch", "triton"),
 }
 # The shape: what configs/model/*.yaml name.
-SIZES = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "mlp_hidden_size",
-    "max_seq_len",
-)
+SIZES = tuple("vocab_size d_model n_layers n_heads n_kv_heads mlp_hidden_size max_seq_len".split())
 
 
 @dataclass
