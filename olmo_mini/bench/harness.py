@@ -89,18 +89,12 @@ def rss_bytes() -> int:
     return _proc_status_bytes("VmRSS")
 
 
-def quiet_run(steps: int) -> list[str]:
-    """``train.py`` overrides that leave only training steps to time: ``steps`` of them, and no
-    validation, sample, checkpoint, progress bar or logger within them."""
-    return [
-        f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={steps + 1}",
-        "trainer.sample_new_tokens=0",
-        "trainer.progress_bar=false",
-        "checkpoint.every_n_steps=0",
-        "checkpoint.save_final=false",
-        "logger=none",
-    ]
+def quiet_run(steps: int, overrides: Sequence[str] = ()) -> list[str]:
+    """``train.py`` overrides that leave only ``steps`` training steps to time: no validation
+    within them and ``debug=quiet`` (no sample, checkpoint, progress bar or logger), unless
+    ``overrides`` choose a ``debug`` option themselves (each includes ``quiet``)."""
+    debug = [] if any(o.startswith("debug=") for o in overrides) else ["debug=quiet"]
+    return [*debug, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps + 1}"]
 
 
 class StepTimes(L.Callback):

@@ -304,7 +304,7 @@ def measure_trainer(
         f"trainer.peak_flops={peak}",
         f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
         "stability=off",
-        *quiet_run(steps),
+        *quiet_run(steps, extra_overrides),
         *extra_overrides,
     ]
     runner, batch = make_runner("olmo-mini", mode, size, device), make_batch(size, device)

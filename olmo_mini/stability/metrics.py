@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from olmo_mini.stability.config import StabilityConfig
+
 # Bound on the attention logits materialized at once: B * H * chunk * T.
 _PROBE_ELEMENTS = 1 << 24
 
@@ -155,12 +157,8 @@ class SpikeScore:
     """
 
     def __init__(self, window: int = 1000, sigma: float = 7.0, min_history: int = 10) -> None:
-        if window < 2:
-            raise ValueError(f"spike score window must be >= 2, got {window}")
-        if sigma <= 0:
-            raise ValueError(f"spike score sigma must be positive, got {sigma}")
-        if not 2 <= min_history <= window:
-            raise ValueError(f"spike score min_history must be in [2, window], got {min_history}")
+        # The stability group's rules, and its messages (stability.spike_window ...).
+        StabilityConfig(spike_window=window, spike_sigma=sigma, spike_min_history=min_history)
         self.sigma = sigma
         self.min_history = min_history
         self.history: deque[float] = deque(maxlen=window)
