@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
-from olmo_mini.data.config import DataError
 from olmo_mini.run_dir import claim, release, resume_command
 from olmo_mini.training.callbacks import EndOfRunSample, build_callbacks
 from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
@@ -48,7 +47,7 @@ def run(cfg: DictConfig) -> RunResult:
         if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
             config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
         result = train(config, run_dir)
-    except (ConfigError, DataError, TrainingDiverged, CheckpointError) as e:
+    except (ConfigError, TrainingDiverged, CheckpointError) as e:  # DataError is a ConfigError
         sys.exit(f"error: {e}")
     except Interrupted as e:
         if _is_rank_zero():
@@ -59,7 +58,9 @@ def run(cfg: DictConfig) -> RunResult:
         sys.exit(e.exit_code)
     if result.val_loss is not None and _is_rank_zero():
         log.info(f"final val/loss {result.val_loss:.4f} after {result.global_step} steps")
-        log.info(f"sample: {result.sample!r}\nrun dir: {run_dir}")
+        if result.sample is not None:
+            log.info(f"sample: {result.sample!r}")
+        log.info(f"run dir: {run_dir}")
     return result
 
 
