@@ -1,15 +1,16 @@
 """Every callback of a training run, in one list whose order is the contract.
 
-``build_callbacks`` returns them in the order Lightning calls them, which is also the order of
-their ``pre_log_metrics`` hooks (after the module's own). What depends on it:
+``build_callbacks`` returns them in the order Lightning calls them (always before the module's
+own hook), which is also the order of their ``pre_log_metrics`` hooks (after the module's).
+What depends on it:
 
-1. ``FlushMetricsOnException`` first: an error still logs the completed steps.
-2. ``QKClip`` before ``StepCheckpoint``: its ``on_train_batch_end`` rescales weights that the
-   checkpoint then saves.
+1. ``FinalFlush`` first: the end of training and an error log the pending steps before
+   anything else ends (the sample, the console).
+2. ``QKClip``, then ``StabilityMonitor``, then ``StepCheckpoint`` (on a step's end): the
+   monitor's update ratios include the clip's rescale, and the checkpoint, which flushes before
+   saving, sees both callbacks' metrics of the step and saves the clipped weights.
 3. ``StepCheckpoint`` before ``StopOnSignal``: a signal's save reuses the step's checkpoint.
-4. ``Throughput`` before ``StabilityMonitor`` and ``ConsoleProgress``: the console's progress
-   line reads the window's ``perf/tokens_per_s``.
-5. ``ConsoleProgress`` last: it prints what the others have logged.
+4. ``Throughput`` before ``ConsoleProgress``: the progress line reads the window's tokens/s.
 """
 
 from __future__ import annotations
@@ -48,30 +49,34 @@ def build_callbacks(
     tau = config.optim.qk_clip_tau
     sample = config.trainer.sample_new_tokens
     return [
-        FlushMetricsOnException(),
+        FinalFlush(),
         RecordTokenizer(run_dir),
         *([] if tau is None else [QKClip(tau, config.model)]),
+        *([StabilityMonitor(config.stability)] if config.stability.enabled else []),
         checkpoint,
         StopOnSignal(checkpoint, config.checkpoint.requeue_signal),
         *extra,
         Throughput(config, peak_flops),
-        *([StabilityMonitor(config.stability)] if config.stability.enabled else []),
         *([EndOfRunSample(config.trainer.sample_prompt, sample, config.seed)] if sample else []),
         ConsoleProgress(config, precision, bar=config.trainer.progress_bar),
     ]
 
 
-class FlushMetricsOnException(L.Callback):
-    """An interrupted run (Ctrl-C, an error) still logs the steps it completed: Lightning gives
-    callbacks, not the module, ``on_exception``, before it finalizes the loggers."""
+class FinalFlush(L.Callback):
+    """Logs what is still pending when training ends, before the other callbacks' end hooks
+    (the sample, the console), and when it fails (Ctrl-C, an error): Lightning gives callbacks,
+    not the module, ``on_exception``, before it finalizes the loggers."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: LanguageModelModule) -> None:
+        pl_module.flush_metrics()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: LanguageModelModule, exception: BaseException
     ) -> None:
         if isinstance(exception, TrainingDiverged):
             return  # flushed when it was raised
-        try:
-            pl_module.flush_metrics()
+        try:  # only this rank may be failing: no collective
+            pl_module.flush_metrics(collective=False)
         except TrainingDiverged:
             pass  # the rows were logged; the run is failing anyway
         except Exception as e:  # the device may be what failed: the original error matters more

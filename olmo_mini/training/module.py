@@ -5,9 +5,10 @@ scales each loss by ``1/grad_accum``. At the end of a global batch ``on_before_o
 clips the gradients and checks on the device that loss and grad norm are finite; a bad step is
 skipped by fused AdamW's ``found_inf`` (weights, moments and its step count stay untouched), as
 ``GradScaler`` skips fp16 overflow steps. Nothing waits for the device there: each step's metrics
-stay on it until a logging step (every ``trainer.log_every_n_steps``, a checkpoint, the end),
-where one transfer brings all of them over and every step is logged. Metrics carry ``step`` =
-the optimizer step they belong to (1-based), the same number as ``checkpoints/step_<N>``.
+go to the ``MetricRecorder`` and stay on the device until a flush (a logging step, a checkpoint,
+a validation, the end), where one transfer brings all of them over and every step is logged.
+Metrics carry ``step`` = the optimizer step they belong to (1-based), the same number as
+``checkpoints/step_<N>``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class LanguageModelModule(L.LightningModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._diverged_at: int | None = None
+        self._completed_step: int | None = None  # set by an optimizer step, until its flush check
         # Per-global-batch loss sums (device tensors: no sync per micro-batch).
         self._ce_sum: torch.Tensor | None = None
         self._z_sum: torch.Tensor | None = None
@@ -106,24 +108,14 @@ class LanguageModelModule(L.LightningModule):
             self.recorder.record(step, f"train/{name}", value)
         self.recorder.record(step, "train/lr", optimizer.param_groups[0]["lr"])
         self.tokens_seen += self.tokens_per_step
-        if self._flush_due(step):
-            self.flush_metrics()
+        self._completed_step = step
 
-    def _flush_due(self, step: int) -> bool:
-        """Logging steps, the last step, and checkpoint steps (which save exact counters and
-        the spike-score windows: those must have seen every step up to the saved one)."""
-        every_checkpoint = self.config.checkpoint.every_n_steps
-        return (
-            step % self.config.trainer.log_every_n_steps == 0
-            or step >= self.trainer.max_steps
-            or (every_checkpoint > 0 and step % every_checkpoint == 0)
-        )
-
-    def flush_metrics(self) -> Rows:
+    def flush_metrics(self, collective: bool = True) -> Rows:
         """Log everything recorded so far (one host sync): this module's hook first, then the
-        callbacks' in their order; stop if too many steps in a row were skipped."""
+        callbacks' in their order; stop if too many steps in a row were skipped. Without
+        ``collective`` (one rank failing) nothing is combined over ranks."""
         hooks = [self, *(c for c in self.trainer.callbacks if hasattr(c, "pre_log_metrics"))]
-        rows = self.recorder.flush(self.loggers, hooks)
+        rows = self.recorder.flush(self.loggers, hooks, collective)
         if self._diverged_at is not None:
             max_skips = self.config.optim.max_consecutive_skips
             raise TrainingDiverged(
@@ -153,6 +145,13 @@ class LanguageModelModule(L.LightningModule):
             row["train/tokens"] = float(tokens)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After a completed step (and after every callback has recorded its metrics of the
+        step: Lightning calls the module's hook last), flush on logging steps and the last."""
+        step, self._completed_step = self._completed_step, None
+        if step is not None and (
+            step % self.config.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps
+        ):
+            self.flush_metrics()
         # Stopping through should_stop makes Lightning validate once more at the last step.
         if self.global_step >= self.trainer.max_steps:
             self.trainer.should_stop = True
@@ -166,13 +165,9 @@ class LanguageModelModule(L.LightningModule):
         self._val_losses = []
         self.val_loss = self.flush_metrics()[step]["val/loss"]
 
-    def on_train_end(self) -> None:
-        self.flush_metrics()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Checkpoint steps were flushed in on_before_optimizer_step (before Lightning took the
-        # callbacks' states, spike windows included); this covers saves at any other time.
-        self.flush_metrics()
+        # Saves go through StepCheckpoint.save, which flushes first: these counters and the
+        # callbacks' states (the spike windows, taken before this hook) have seen every step.
         checkpoint["counters"] = {
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,

@@ -5,11 +5,12 @@ values stay on the device. ``flush`` runs on logging steps, checkpoints, validat
 end of training and exceptions: it combines the values over ranks (one all-reduce per kind of
 reduction), brings all of them to the host in one transfer, hands the rows to the callbacks'
 ``pre_log_metrics(rows)`` hooks (which read them and add their own, as OLMo-core's trainer
-does) and logs every step once. Between flushes nothing waits for the device.
+does) and logs each step's metrics in one call. Between flushes nothing waits for the device.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Literal, Protocol
@@ -40,20 +41,35 @@ class MetricRecorder:
             value = value.detach().float().reshape(())
         self._pending.setdefault(step, {})[name] = (value, reduce)
 
-    def flush(self, loggers: Sequence[Logger], hooks: Iterable[MetricsHook]) -> Rows:
-        """Reduce, transfer, hook and log everything pending; returns the rows logged."""
+    def flush(
+        self, loggers: Sequence[Logger], hooks: Iterable[MetricsHook], collective: bool = True
+    ) -> Rows:
+        """Reduce, transfer, hook and log everything pending; returns the rows logged.
+
+        Every rank must flush at the same points with the same names. Without ``collective``
+        (one rank failing alone) values that need other ranks are left out, with a warning.
+        """
         pending, self._pending = self._pending, {}
         entries = [
             (step, name, *pending[step][name])
             for step in sorted(pending)
             for name in sorted(pending[step])
         ]  # the same order on every rank
+        if not collective and _world_size() > 1:
+            dropped = [name for _, name, _, reduce in entries if reduce is not None]
+            if dropped:
+                warnings.warn(
+                    f"not logged (their other ranks' values are out of reach): {dropped}",
+                    stacklevel=2,
+                )
+            entries = [entry for entry in entries if entry[3] is None]
         on_device = [i for i, entry in enumerate(entries) if isinstance(entry[2], torch.Tensor)]
         values = [value for _, _, value, _ in entries]
         if on_device:
             stacked = torch.stack([values[i] for i in on_device])
-            reduced = _reduce_over_ranks(stacked, [entries[i][3] for i in on_device])
-            for i, value in zip(on_device, reduced.tolist(), strict=True):
+            if _world_size() > 1:
+                stacked = _reduce_over_ranks(stacked, [entries[i][3] for i in on_device])
+            for i, value in zip(on_device, stacked.tolist(), strict=True):
                 values[i] = value
         rows: Rows = {}
         for (step, name, _, _), value in zip(entries, values, strict=True):
@@ -75,10 +91,12 @@ def log_config(loggers: Sequence[Logger], config: object) -> None:
         logger.log_hyperparams(asdict(config))
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _reduce_over_ranks(values: torch.Tensor, reduces: list[Reduce | None]) -> torch.Tensor:
     """``values`` combined over the default process group, each by its reduction."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
     for reduce, op in (
         ("sum", dist.ReduceOp.SUM),
         ("mean", dist.ReduceOp.SUM),
@@ -86,9 +104,8 @@ def _reduce_over_ranks(values: torch.Tensor, reduces: list[Reduce | None]) -> to
     ):
         index = torch.tensor([i for i, r in enumerate(reduces) if r == reduce], dtype=torch.long)
         if len(index):
-            part = values[index.to(values.device)]
+            index = index.to(values.device)
+            part = values[index]
             dist.all_reduce(part, op=op)
-            values[index.to(values.device)] = (
-                part / dist.get_world_size() if reduce == "mean" else part
-            )
+            values[index] = part / dist.get_world_size() if reduce == "mean" else part
     return values

@@ -239,10 +239,9 @@ class CountHostSyncs(L.Callback):
             monkeypatch.setattr(torch.Tensor, name, counted)
 
     def on_train_batch_start(self, trainer, *args):
+        # A step's window runs until the next one starts: the module flushes in its own
+        # on_train_batch_end, which Lightning calls after every callback's.
         self._step = trainer.global_step + 1
-
-    def on_train_batch_end(self, trainer, *args):
-        self._step = 0
 
 
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
@@ -277,6 +276,29 @@ def test_spike_scores_see_every_step_when_logging_every_few(tmp_path):
     assert sorted(series(tmp_path, "stability/spike_score_loss")) == list(range(1, 8))
     assert sorted(series(tmp_path, "attn/layer0/max_logit")) == [1, 5]
     assert sorted(series(tmp_path, "train/grad_norm")) == list(range(1, 8))
+
+
+def test_each_step_is_one_row_with_every_callbacks_metrics(tmp_path):
+    """The monitor's and QK-Clip's metrics of a step land in the same row as the module's, on
+    logging and checkpoint steps alike; only a validation adds a row of its own."""
+    config = compose_config(
+        "debug=smoke",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=3",
+        "trainer.val_check_interval=100",
+        "stability.every_n_steps=3",
+        "optim.qk_clip_tau=100",
+        "checkpoint.every_n_steps=2",
+    )
+    train(config, tmp_path)
+    rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        step = int(row["step"])
+        assert bool(row["attn/layer0/max_logit"]) == (step in (1, 3, 6)), step
+        assert bool(row["qk_clip/layer0/max_logit"]) == (step in (3, 6)), step
+        assert row["stability/spike_score_loss"], step
+    assert [int(r["step"]) for r in metrics(tmp_path) if not r.get("train/loss")] == [6]  # val
 
 
 @pytest.mark.slow
