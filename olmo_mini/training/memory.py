@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from olmo_mini.config import TrainConfig, compose_config
+from olmo_mini.config import ConfigError, TrainConfig, compose_config
 from olmo_mini.model import OLMo2
 from olmo_mini.model.shards import release_freed_memory
 from olmo_mini.training.optim import build_optimizer
@@ -188,8 +188,6 @@ def plan_main(argv: list[str] | None = None) -> int:
 
 
 def _compose(overrides: list[str]) -> TrainConfig:
-    from olmo_mini.config import ConfigError
-
     try:
         return compose_config(overrides)
     except ConfigError as e:
