@@ -65,10 +65,6 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def bits_per_byte(total_nats: float, n_bytes: int) -> float:
-    return total_nats / (math.log(2) * n_bytes)
-
-
 @torch.no_grad()
 def evaluate_batches(
     model: OLMo2, batches: list[dict[str, torch.Tensor]], byte_lengths: np.ndarray, device: str
@@ -90,7 +86,7 @@ def evaluate_batches(
         raise ValueError("nothing to evaluate: no token to predict")
     loss = total / tokens
     return EvalResult(
-        loss, math.exp(loss), bits_per_byte(total, n_bytes), tokens, n_bytes, len(batches)
+        loss, math.exp(loss), total / (math.log(2) * n_bytes), tokens, n_bytes, len(batches)
     )
 
 

@@ -106,12 +106,7 @@ def locate(path: str | Path) -> tuple[str, Path]:
 
 def load_model(path: str | Path) -> OLMo2:
     """The fp32 CPU model of any source, without its tokenizer or data."""
-    kind, where = locate(path)
-    if kind == "checkpoint":
-        return _checkpoint_model(where, run_config(where).model)
-    if kind == "hf":
-        return _hf_model(where)
-    return _weights_model(where)
+    return _model(*locate(path))
 
 
 def load(path: str | Path) -> Loaded:
@@ -120,9 +115,8 @@ def load(path: str | Path) -> Loaded:
     if kind == "checkpoint":
         config = run_config(where)
         tokenizer, eos, folder = checkpoint_tokenizer(where, config)
-        model = _checkpoint_model(where, config.model)
-        return Loaded(model, tokenizer, eos, where, config, folder)
-    model = _hf_model(where) if kind == "hf" else _weights_model(where)
+        return Loaded(_model(kind, where), tokenizer, eos, where, config, folder)
+    model = _model(kind, where)
     tokenizer = load_tokenizer(where)
     try:
         eos: int | None = eos_id(tokenizer, path=where)
@@ -199,11 +193,9 @@ def trained_tokenizer_hash(checkpoint: Path) -> str:
 
 def checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's tensors (olmo-mini names) of a single-file or sharded DCP checkpoint."""
-    prefix = "model."
-    if (checkpoint / STATE_FILE).is_file():
-        saved = torch.load(
-            checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True
-        )
+    prefix, file = "model.", checkpoint / STATE_FILE
+    if file.is_file():
+        saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         return {k.removeprefix(prefix): v for k, v in saved["state_dict"].items()}
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -239,28 +231,34 @@ def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> 
     return model.eval()
 
 
-def _checkpoint_model(checkpoint: Path, config: OLMo2Config) -> OLMo2:
-    return _build(config, checkpoint_state(checkpoint), checkpoint)
+def _model(kind: str, where: Path) -> OLMo2:
+    """The fp32 CPU model of a located source."""
+    architecture = _architecture(kind, where)
+    if kind == "hf":
+        return OLMo2.from_hf(where).eval()
+    if kind == "checkpoint":
+        return _build(architecture, checkpoint_state(where), where)
+    from safetensors.torch import load_file
+
+    weights = where / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
+    return _build(architecture, load_file(str(weights)), where)
 
 
-def _hf_model(folder: Path) -> OLMo2:
-    config_file = folder / "config.json"
+def _architecture(kind: str, where: Path) -> OLMo2Config:
+    """The architecture of a located source, read without its weights."""
+    if kind == "checkpoint":
+        return run_config(where).model
+    if kind == "weights":
+        return OLMo2Config.from_yaml(where / MODEL_YAML)
+    config_file = where / "config.json"
     try:
-        config_from_hf(json.loads(config_file.read_text()))
+        return config_from_hf(json.loads(config_file.read_text()))
     except (ValueError, KeyError) as e:
         raise ValueError(
             f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}"
         ) from None
-    return OLMo2.from_hf(folder).eval()
-
-
-def _weights_model(folder: Path) -> OLMo2:
-    from safetensors.torch import load_file
-
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
-    return _build(OLMo2Config.from_yaml(folder / MODEL_YAML), load_file(str(weights)), folder)
 
 
 # ---------------------------------------------------------------- initializing a run
@@ -279,7 +277,7 @@ def load_init_weights(model: OLMo2, source: str) -> None:
     """
     try:
         kind, where = locate(source)
-        source_config = _source_architecture(kind, where)
+        source_config = _architecture(kind, where)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     differences = [
@@ -329,15 +327,6 @@ def _load_sharded_checkpoint(model: OLMo2, checkpoint: Path) -> None:
         raise ConfigError(f"model.init_from: {checkpoint}: {first}") from None
 
 
-def _source_architecture(kind: str, where: Path) -> OLMo2Config:
-    """The architecture of a located source, read without its weights."""
-    if kind == "checkpoint":
-        return run_config(where).model
-    if kind == "hf":
-        return config_from_hf(json.loads((where / "config.json").read_text()))
-    return OLMo2Config.from_yaml(where / MODEL_YAML)
-
-
 def _source_tensors(kind: str, where: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(olmo-mini name, whole tensor)`` pairs of a located source, one at a time."""
     if kind == "checkpoint":
@@ -364,11 +353,8 @@ def _source_tensors(kind: str, where: Path) -> Iterator[tuple[str, torch.Tensor]
 def model_overrides(config: OLMo2Config) -> list[str]:
     """``model.<field>=<value>`` command-line overrides describing ``config``'s architecture."""
     values = {f.name: getattr(config, f.name) for f in fields(OLMo2Config)}
-    return [
-        f"model.{k}={'null' if v is None else v}"
-        for k, v in values.items()
-        if k not in ("init_std", "norm_backend")
-    ]
+    kept = {k: v for k, v in values.items() if k not in ("init_std", "norm_backend")}
+    return [f"model.{k}={'null' if v is None else v}" for k, v in kept.items()]
 
 
 # ---------------------------------------------------------------- Hugging Face export / import
@@ -415,7 +401,7 @@ def import_hf(folder: str | Path, out: str | Path) -> OLMo2Config:
     kind, where = locate(folder)
     if kind != "hf":
         raise ValueError(f"{where}: not a Hugging Face folder (no config.json)")
-    model = _hf_model(where)
+    model = _model(kind, where)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

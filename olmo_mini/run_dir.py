@@ -7,9 +7,8 @@ checkpoints carry that id in their marker, so resuming and pruning only ever tou
 before it writes anything, unless the holder is gone (a dead pid on this host, or the same SLURM
 job requeued), whose lock it takes over. Only global rank zero claims; the other ranks read the id.
 Nothing here imports torch or Lightning: train.py's Hydra callback runs it before the config is
-validated, and a bad launch must fail in about a second. For the same reason the checkpoint
-format's names live here (``COMPLETE``, ``STATE_FILE``, ...): the trainer writes them
-(``olmo_mini.training.checkpoint``) and the tools read them (``olmo_mini.interop``).
+validated, and a bad launch must fail in about a second. So the checkpoint format's names live
+here too: the trainer writes them (``training.checkpoint``), the tools read them (``interop``).
 """
 
 from __future__ import annotations

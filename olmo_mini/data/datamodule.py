@@ -19,22 +19,12 @@ from torch.utils.data import DataLoader
 
 from olmo_mini.data.cache import content_key
 from olmo_mini.data.config import DataConfig, DataError
-from olmo_mini.data.corpus import (
-    is_val,
-)
+from olmo_mini.data.corpus import is_val
 from olmo_mini.data.prepare import resolve_tokenizer_and_shards
 from olmo_mini.data.sampling import ShuffledTrainStream, fixed_batches
-from olmo_mini.data.shards import (
-    ShardInstances,
-    manifest_hash,
-    read_manifest,
-)
+from olmo_mini.data.shards import ShardInstances, manifest_hash, read_manifest
 from olmo_mini.data.streaming import HFSource, StreamingTrainStream, packed_windows
-from olmo_mini.data.tokenizer import (
-    eos_id,
-    load_tokenizer,
-    tokenizer_hash,
-)
+from olmo_mini.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
 
 
 class OLMoDataModule(L.LightningDataModule):

@@ -54,25 +54,12 @@ def prepared_corpus(config: DataConfig, tokenizer_path: Path) -> Path:
         paths = expand_files(config.files)
         corpus, kind = files_hash(paths, config.text_field, config.max_docs), "files"
         documents = file_documents(paths, config.text_field, config.max_docs)
-    key = content_key(
-        {
-            "format": FORMAT,
-            "corpus": corpus,
-            "tokenizer": tokenizer_hash(tokenizer),
-            "eos": eos,
-            "val_fraction": config.val_fraction,
-        }
-    )
+    made_of = {"format": FORMAT, "corpus": corpus, "eos": eos, "val_fraction": config.val_fraction}
+    key = content_key({**made_of, "tokenizer": tokenizer_hash(tokenizer)})
     target = cache_root(config.cache_dir) / "shards" / f"{kind}-{key}"
-    return build_once(
-        target,
-        lambda tmp: write_shards(
-            documents,
-            tokenizer,
-            eos,
-            tmp,
-            source=f"{kind}:{corpus}",
-            val_fraction=config.val_fraction,
-            procs=config.prepare_procs,
-        ),
-    )
+    options = {"val_fraction": config.val_fraction, "procs": config.prepare_procs}
+
+    def build(tmp: Path) -> None:
+        write_shards(documents, tokenizer, eos, tmp, source=f"{kind}:{corpus}", **options)
+
+    return build_once(target, build)
