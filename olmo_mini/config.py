@@ -22,15 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from olmo_mini.data.config import DataConfig
 from olmo_mini.model.config import OLMo2Config
 from olmo_mini.stability.config import StabilityConfig
-
-ACCELERATORS = ("auto", "cpu", "gpu")
-STRATEGIES = ("single", "ddp", "fsdp")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true")
-LOGGERS = ("none", "wandb")
-
-
-class ConfigError(ValueError):
-    """A config value breaks a rule; the message names the field."""
+from olmo_mini.validation import ConfigError, at_least, in_range, one_of, positive
 
 
 @dataclass
@@ -70,19 +62,15 @@ class OptimConfig:
     # Non-finite loss or grad norm skips the step; this many in a row stops the run.
     max_consecutive_skips: int = 5
     # QK-Clip (Kimi K2): after each step, shrink W_q/W_k of every head whose max attention
-    # logit in that step's forward exceeded tau, by tau / max logit; null: off.
+    # logit in that step's forward exceeded tau, by tau / max logit; null: off. K2 used 100.
     qk_clip_tau: float | None = None
 
     def __post_init__(self) -> None:
-        _choice("optim.weight_decay_mode", self.weight_decay_mode, ("coupled", "independent"))
-        _positive("optim", self, "lr", "eps", "grad_clip")
-        if self.qk_clip_tau is not None:
-            _positive("optim", self, "qk_clip_tau")
-        _at_least("optim", self, 0, "weight_decay", "z_loss", "warmup_steps")
-        _at_least("optim", self, 1, "max_consecutive_skips")
-        for name in ("beta1", "beta2", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        one_of("optim", self, "weight_decay_mode", ("coupled", "independent"))
+        positive("optim", self, "lr", "eps", "grad_clip", "qk_clip_tau")
+        at_least("optim", self, 0, "weight_decay", "z_loss", "warmup_steps")
+        at_least("optim", self, 1, "max_consecutive_skips")
+        in_range("optim", self, 0, 1, "beta1", "beta2", "min_lr_ratio")
 
 
 @dataclass
@@ -113,33 +101,18 @@ class TrainerConfig:
     sample_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
-        _choice("trainer.strategy", self.strategy, STRATEGIES)
-        _choice("trainer.precision", self.precision, PRECISIONS)
-        _positive(
-            "trainer",
-            self,
-            "devices",
-            "num_nodes",
-            "max_steps",
-            "val_check_interval",
-            "log_every_n_steps",
-        )
-        _at_least("trainer", self, 0, "sample_new_tokens")
+        one_of("trainer", self, "accelerator", ("auto", "cpu", "gpu"))
+        one_of("trainer", self, "strategy", ("single", "ddp", "fsdp"))
+        one_of("trainer", self, "precision", ("auto", "32-true", "bf16-mixed", "bf16-true"))
+        steps = ("max_steps", "val_check_interval", "log_every_n_steps")
+        positive("trainer", self, "devices", "num_nodes", *steps, "cpu_threads", "peak_flops")
+        at_least("trainer", self, 0, "sample_new_tokens")
+        in_range("trainer", self, 1, "max_steps", "stop_at_step")
         if self.strategy == "single" and self.devices * self.num_nodes != 1:
             raise ConfigError(
                 f"trainer.devices × trainer.num_nodes ({self.devices} × {self.num_nodes}) must be 1 "
                 "with trainer.strategy=single; use trainer=ddp or trainer=fsdp for more"
             )
-        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
-            raise ConfigError(
-                f"trainer.stop_at_step ({self.stop_at_step}) must be in [1, trainer.max_steps "
-                f"({self.max_steps})]"
-            )
-        if self.cpu_threads is not None:
-            _positive("trainer", self, "cpu_threads")
-        if self.peak_flops is not None and self.peak_flops <= 0:
-            raise ConfigError(f"trainer.peak_flops must be positive, got {self.peak_flops!r}")
 
     @property
     def world_size(self) -> int:
@@ -159,15 +132,15 @@ class LoggerConfig:
     mode: str | None = None
 
     def __post_init__(self) -> None:
-        _choice("logger.kind", self.kind, LOGGERS)
-        if self.mode is not None:
-            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+        one_of("logger", self, "kind", ("none", "wandb"))
+        one_of("logger", self, "mode", ("online", "offline", "disabled"))
 
 
 @dataclass
 class CheckpointConfig:
-    """Atomic checkpoints under ``<run_dir>/checkpoints/step_<N>``; 0 disables them."""
+    """Atomic checkpoints under ``<run_dir>/checkpoints/step_<N>``, verified on resume."""
 
+    # 0: no periodic checkpoints (save_final and a signal still save).
     every_n_steps: int = 100
     keep_last: int = 2
     # Also save when training ends (max_steps or stop_at_step), so a finished run can be extended.
@@ -178,12 +151,9 @@ class CheckpointConfig:
     requeue_signal: str | None = "SIGUSR1"
 
     def __post_init__(self) -> None:
-        _at_least("checkpoint", self, 0, "every_n_steps")
-        _at_least("checkpoint", self, 1, "keep_last")
-        if self.requeue_signal is not None:
-            _choice(
-                "checkpoint.requeue_signal", self.requeue_signal, ("SIGUSR1", "SIGUSR2", "SIGHUP")
-            )
+        at_least("checkpoint", self, 0, "every_n_steps")
+        at_least("checkpoint", self, 1, "keep_last")
+        one_of("checkpoint", self, "requeue_signal", ("SIGUSR1", "SIGUSR2", "SIGHUP"))
 
 
 @dataclass
@@ -201,12 +171,12 @@ class ClusterConfig:
     account: str | None
 
     def __post_init__(self) -> None:
-        _positive("cluster", self, "nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min")
+        positive("cluster", self, "nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min")
 
 
 @dataclass
 class TrainConfig:
-    """The whole run; ``resume`` is a checkpoint directory, ``auto`` (newest in the run dir) or null."""
+    """The whole run: one field per group, the seed and where to resume from."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -217,7 +187,10 @@ class TrainConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     # null unless cluster=slurm (configs/cluster/).
     cluster: ClusterConfig | None = None
+    # Weights and data order.
     seed: int = 0
+    # null: fresh start; auto: newest complete checkpoint under <run dir>/checkpoints (else
+    # fresh); or a checkpoint directory, e.g. outputs/<run>/checkpoints/step_100.
     resume: str | None = None
 
     def __post_init__(self) -> None:
@@ -248,8 +221,6 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     try:
         node = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         return OmegaConf.to_object(node)  # runs every dataclass's __post_init__
-    except ValueError as e:  # ConfigError, or the architecture's own checks (OLMo2Config.<field>)
-        raise ConfigError(str(e).replace("OLMo2Config.", "model.")) from None
     except OmegaConfBaseException as e:
         where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
         raise ConfigError(where + str(getattr(e, "msg", e)).splitlines()[0]) from None
@@ -312,25 +283,6 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
 def register_configs() -> None:
     """Make ``train_schema`` (the ``TrainConfig`` tree) available to ``configs/train.yaml``."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _positive(group: str, obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{group}.{name} must be positive, got {value!r}")
-
-
-def _at_least(group: str, obj: object, minimum: int, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{group}.{name} must be ≥ {minimum}, got {value!r}")
 
 
 register_configs()

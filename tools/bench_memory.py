@@ -1,4 +1,4 @@
-"""Measured per-rank memory of building (and one step of) a config; see ``olmo_mini.training.memory``.
+"""Measured per-rank memory of building (and one step of) a config; see ``olmo_mini.bench.memory``.
 
     python tools/bench_memory.py --nproc 2 --stop-after init model=olmo2_1b trainer=fsdp
     python tools/bench_memory.py --nproc 2 --stop-after backward model=olmo2_1b trainer=fsdp \
@@ -8,11 +8,9 @@ One JSON line per rank: rank, world_size, stage, param_bytes (the whole model), 
 RSS on CPU, max_memory_allocated on GPU), and more.
 """
 
-from __future__ import annotations
-
 import sys
 
-from olmo_mini.training.memory import bench_main
+from olmo_mini.bench.memory import main
 
 if __name__ == "__main__":
-    sys.exit(bench_main())
+    sys.exit(main())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SOURCES = ("stdlib", "files", "shards", "hf_stream")
+from olmo_mini.validation import ConfigError, at_least, in_range, one_of
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """The data cannot feed the run as configured; the message names the setting and the remedy."""
 
 
@@ -52,30 +52,27 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
-        for name in ("seq_len", "global_batch_size", "micro_batch_size", "val_batches"):
-            _require_int(name, getattr(self, name), minimum=1)
-        _require_int("num_workers", self.num_workers, minimum=0)
-        _require_int("vocab_size", self.vocab_size, minimum=257)
-        for name in ("max_docs", "prepare_procs"):
-            if getattr(self, name) is not None:
-                _require_int(name, getattr(self, name), minimum=1)
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        one_of("data", self, "source", ("stdlib", "files", "shards", "hf_stream"))
+        batches = ("global_batch_size", "micro_batch_size", "val_batches")
+        at_least("data", self, 1, "seq_len", *batches, "max_docs", "prepare_procs")
+        at_least("data", self, 0, "num_workers")
+        at_least("data", self, 257, "vocab_size")
+        in_range("data", self, 0, 1, "val_fraction", open_high=True)
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.global_batch_size ({self.global_batch_size}) must be divisible by "
                 f"data.micro_batch_size ({self.micro_batch_size})"
             )
         if self.source == "files" and not self.files:
-            raise ValueError("data.files must list at least one file when data.source is 'files'")
+            raise ConfigError("data.files must list at least one file when data.source is 'files'")
         if self.source == "shards" and not self.shards:
-            raise ValueError("data.shards must name a directory or URL when data.source is 'shards'")
+            raise ConfigError(
+                "data.shards must name a directory or URL when data.source is 'shards'"
+            )
         if self.source == "hf_stream" and not self.hf_path:
-            raise ValueError("data.hf_path must be set when data.source is 'hf_stream'")
+            raise ConfigError("data.hf_path must be set when data.source is 'hf_stream'")
         if self.source == "hf_stream" and self.hf_val_split is None and self.val_fraction == 0:
-            raise ValueError(
+            raise ConfigError(
                 "data.val_fraction must be > 0 when data.source is 'hf_stream' and "
                 "data.hf_val_split is not set (validation needs held-out documents)"
             )
@@ -97,8 +94,3 @@ def padded_vocab_size(n: int, multiple: int = 128) -> int:
     if n <= 0 or multiple <= 0:
         raise ValueError(f"padded_vocab_size needs positive sizes, got n={n}, multiple={multiple}")
     return -(-n // multiple) * multiple
-
-
-def _require_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"data.{name} must be an integer ≥ {minimum}, got {value!r}")

@@ -1,7 +1,7 @@
 """``OLMoDataModule``: tokenizer, train/val loaders and the resumable loader position.
 
-The position is one integer, ``consumed_global_batches``, which the training module increments
-once per completed global batch. Both paths are deterministic functions of it (shards: the
+The position is one integer, ``consumed_global_batches``: under a Trainer its optimizer step
+count (every step consumes one global batch, skipped steps too). Both paths are deterministic functions of it (shards: the
 permutation; streaming: the slot's served-window count), so it is the whole loader state;
 ``state_dict`` adds a fingerprint so a checkpoint is never resumed on other data.
 """
@@ -216,10 +216,10 @@ class OLMoDataModule(L.LightningDataModule):
                 )
 
     def state_dict(self) -> dict:
-        return {
-            "consumed_global_batches": self.consumed_global_batches,
-            "fingerprint": self.fingerprint,
-        }
+        consumed = (
+            self.consumed_global_batches if self.trainer is None else self.trainer.global_step
+        )
+        return {"consumed_global_batches": consumed, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the position; checked against this run's data once ``setup`` has run."""

@@ -45,6 +45,10 @@ INTERPRET_BWD_PROGRAMS = 4  # under the interpreter: few programs, still several
 _EMULATE_RNE: tl.constexpr = tl.constexpr(INTERPRET)
 
 
+# The kernels and their launches keep their arguments grouped by role on a few lines (pointers,
+# strides, sizes, compile-time constants), as Triton's tutorials write them; `ruff format`, which
+# would put each on its own line, leaves these regions alone.
+# fmt: off
 @triton.jit
 def _cast(y, dtype: tl.constexpr):
     """``y.to(dtype)`` with round-to-nearest-even, as compiled Triton casts fp32 to bf16.
@@ -174,6 +178,7 @@ def _qk_bwd_kernel(
     else:
         _bwd_rows(K, WK, DYK, DK, RSTD_K, DWK, stride_k, stride_dyk, stride_dk, rows_k, cols_k,
                   pid - progs_q, tl.num_programs(0) - progs_q, HAS_W, BLOCK_M, BLOCK_N)
+# fmt: on
 
 
 # --------------------------------------------------------------------------- launch config
@@ -289,11 +294,13 @@ def rms_norm_fwd(
     r2 = x2 if residual is None else _as_rows(residual, order)
     block_m, block_n, num_warps = _blocks(n_cols, n_rows)
     LAUNCHES["rms_norm_fwd"] += 1
+    # fmt: off
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x2, r2, _weight_arg(weight, x2), out2, rstd, x2.stride(0), r2.stride(0), out2.stride(0),
         n_rows, n_cols, float(eps), HAS_W=weight is not None, HAS_R=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
+    # fmt: on
     return out, rstd
 
 
@@ -319,11 +326,13 @@ def rms_norm_bwd(
     programs = _bwd_programs(x.device, triton.cdiv(n_rows, block_m), num_warps)
     partial = _dw_partial(weight, programs)
     LAUNCHES["rms_norm_bwd"] += 1
+    # fmt: off
     _rms_norm_bwd_kernel[(programs,)](
         x2, _weight_arg(weight, x2), dy2, dx2, rstd, x2 if partial is None else partial,
         x2.stride(0), dy2.stride(0), dx2.stride(0), n_rows, n_cols,
         HAS_W=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
+    # fmt: on
     return dx, _dw_out(partial, weight, x)
 
 
@@ -355,12 +364,14 @@ def qk_rms_norm_fwd(
     block_m, block_n, num_warps = _blocks(max(q.shape[-1], k.shape[-1]), max(rows_q, rows_k))
     tiles_q = triton.cdiv(rows_q, block_m)
     LAUNCHES["qk_rms_norm_fwd"] += 1
+    # fmt: off
     _qk_fwd_kernel[(tiles_q + triton.cdiv(rows_k, block_m),)](
         q2, k2, _weight_arg(q_weight, q2), _weight_arg(k_weight, k2), yq2, yk2, rstd_q, rstd_k,
         q2.stride(0), k2.stride(0), yq2.stride(0), yk2.stride(0),
         rows_q, rows_k, q.shape[-1], k.shape[-1], tiles_q, float(eps),
         HAS_W=q_weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
+    # fmt: on
     return q_out, k_out, rstd_q, rstd_k
 
 
@@ -389,8 +400,11 @@ def qk_rms_norm_bwd(
     dk, dk2 = _empty_rows(k, k_order, k.dtype)
     rows_q, rows_k = _num_rows(q), _num_rows(k)
     if rows_q + rows_k == 0:
-        return dq, dk, _dw_out(_dw_partial(q_weight, 0), q_weight, q), _dw_out(
-            _dw_partial(k_weight, 0), k_weight, k
+        return (
+            dq,
+            dk,
+            _dw_out(_dw_partial(q_weight, 0), q_weight, q),
+            _dw_out(_dw_partial(k_weight, 0), k_weight, k),
         )
     q2, k2 = _as_rows(q, q_order), _as_rows(k, k_order)
     dyq2, dyk2 = _as_rows(dq_out, q_order), _as_rows(dk_out, k_order)
@@ -403,6 +417,7 @@ def qk_rms_norm_bwd(
     progs_k = min(tiles_k, max(1, programs - progs_q))
     partial_q, partial_k = _dw_partial(q_weight, progs_q), _dw_partial(k_weight, progs_k)
     LAUNCHES["qk_rms_norm_bwd"] += 1
+    # fmt: off
     _qk_bwd_kernel[(progs_q + progs_k,)](
         q2, k2, _weight_arg(q_weight, q2), _weight_arg(k_weight, k2), dyq2, dyk2, dq2, dk2,
         rstd_q, rstd_k,
@@ -411,6 +426,7 @@ def qk_rms_norm_bwd(
         rows_q, rows_k, q.shape[-1], k.shape[-1], progs_q,
         HAS_W=q_weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
+    # fmt: on
     return dq, dk, _dw_out(partial_q, q_weight, q), _dw_out(partial_k, k_weight, k)
 
 

@@ -8,10 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-QK_NORMS = ("full", "head", "none", "l2", "qkv")
-BLOCKS = ("reordered", "pre")
-NORM_TYPES = ("rms", "layer")
-NORM_BACKENDS = ("auto", "torch", "triton")
+from olmo_mini.validation import ConfigError, one_of, positive
+
+CHOICES = {
+    "qk_norm": ("full", "head", "none", "l2", "qkv"),
+    "block": ("reordered", "pre"),
+    "norm_type": ("rms", "layer"),
+    "norm_backend": ("auto", "torch", "triton"),
+}
+# The shape: what configs/model/*.yaml name.
+SIZES = tuple("vocab_size d_model n_layers n_heads n_kv_heads mlp_hidden_size max_seq_len".split())
 
 
 @dataclass
@@ -52,45 +58,32 @@ class OLMo2Config:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                     "mlp_hidden_size", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"OLMo2Config.{name} must be a positive integer, got {value!r}")
-        for name in ("rope_theta", "norm_eps", "init_std", "attn_logit_softcap",
-                     "final_logit_softcap"):
-            value = getattr(self, name)
-            if value is None and name.endswith("softcap"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"OLMo2Config.{name} must be a positive number, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"OLMo2Config.d_model ({self.d_model}) must be divisible by "
-                f"n_heads ({self.n_heads})"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"OLMo2Config.n_heads ({self.n_heads}) must be divisible by "
-                f"n_kv_heads ({self.n_kv_heads})"
-            )
+        softcaps = ("attn_logit_softcap", "final_logit_softcap")
+        positive("model", self, *SIZES, "rope_theta", "norm_eps", "init_std", *softcaps)
+        for name, divisor in (("d_model", "n_heads"), ("n_heads", "n_kv_heads")):
+            if getattr(self, name) % getattr(self, divisor):
+                raise ConfigError(
+                    f"model.{name} ({getattr(self, name)}) must be divisible by "
+                    f"{divisor} ({getattr(self, divisor)})"
+                )
         if self.head_dim % 2:
-            raise ValueError(
-                f"OLMo2Config.head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE"
+            raise ConfigError(
+                f"model.head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE"
             )
-        _check_choice("qk_norm", self.qk_norm, QK_NORMS)
-        _check_choice("block", self.block, BLOCKS)
-        _check_choice("norm_backend", self.norm_backend, NORM_BACKENDS)
-        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        for name, choices in CHOICES.items():
+            one_of("model", self, name, choices)
         if self.norm_backend == "triton" and self.norm_type != "rms":
-            raise ValueError("OLMo2Config.norm_backend 'triton' has kernels for norm_type 'rms' only")
+            raise ConfigError("model.norm_backend 'triton' has kernels for norm_type 'rms' only")
 
     @property
     def is_olmo2(self) -> bool:
         """True when the architecture is exactly OLMo 2 (what HF ``Olmo2ForCausalLM`` expresses)."""
         return (
-            self.block == "reordered" and self.qk_norm == "full" and self.norm_type == "rms"
-            and self.norm_affine and self.attn_logit_softcap is None
+            self.block == "reordered"
+            and self.qk_norm == "full"
+            and self.norm_type == "rms"
+            and self.norm_affine
+            and self.attn_logit_softcap is None
             and self.final_logit_softcap is None
         )
 
@@ -123,8 +116,3 @@ class OLMo2Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"OLMo2Config.{name} must be one of {list(choices)}, got {value!r}")

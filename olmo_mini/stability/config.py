@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from olmo_mini.validation import at_least, in_range, positive
+
 
 @dataclass
 class StabilityConfig:
@@ -20,14 +22,7 @@ class StabilityConfig:
     spike_min_history: int = 10
 
     def __post_init__(self) -> None:
-        if self.every_n_steps < 1:
-            raise ValueError(f"stability.every_n_steps must be >= 1, got {self.every_n_steps}")
-        if self.spike_window < 2:
-            raise ValueError(f"stability.spike_window must be >= 2, got {self.spike_window}")
-        if self.spike_sigma <= 0:
-            raise ValueError(f"stability.spike_sigma must be positive, got {self.spike_sigma}")
-        if not 2 <= self.spike_min_history <= self.spike_window:
-            raise ValueError(
-                f"stability.spike_min_history must be in [2, stability.spike_window], "
-                f"got {self.spike_min_history}"
-            )
+        at_least("stability", self, 1, "every_n_steps")
+        at_least("stability", self, 2, "spike_window")
+        positive("stability", self, "spike_sigma")
+        in_range("stability", self, 2, "spike_window", "spike_min_history")

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-# Bound on the logits materialized at once by the attention probe: B * H * chunk * T.
+from olmo_mini.stability.config import StabilityConfig
+
+# Bound on the attention logits materialized at once: B * H * chunk * T.
 _PROBE_ELEMENTS = 1 << 24
 
 
@@ -37,8 +39,10 @@ class Reduction:
         """Combine across the default process group (no-op without one). Every rank must call."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        for table, op in ((self.sums, torch.distributed.ReduceOp.SUM),
-                          (self.maxes, torch.distributed.ReduceOp.MAX)):
+        for table, op in (
+            (self.sums, torch.distributed.ReduceOp.SUM),
+            (self.maxes, torch.distributed.ReduceOp.MAX),
+        ):
             if not table:
                 continue
             names = sorted(table)
@@ -66,12 +70,41 @@ def rms_statistics(stats: Reduction, prefix: str, x: torch.Tensor, n_heads: int)
     stats.add(f"{prefix}_count_head", torch.tensor(float(count), device=x.device))
 
 
-def finalize_rms(stats: Reduction, prefix: str) -> tuple[float, float]:
-    """Overall RMS and the largest per-head RMS from :func:`rms_statistics` sums."""
+def finalize_rms(stats: Reduction, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overall RMS and the largest per-head RMS from :func:`rms_statistics` sums (on the
+    device: they reach the host with the step's other metrics)."""
     sumsq, count = stats.sums[f"{prefix}_sumsq_head"], stats.sums[f"{prefix}_count_head"]
-    overall = math.sqrt(sumsq.sum().item() / (count.item() * sumsq.numel()))
-    per_head = torch.sqrt(sumsq / count)
-    return overall, per_head.max().item()
+    overall = (sumsq.sum() / (count * sumsq.numel())).sqrt()
+    return overall, (sumsq / count).sqrt().max()
+
+
+def causal_logit_chunks(
+    q: torch.Tensor, k: torch.Tensor, scale: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The causal logits ``q . k * scale`` of ``q`` ``[B, H, T, D]`` and ``k`` ``[B, KV, T, D]``,
+    a chunk of query rows at a time (never the full ``T x T`` matrix), as
+    ``(logits [B, KV, H/KV, rows, keys], visible [rows, keys])``. GQA: query head h reads key
+    head ``h // (H / KV)``; keys are broadcast over their query group, not repeated."""
+    batch, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().reshape(batch, kv_heads, heads // kv_heads, seq, dim)
+    k = k.float()[:, :, None]  # [B, KV, 1, T, D]
+    chunk = max(1, min(seq, _PROBE_ELEMENTS // max(1, batch * heads * seq)))
+    positions = torch.arange(seq, device=q.device)
+    for start in range(0, seq, chunk):
+        end = min(seq, start + chunk)
+        logits = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)) * scale
+        yield logits, positions[None, :end] <= positions[start:end, None]
+
+
+@torch.no_grad()
+def max_attention_logit(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact max causal logit per query head, ``[H]`` (what QK-Clip bounds on every step:
+    :func:`attention_logit_statistics` without the entropy)."""
+    best = torch.tensor(float("-inf"), device=q.device)
+    for logits, visible in causal_logit_chunks(q, k, scale):
+        best = torch.maximum(best, logits.masked_fill(~visible, float("-inf")).amax(dim=(0, 3, 4)))
+    return best.reshape(q.shape[1])
 
 
 @torch.no_grad()
@@ -83,31 +116,22 @@ def attention_logit_statistics(
     scale: float,
     softcap: float | None = None,
 ) -> None:
-    """Exact max causal logit (per head) and attention entropy sums for ``q, k`` ``[B, H, T, D]``.
+    """Exact max causal logit (per head) and attention entropy sums for ``q, k``.
 
-    The logits ``q . k * scale`` are formed a chunk of query rows at a time, never the
-    full ``T x T`` matrix. The max is of the raw logits (what QK-norm and QK-Clip bound);
-    the entropy is of the attention actually used (after any soft-cap).
+    The max is of the raw logits (what QK-norm and QK-Clip bound); the entropy is of the
+    attention actually used (after any soft-cap).
     """
-    q, k = q.float(), k.float()
-    batch, heads, seq, _ = q.shape
-    if k.shape[1] != heads:  # GQA
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-    chunk = max(1, min(seq, _PROBE_ELEMENTS // max(1, batch * heads * seq)))
-    max_per_head = torch.full((heads,), float("-inf"), device=q.device)
+    max_per_head = torch.tensor(float("-inf"), device=q.device)
     entropy_sum = torch.zeros((), device=q.device)
-    positions = torch.arange(seq, device=q.device)
-    for start in range(0, seq, chunk):
-        end = min(seq, start + chunk)
-        logits = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)) * scale
-        visible = positions[None, :end] <= positions[start:end, None]
+    for logits, visible in causal_logit_chunks(q, k, scale):
         masked = logits.masked_fill(~visible, float("-inf"))
-        max_per_head = torch.maximum(max_per_head, masked.amax(dim=(0, 2, 3)))
+        max_per_head = torch.maximum(max_per_head, masked.amax(dim=(0, 3, 4)))
         if softcap is not None:
             masked = (softcap * torch.tanh(logits / softcap)).masked_fill(~visible, float("-inf"))
         log_p = masked.log_softmax(dim=-1)
         entropy_sum += -(log_p.exp() * log_p.masked_fill(~visible, 0.0)).sum()
-    stats.max(f"{prefix}_max_logit_head", max_per_head)
+    batch, heads, seq, _ = q.shape
+    stats.max(f"{prefix}_max_logit_head", max_per_head.reshape(heads))
     stats.add(f"{prefix}_entropy_sum", entropy_sum)
     stats.add(f"{prefix}_entropy_count", torch.tensor(float(batch * heads * seq), device=q.device))
 
@@ -133,12 +157,8 @@ class SpikeScore:
     """
 
     def __init__(self, window: int = 1000, sigma: float = 7.0, min_history: int = 10) -> None:
-        if window < 2:
-            raise ValueError(f"spike score window must be >= 2, got {window}")
-        if sigma <= 0:
-            raise ValueError(f"spike score sigma must be positive, got {sigma}")
-        if not 2 <= min_history <= window:
-            raise ValueError(f"spike score min_history must be in [2, window], got {min_history}")
+        # The stability group's rules, and its messages (stability.spike_window ...).
+        StabilityConfig(spike_window=window, spike_sigma=sigma, spike_min_history=min_history)
         self.sigma = sigma
         self.min_history = min_history
         self.history: deque[float] = deque(maxlen=window)

@@ -11,7 +11,6 @@ Between measuring steps nothing is hooked and nothing is computed.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -25,6 +24,7 @@ from olmo_mini.stability.metrics import (
     SpikeScore,
     attention_logit_statistics,
     finalize_rms,
+    logit_statistics,
     rms_statistics,
 )
 
@@ -40,12 +40,12 @@ def _block_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StabilityMonitor(L.Callback):
-    """Logs ``qk/``, ``attn/``, ``act/``, ``grad/``, ``update/``, ``logits/`` and ``stability/``.
+    """Records ``qk/``, ``attn/``, ``act/``, ``grad/``, ``update/``, ``logits/`` and
+    ``stability/`` metrics through the module's ``recorder``.
 
-    The LightningModule must expose ``model`` (an ``OLMo2``), ``flush_listeners`` (called
-    with every step's ``train/loss`` and ``train/grad_norm`` once they reach the host: the
-    spike scores see every step without a host sync per step) and, on measuring steps,
-    ``logit_stats`` (a ``Reduction`` with the loss's logit statistics).
+    Spike scores are computed in ``pre_log_metrics`` from every flushed step's ``train/loss``
+    and ``train/grad_norm``: they see every step without a host sync per step. Output-logit
+    statistics come from ``training_step``'s outputs (``max_logit``, ``lse_sum``).
     """
 
     def __init__(self, config: StabilityConfig) -> None:
@@ -56,29 +56,17 @@ class StabilityMonitor(L.Callback):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._before_step: list[list[torch.Tensor]] | None = None
         self._last_step = 0  # the last step scored for spikes
-        self._loggers: list = []
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._loggers = trainer.loggers
-        pl_module.flush_listeners.append(self._score_spikes)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.flush_listeners.remove(self._score_spikes)
-
-    def _score_spikes(self, step_metrics: dict[str, float]) -> None:
-        """Spike scores for one step, logged at that step; every step is scored once."""
-        step = int(step_metrics["step"])
-        if step <= self._last_step:
-            return
-        self._last_step = step
-        self.loss_spikes.update(step_metrics["train/loss"])
-        self.grad_spikes.update(step_metrics["train/grad_norm"])
-        metrics = {
-            "stability/spike_score_loss": self.loss_spikes.score,
-            "stability/spike_score_grad": self.grad_spikes.score,
-        }
-        for logger in self._loggers:
-            logger.log_metrics(metrics, step=step)
+    def pre_log_metrics(self, rows: dict[int, dict[str, float]]) -> None:
+        """Spike scores for each newly flushed training step, at that step."""
+        for step, row in rows.items():
+            if "train/loss" not in row or step <= self._last_step:
+                continue
+            self._last_step = step
+            self.loss_spikes.update(row["train/loss"])
+            self.grad_spikes.update(row["train/grad_norm"])
+            row["stability/spike_score_loss"] = self.loss_spikes.score
+            row["stability/spike_score_grad"] = self.grad_spikes.score
 
     # -- which steps measure -------------------------------------------------------------
     def measuring(self, step: int) -> bool:
@@ -92,7 +80,6 @@ class StabilityMonitor(L.Callback):
             return
         if self._stats is None:  # the global batch's first micro-batch
             self._stats = Reduction()
-            pl_module.logit_stats = Reduction()
         # Compiled blocks would not run hooks registered after compilation: measure eagerly.
         torch.compiler.set_stance("force_eager")
         self._hooks = self._register(pl_module.model, self._stats)
@@ -122,7 +109,9 @@ class StabilityMonitor(L.Callback):
                 q, k = args
                 rms_statistics(stats, f"{i}/q", q, attn.n_heads)
                 rms_statistics(stats, f"{i}/k", k, attn.n_kv_heads)
-                attention_logit_statistics(stats, f"{i}/attn", q, k, attn.softmax_scale, attn.softcap)
+                attention_logit_statistics(
+                    stats, f"{i}/attn", q, k, attn.softmax_scale, attn.softcap
+                )
 
             def output(_m: nn.Module, _args: tuple, out: torch.Tensor, i: int = i):
                 stats.add(f"{i}/act_sumsq", out.detach().float().square().sum())
@@ -154,63 +143,70 @@ class StabilityMonitor(L.Callback):
                 if norm is not None and norm.weight is not None:
                     w = _local(norm.weight).detach().float()
                     self._stats.add(f"{i}/{name}_gain_sum", w.abs().sum())
-                    self._stats.add(f"{i}/{name}_gain_count", torch.tensor(float(w.numel()), device=w.device))
+                    self._stats.add(
+                        f"{i}/{name}_gain_count", torch.tensor(float(w.numel()), device=w.device)
+                    )
 
-    # -- after the step: update ratios, reduce, log ----------------------------------------
+    # -- after each micro-batch: output logits; after the step: update ratios, reduce, record
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: dict[str, Any],
+        batch: dict[str, torch.Tensor],
         batch_idx: int,
     ) -> None:
+        if self._stats is None:
+            return
+        tokens = batch["labels"].numel()
+        logit_statistics(self._stats, outputs["max_logit"], outputs["lse_sum"], tokens)
         if self._before_step is None:
-            return  # not a measuring step's optimizer step (or mid-accumulation)
-        metrics = self._finish_measurement(pl_module)
+            return  # mid-accumulation
+        for name, value in self._finish_measurement(pl_module.model).items():
+            pl_module.recorder.record(trainer.global_step, name, value)
         self._stats, self._before_step = None, None
-        for logger in trainer.loggers:  # every measurement, whatever log_every_n_steps is
-            logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _finish_measurement(self, pl_module: L.LightningModule) -> dict[str, float]:
+    def _finish_measurement(self, model: OLMo2) -> dict[str, torch.Tensor]:
+        """The step's metrics as device scalars, from statistics reduced over ranks."""
         stats = self._stats
-        model: OLMo2 = pl_module.model
         for i, (block, before) in enumerate(zip(model.blocks, self._before_step, strict=True)):
             params = [p for p in block.parameters() if p.requires_grad]
-            delta = [_local(p).detach().float() - old.float() for p, old in zip(params, before, strict=True)]
+            delta = [
+                _local(p).detach().float() - old.float()
+                for p, old in zip(params, before, strict=True)
+            ]
             stats.add(f"{i}/update_sumsq", torch.stack([d.square().sum() for d in delta]).sum())
-        logit_stats: Reduction | None = pl_module.logit_stats
-        pl_module.logit_stats = None
-        if logit_stats is not None:
-            stats.sums.update(logit_stats.sums)
-            stats.maxes.update(logit_stats.maxes)
         stats.all_reduce()
-
-        metrics: dict[str, float] = {}
+        sums = stats.sums
+        metrics: dict[str, torch.Tensor] = {}
         for i in range(len(model.blocks)):
             for name in ("q", "k"):
                 rms, maxhead = finalize_rms(stats, f"{i}/{name}")
                 metrics[f"qk/layer{i}/{name}_rms"] = rms
                 metrics[f"qk/layer{i}/{name}_rms_maxhead"] = maxhead
                 metrics[f"qk/layer{i}/{name}_rms_pre"] = finalize_rms(stats, f"{i}/{name}_pre")[0]
-                if f"{i}/{name}_gain_sum" in stats.sums:
-                    gain = stats.sums[f"{i}/{name}_gain_sum"] / stats.sums[f"{i}/{name}_gain_count"]
-                    metrics[f"qk/layer{i}/{name}_norm_gain"] = gain.item()
-            metrics[f"attn/layer{i}/max_logit"] = stats.maxes[f"{i}/attn_max_logit_head"].max().item()
-            entropy = stats.sums[f"{i}/attn_entropy_sum"] / stats.sums[f"{i}/attn_entropy_count"]
-            metrics[f"attn/layer{i}/entropy"] = entropy.item()
-            act = stats.sums[f"{i}/act_sumsq"] / stats.sums[f"{i}/act_count"]
-            metrics[f"act/layer{i}/rms"] = math.sqrt(act.item())
-            if f"{i}/grad_sumsq" in stats.sums:
-                metrics[f"grad/layer{i}/norm"] = math.sqrt(stats.sums[f"{i}/grad_sumsq"].item())
-            update, weight = stats.sums[f"{i}/update_sumsq"], stats.sums[f"{i}/weight_sumsq"]
-            metrics[f"update/layer{i}/ratio"] = math.sqrt(update.item() / max(weight.item(), 1e-30))
-        if "logits_max" in stats.maxes:
-            metrics["logits/max"] = stats.maxes["logits_max"].item()
-            lse = stats.sums["logits_lse_sum"] / stats.sums["logits_count"]
-            metrics["logits/mean_logsumexp"] = lse.item()
+                if f"{i}/{name}_gain_sum" in sums:
+                    gain = sums[f"{i}/{name}_gain_sum"] / sums[f"{i}/{name}_gain_count"]
+                    metrics[f"qk/layer{i}/{name}_norm_gain"] = gain
+            metrics[f"attn/layer{i}/max_logit"] = stats.maxes[f"{i}/attn_max_logit_head"].max()
+            entropy = sums[f"{i}/attn_entropy_sum"] / sums[f"{i}/attn_entropy_count"]
+            metrics[f"attn/layer{i}/entropy"] = entropy
+            metrics[f"act/layer{i}/rms"] = (sums[f"{i}/act_sumsq"] / sums[f"{i}/act_count"]).sqrt()
+            if f"{i}/grad_sumsq" in sums:
+                metrics[f"grad/layer{i}/norm"] = sums[f"{i}/grad_sumsq"].sqrt()
+            update, weight = sums[f"{i}/update_sumsq"], sums[f"{i}/weight_sumsq"]
+            metrics[f"update/layer{i}/ratio"] = (update / weight.clamp_min(1e-30)).sqrt()
+        metrics["logits/max"] = stats.maxes["logits_max"]
+        metrics["logits/mean_logsumexp"] = sums["logits_lse_sum"] / sums["logits_count"]
         return metrics
 
     # -- checkpointed state: the spike-score windows ---------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss_spikes.state_dict(), "grad": self.grad_spikes.state_dict(),
-                "last_step": self._last_step}
+        return {
+            "loss": self.loss_spikes.state_dict(),
+            "grad": self.grad_spikes.state_dict(),
+            "last_step": self._last_step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loss_spikes.load_state_dict(state_dict["loss"])

@@ -1,4 +1,4 @@
-"""Training: the LightningModule, optimizer, parallelism, checkpoints, benchmark and ``run(cfg)``."""
+"""Training: the LightningModule, optimizer, parallelism, checkpoints and ``run(cfg)``."""
 
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.run import RunResult, run, train

@@ -103,7 +103,7 @@ class StepCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path | None:
         """Write ``step_<step>`` (collective: every rank calls it); None if the run is in a
         streak of skipped steps, whose weights are not worth keeping."""
-        pl_module.flush_metrics(progress_bar=False)  # the skip counters are exact from here on
+        pl_module.flush_metrics()  # the skip counters are exact from here on
         if pl_module.consecutive_skips > 0:
             rank_zero_only(log.warning)(
                 "step %d: not saving a checkpoint during a streak of %d skipped steps",

@@ -64,10 +64,7 @@ class ConsoleProgress(L.Callback):
         self._max_steps = trainer.max_steps
         every = self.config.trainer.log_every_n_steps
         self._line_every = every * max(1, -(-self._max_steps // (_LINES_PER_RUN * every)))
-        if not trainer.is_global_zero:
-            return
-        pl_module.flush_listeners.append(self._on_flush)
-        if self.bar_enabled:
+        if trainer.is_global_zero and self.bar_enabled:
             self._exit.enter_context(logging_redirect_tqdm())
             self._bar = self._exit.enter_context(
                 tqdm(
@@ -107,40 +104,36 @@ class ConsoleProgress(L.Callback):
             line += f"; a GPU, fewer trainer.max_steps{smaller} would be faster"
         log.info(line)
 
-    def _on_flush(self, metrics: dict[str, float]) -> None:
-        """Called with each step's metrics when the module brings them to the host; the last
-        step of a flush carries the window's tokens/s."""
-        tokens_per_s = metrics.get("perf/tokens_per_s")
-        if tokens_per_s is None:
-            return
-        step, max_steps = int(metrics["step"]), self._max_steps
+    @rank_zero_only
+    def pre_log_metrics(self, rows: dict[int, dict[str, float]]) -> None:
+        """Progress lines from flushed steps (the last training step of a flush carries the
+        window's tokens/s) and validation losses."""
+        for step, row in rows.items():
+            tokens_per_s = row.get("perf/tokens_per_s")
+            if tokens_per_s is not None:
+                self._progress(step, row["train/loss"], tokens_per_s)
+            if "val/loss" in row:
+                log.info(f"step {step}: val/loss {row['val/loss']:.4f}")
+
+    def _progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        max_steps = self._max_steps
         eta = (max_steps - step) * self.tokens_per_step / tokens_per_s
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", refresh=False)
+            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if step % self._line_every and step < max_steps:
             return
         log.info(
-            f"step {step}/{max_steps} | loss {metrics['train/loss']:.4f} | "
+            f"step {step}/{max_steps} | loss {loss:.4f} | "
             f"{tokens_per_s:,.0f} tok/s | ETA {_duration(eta)}"
         )
 
-    @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        val_loss = trainer.callback_metrics.get("val/loss")
-        if val_loss is not None:
-            log.info(f"step {trainer.global_step}: val/loss {float(val_loss):.4f}")
+    def on_train_end(self, *args: object) -> None:
+        self._close()
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close(pl_module)
+    def on_exception(self, *args: object) -> None:
+        self._close()
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, _: BaseException
-    ) -> None:
-        self._close(pl_module)
-
-    def _close(self, pl_module: L.LightningModule) -> None:
-        if self._on_flush in pl_module.flush_listeners:
-            pl_module.flush_listeners.remove(self._on_flush)
+    def _close(self) -> None:
         self._bar = None
         self._exit.close()
 

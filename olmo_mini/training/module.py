@@ -12,10 +12,8 @@ the optimizer step they belong to (1-based), the same number as ``checkpoints/st
 
 from __future__ import annotations
 
+import math
 import random
-import time
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -25,10 +23,9 @@ import torch.distributed as dist
 
 from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2
-from olmo_mini.model.generation import generate
-from olmo_mini.stability.metrics import Reduction, logit_statistics
 from olmo_mini.training.optim import build_optimizer, build_scheduler
 from olmo_mini.training.parallel import build_model
+from olmo_mini.training.recorder import MetricRecorder, Rows
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,36 +33,25 @@ class TrainingDiverged(RuntimeError):
 
 
 class LanguageModelModule(L.LightningModule):
-    def __init__(
-        self, config: TrainConfig, precision: str, flops_per_token: float, peak_flops: float | None
-    ) -> None:
+    def __init__(self, config: TrainConfig, precision: str) -> None:
         super().__init__()
         self.config = config
         self.precision_name = precision
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
         self.grad_accum = config.grad_accum_steps
         self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
         self.model: OLMo2 | None = None
+        # Where every metric goes: callbacks record through ``pl_module.recorder`` too.
+        self.recorder = MetricRecorder()
         # Counters saved in checkpoints.
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self._diverged_at: int | None = None
         # Per-global-batch loss sums (device tensors: no sync per micro-batch).
         self._ce_sum: torch.Tensor | None = None
         self._z_sum: torch.Tensor | None = None
-        self._window_start = 0.0  # the time of the previous flush
-        self._val_started = 0.0
-        self.sample_text: str | None = None
-        # Steps whose metrics are still on the device: (step, lr, [ce, z, grad_norm]).
-        self._pending: list[tuple[int, float, torch.Tensor]] = []
-        # For callbacks. ``flush_listeners`` are called with each flushed step's metrics (floats),
-        # in step order, as soon as they reach the host. ``last_step_finite``: a device bool,
-        # whether the last update was applied. ``logit_stats``: on measuring steps, a Reduction
-        # the stability monitor places here to receive output-logit statistics.
-        self.flush_listeners: list[Callable[[dict[str, float]], None]] = []
-        self.last_step_finite: torch.Tensor | None = None
-        self.logit_stats: Reduction | None = None
+        self._val_losses: list[torch.Tensor] = []
+        self.val_loss: float | None = None  # the last validation's, once flushed
 
     def setup(self, stage: str) -> None:
         try:
@@ -84,18 +70,22 @@ class LanguageModelModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, self.config.optim)
         scheduler = build_scheduler(optimizer, self.config.optim, self.config.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["input_ids"], labels=batch["labels"], z_loss=self.config.optim.z_loss)
-        if self.logit_stats is not None:
-            logit_statistics(self.logit_stats, out.max_logit, out.lse_sum, batch["labels"].numel())
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        out = self.model(
+            batch["input_ids"], labels=batch["labels"], z_loss=self.config.optim.z_loss
+        )
         if self._ce_sum is None:
             self._ce_sum, self._z_sum = out.ce.detach(), out.z.detach()
         else:
             self._ce_sum = self._ce_sum + out.ce.detach()
             self._z_sum = self._z_sum + out.z.detach()
-        return out.loss
+        # The output-logit statistics reach callbacks as on_train_batch_end's ``outputs``.
+        return {"loss": out.loss, "max_logit": out.max_logit, "lse_sum": out.lse_sum}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = self.global_step + 1  # the step this update completes
@@ -106,15 +96,16 @@ class LanguageModelModule(L.LightningModule):
             norm = norm.full_tensor()
         losses = torch.stack([self._ce_sum, self._z_sum]) / self.grad_accum
         self._ce_sum = self._z_sum = None
-        if dist.is_available() and dist.is_initialized():  # mean over ranks; not strategy.reduce,
-            dist.all_reduce(losses)  # whose barrier would make the host wait every step
+        if dist.is_available() and dist.is_initialized():  # mean over ranks, every step: the
+            dist.all_reduce(losses)  # skip decision below must be the same on every rank
             losses = losses / dist.get_world_size()
         values = torch.cat([losses, norm.reshape(1).float()])  # [ce, z, grad_norm]
-        self.last_step_finite = values.isfinite().all()
-        optimizer.found_inf = (~self.last_step_finite).float()  # fused AdamW skips if nonzero
-        self._pending.append((step, optimizer.param_groups[0]["lr"], values))
+        # Fused AdamW skips the update (weights, moments, step count) where this is nonzero.
+        optimizer.found_inf = (~values.isfinite().all()).float()
+        for name, value in zip(("ce_loss", "z_loss", "grad_norm"), values, strict=True):
+            self.recorder.record(step, f"train/{name}", value)
+        self.recorder.record(step, "train/lr", optimizer.param_groups[0]["lr"])
         self.tokens_seen += self.tokens_per_step
-        self.trainer.datamodule.consumed_global_batches += 1
         if self._flush_due(step):
             self.flush_metrics()
 
@@ -128,73 +119,38 @@ class LanguageModelModule(L.LightningModule):
             or (every_checkpoint > 0 and step % every_checkpoint == 0)
         )
 
-    def flush_metrics(self, progress_bar: bool = True) -> None:
-        """Bring the pending steps' metrics over (one host sync), log every step, update the
-        skip counters, and stop if too many steps in a row were skipped. ``progress_bar``:
-        whether this hook may ``self.log`` (Lightning refuses it in checkpoint and end hooks)."""
-        if not self._pending:
-            return
-        rows = torch.stack([values for _, _, values in self._pending]).tolist()
-        tokens = self.tokens_seen - self.tokens_per_step * len(rows)
-        flushed: list[dict[str, float]] = []
-        diverged_at = None
-        for (step, lr, _), (ce, z, grad_norm) in zip(self._pending, rows, strict=True):
-            if all(map(_finite, (ce, z, grad_norm))):
+    def flush_metrics(self) -> Rows:
+        """Log everything recorded so far (one host sync): this module's hook first, then the
+        callbacks' in their order; stop if too many steps in a row were skipped."""
+        hooks = [self, *(c for c in self.trainer.callbacks if hasattr(c, "pre_log_metrics"))]
+        rows = self.recorder.flush(self.loggers, hooks)
+        if self._diverged_at is not None:
+            max_skips = self.config.optim.max_consecutive_skips
+            raise TrainingDiverged(
+                f"step {self._diverged_at}: {max_skips} optimizer steps in a row had a non-finite "
+                f"loss or gradient norm (optim.max_consecutive_skips={max_skips}); stopping. Their "
+                "updates were skipped; lower optim.lr and resume from a checkpoint saved before "
+                "the streak."
+            )
+        return rows
+
+    def pre_log_metrics(self, rows: Rows) -> None:
+        """Per flushed training step: ``train/loss``, the skip counters and ``train/tokens``."""
+        steps = [step for step, row in rows.items() if "train/ce_loss" in row]
+        tokens = self.tokens_seen - self.tokens_per_step * len(steps)
+        for step in steps:
+            row = rows[step]
+            row["train/loss"] = row["train/ce_loss"] + row["train/z_loss"]
+            if all(map(math.isfinite, (row["train/loss"], row["train/grad_norm"]))):
                 self.consecutive_skips = 0
             else:
                 self.skipped_steps += 1
                 self.consecutive_skips += 1
                 if self.consecutive_skips >= self.config.optim.max_consecutive_skips:
-                    diverged_at = diverged_at or step
+                    self._diverged_at = self._diverged_at or step
             tokens += self.tokens_per_step
-            flushed.append({
-                "step": float(step),
-                "train/loss": ce + z,
-                "train/ce_loss": ce,
-                "train/z_loss": z,
-                "train/grad_norm": grad_norm,
-                "train/lr": lr,
-                "train/skipped_steps": float(self.skipped_steps),
-                "train/tokens": float(tokens),
-            })
-        self._pending = []
-        flushed[-1].update(self._throughput(len(rows)))
-        for metrics in flushed:
-            for logger in self.loggers:
-                logger.log_metrics({k: v for k, v in metrics.items() if k != "step"},
-                                   step=int(metrics["step"]))
-            for listener in self.flush_listeners:
-                listener(metrics)
-        for logger in self.loggers:
-            logger.save()  # CSVLogger would otherwise write only every 100 rows
-        last = flushed[-1]
-        if progress_bar:
-            self.log("loss", last["train/loss"], prog_bar=True, logger=False)
-            self.log("tok/s", last["perf/tokens_per_s"], prog_bar=True, logger=False)
-        if diverged_at is not None:
-            for logger in self.loggers:
-                logger.save()
-            raise TrainingDiverged(
-                f"step {diverged_at}: {self.config.optim.max_consecutive_skips} optimizer steps in "
-                f"a row had a non-finite loss or gradient norm (optim.max_consecutive_skips="
-                f"{self.config.optim.max_consecutive_skips}); stopping. Their updates were skipped; "
-                "lower optim.lr and resume from a checkpoint saved before the streak."
-            )
-
-    def _throughput(self, steps: int) -> dict[str, float]:
-        """tokens/s and MFU over the ``steps`` optimizer steps since the previous flush (both
-        timed right after a host sync, so the device's queue is accounted for)."""
-        now = time.perf_counter()
-        elapsed, self._window_start = now - self._window_start, now
-        tokens_per_s = self.tokens_per_step * steps / elapsed
-        metrics = {"perf/tokens_per_s": tokens_per_s}
-        if self.peak_flops:
-            total_peak = self.peak_flops * self.trainer.world_size
-            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / total_peak
-        return metrics
-
-    def on_train_start(self) -> None:
-        self._window_start = time.perf_counter()
+            row["train/skipped_steps"] = float(self.skipped_steps)
+            row["train/tokens"] = float(tokens)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through should_stop makes Lightning validate once more at the last step.
@@ -202,46 +158,21 @@ class LanguageModelModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.model(batch["input_ids"], labels=batch["labels"])
-        self.log("val/loss", out.ce, on_epoch=True, sync_dist=True, prog_bar=True)
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_started = time.perf_counter()
+        self._val_losses.append(self.model(batch["input_ids"], labels=batch["labels"]).ce)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("step", float(self.global_step), sync_dist=True)
-        # Validation time is not training time: shift the throughput window past it.
-        self._window_start += time.perf_counter() - self._val_started
+        step = self.global_step
+        self.recorder.record(step, "val/loss", torch.stack(self._val_losses).mean(), "mean")
+        self._val_losses = []
+        self.val_loss = self.flush_metrics()[step]["val/loss"]
 
     def on_train_end(self) -> None:
-        """Log what is still pending; generate a short sample from the final weights.
-
-        The sample runs on the trained model as it is (under FSDP every rank takes part, and
-        each block is gathered only while it runs), in the training precision: no rank ever
-        holds an unsharded copy of the model.
-        """
-        self.flush_metrics(progress_bar=False)
-        if self.config.trainer.sample_new_tokens == 0:
-            return
-        tokenizer = self.trainer.datamodule.tokenizer
-        prompt = tokenizer.encode(self.config.trainer.sample_prompt).ids or [
-            self.trainer.datamodule.eos_id
-        ]
-        with self.trainer.precision_plugin.forward_context():
-            ids = generate(
-                self.model,
-                torch.tensor([prompt], device=self.device),
-                self.config.trainer.sample_new_tokens,
-                temperature=0.8,
-                top_k=50,
-                seed=self.config.seed,
-            )
-        self.sample_text = tokenizer.decode(ids[0].tolist())
+        self.flush_metrics()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoint steps were flushed in on_before_optimizer_step (before Lightning took the
         # callbacks' states, spike windows included); this covers saves at any other time.
-        self.flush_metrics(progress_bar=False)
+        self.flush_metrics()
         checkpoint["counters"] = {
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
@@ -269,27 +200,6 @@ class LanguageModelModule(L.LightningModule):
         # Same world size: each rank continues its own stream; otherwise all take rank 0's.
         rank = self.global_rank if len(states) == self.trainer.world_size else 0
         set_rng_states(states[rank])
-
-
-class FlushMetricsOnException(L.Callback):
-    """An interrupted run (Ctrl-C, an error) still logs the steps it completed: Lightning gives
-    callbacks, not the module, ``on_exception``, before it finalizes the loggers."""
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: LanguageModelModule, exception: BaseException
-    ) -> None:
-        if isinstance(exception, TrainingDiverged):
-            return  # flushed when it was raised
-        try:
-            pl_module.flush_metrics(progress_bar=False)
-        except TrainingDiverged:
-            pass  # the rows were logged; the run is failing anyway
-        except Exception as e:  # the device may be what failed: the original error matters more
-            warnings.warn(f"could not log the last steps' metrics: {e!r}", stacklevel=1)
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def rng_states() -> dict[str, Any]:

@@ -37,32 +37,7 @@ from torch import nn
 from olmo_mini.config import ConfigError
 from olmo_mini.model.config import OLMo2Config
 from olmo_mini.model.model import Attention, OLMo2
-
-# Bound on the logits materialized at once: B * H * chunk * T.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-@torch.no_grad()
-def max_attention_logit(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact max causal logit per query head, ``[H]``, of ``q`` ``[B, H, T, D]`` and ``k``
-    ``[B, KV, T, D]`` (GQA: query head h reads key head ``h // (H / KV)``).
-
-    The max half of ``attention_logit_statistics`` without its entropy, which QK-Clip would
-    pay for on every step; keys are broadcast over their query group, not repeated.
-    """
-    batch, heads, seq, dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.float().reshape(batch, kv_heads, heads // kv_heads, seq, dim)
-    k = k.float()[:, :, None]  # [B, KV, 1, T, D]
-    chunk = max(1, min(seq, _CHUNK_ELEMENTS // max(1, batch * heads * seq)))
-    positions = torch.arange(seq, device=q.device)
-    best = torch.full((kv_heads, heads // kv_heads), float("-inf"), device=q.device)
-    for start in range(0, seq, chunk):
-        end = min(seq, start + chunk)
-        logits = (q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)) * scale
-        visible = positions[None, :end] <= positions[start:end, None]
-        best = torch.maximum(best, logits.masked_fill(~visible, float("-inf")).amax(dim=(0, 3, 4)))
-    return best.reshape(heads)
+from olmo_mini.stability.metrics import max_attention_logit
 
 
 def check_supported(config: OLMo2Config) -> None:
@@ -124,13 +99,9 @@ def _scale(param: nn.Parameter, factor: torch.Tensor) -> None:
 
 
 class QKClip(L.Callback):
-    """Applies QK-Clip after every optimizer step; logs ``qk_clip/layer{i}/max_logit`` (before
-    the clip) and ``qk_clip/layer{i}/clipped_heads`` every ``trainer.log_every_n_steps`` steps.
-
-    The LightningModule must expose ``model`` (an ``OLMo2``) and, after each optimizer step's
-    hook, ``last_step_finite`` (a device bool: whether the update was applied). Nothing here
-    waits for the device except on logging steps.
-    """
+    """Applies QK-Clip after every optimizer step; records ``qk_clip/layer{i}/max_logit``
+    (before the clip) and ``qk_clip/layer{i}/clipped_heads`` every ``trainer.log_every_n_steps``
+    steps. Nothing here waits for the device."""
 
     def __init__(self, tau: float, model_config: OLMo2Config) -> None:
         check_supported(model_config)
@@ -179,19 +150,18 @@ class QKClip(L.Callback):
         self._max = [None] * len(self._max)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(max_logits, op=torch.distributed.ReduceOp.MAX)
-        # A skipped update is not clipped: zero max logits give every head a factor of 1.
-        clip_from = torch.where(pl_module.last_step_finite, max_logits, 0.0)
+        # A skipped update (fused AdamW's ``found_inf`` set) is not clipped: zero max logits
+        # give every head a factor of 1.
+        applied = trainer.optimizers[0].found_inf == 0
+        clip_from = torch.where(applied, max_logits, 0.0)
         clip_model(pl_module.model, clip_from, self.tau)
         step = trainer.global_step
         if step % trainer.log_every_n_steps:
             return
         clipped = (clip_from > self.tau).sum(dim=1)
-        values = torch.cat([max_logits.amax(dim=1), clipped.to(max_logits)]).tolist()
-        n = len(max_logits)
-        metrics = {f"qk_clip/layer{i}/max_logit": values[i] for i in range(n)}
-        metrics.update({f"qk_clip/layer{i}/clipped_heads": values[n + i] for i in range(n)})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        for i in range(len(max_logits)):
+            pl_module.recorder.record(step, f"qk_clip/layer{i}/max_logit", max_logits[i].amax())
+            pl_module.recorder.record(step, f"qk_clip/layer{i}/clipped_heads", clipped[i])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._hooks:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -16,21 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
-from olmo_mini.data.config import DataError
 from olmo_mini.run_dir import claim, release, resume_command
-from olmo_mini.stability.monitor import StabilityMonitor
+from olmo_mini.training.callbacks import EndOfRunSample, build_callbacks
 from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
-from olmo_mini.training.console import ConsoleProgress
-from olmo_mini.training.interrupt import Interrupted, StopOnSignal
-from olmo_mini.training.module import (
-    FlushMetricsOnException,
-    LanguageModelModule,
-    TrainingDiverged,
-)
+from olmo_mini.training.interrupt import Interrupted
+from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy
-from olmo_mini.training.perf import default_precision, flops_per_token, peak_flops
-from olmo_mini.training.qk_clip import QKClip
-from olmo_mini.training.tokenizer_record import RecordTokenizer
+from olmo_mini.training.perf import default_precision, peak_flops
+from olmo_mini.training.recorder import log_config
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +47,24 @@ def run(cfg: DictConfig) -> RunResult:
         if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
             config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
         result = train(config, run_dir)
-    except (ConfigError, DataError, TrainingDiverged, CheckpointError) as e:
+    except (ConfigError, TrainingDiverged, CheckpointError) as e:  # DataError is a ConfigError
         sys.exit(f"error: {e}")
     except Interrupted as e:
         if _is_rank_zero():
             requeued = " (SLURM job requeued)" if e.requeued else ""
-            print(f"stopped: {e}{requeued}; resume with: {resume_command(run_dir)}", file=sys.stderr)
+            print(
+                f"stopped: {e}{requeued}; resume with: {resume_command(run_dir)}", file=sys.stderr
+            )
         sys.exit(e.exit_code)
     if result.val_loss is not None and _is_rank_zero():
         log.info(f"final val/loss {result.val_loss:.4f} after {result.global_step} steps")
-        log.info(f"sample: {result.sample!r}\nrun dir: {run_dir}")
+        if result.sample is not None:
+            log.info(f"sample: {result.sample!r}")
+        log.info(f"run dir: {run_dir}")
     return result
 
 
-def train(
-    config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()
-) -> RunResult:
+def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """Train as ``config`` says, writing metrics and checkpoints under ``run_dir``."""
     trainer_cfg = config.trainer
     run_id = claim(run_dir, config.resume, config.checkpoint.overwrite)
@@ -82,16 +77,8 @@ def train(
     L.seed_everything(config.seed, workers=True, verbose=False)
 
     datamodule = OLMoDataModule(config.data, config.seed)
-    module = LanguageModelModule(
-        config,
-        precision,
-        flops_per_token(config.model, config.data.seq_len),
-        trainer_cfg.peak_flops or peak_flops(device, precision),
-    )
+    module = LanguageModelModule(config, precision)
     accum = config.grad_accum_steps
-    # QK-Clip first: its on_train_batch_end rescales weights the checkpoint then saves.
-    tau = config.optim.qk_clip_tau
-    qk_clip = [] if tau is None else [QKClip(tau, config.model)]
     checkpoint = StepCheckpoint(
         run_dir / "checkpoints",
         config.checkpoint.every_n_steps,
@@ -100,17 +87,8 @@ def train(
         run_id,
         OmegaConf.to_yaml(OmegaConf.structured(config)),
     )
-    callbacks = [
-        FlushMetricsOnException(),
-        RecordTokenizer(run_dir),
-        *qk_clip,
-        checkpoint,
-        StopOnSignal(checkpoint, config.checkpoint.requeue_signal),
-        *callbacks,
-    ]
-    if config.stability.enabled:
-        callbacks.append(StabilityMonitor(config.stability))
-    callbacks.append(ConsoleProgress(config, precision, bar=trainer_cfg.progress_bar))
+    peak = trainer_cfg.peak_flops or peak_flops(device, precision)
+    callbacks = build_callbacks(config, run_dir, precision, peak, checkpoint, callbacks)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=trainer_cfg.devices,
@@ -139,15 +117,14 @@ def train(
         last = checkpoint.last_saved
         raise TrainingDiverged(
             f"{e} No checkpoint was saved during the streak; the last one before it: {last}"
-            if last else f"{e} No checkpoint was saved before the streak."
+            if last
+            else f"{e} No checkpoint was saved before the streak."
         ) from None
     finally:
         _finish_wandb(trainer.loggers)
         release(run_dir)
-    val_loss = trainer.callback_metrics.get("val/loss")
-    return RunResult(
-        None if val_loss is None else float(val_loss), module.sample_text, trainer.global_step
-    )
+    sample = next((c.text for c in callbacks if isinstance(c, EndOfRunSample)), None)
+    return RunResult(module.val_loss, sample, trainer.global_step)
 
 
 def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
@@ -171,8 +148,7 @@ def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
             )
         )
         loggers[-1]._wandb_init.pop("anonymous")  # a no-op in wandb that warns on every run
-    for logger in loggers:
-        logger.log_hyperparams(asdict(config))
+    log_config(loggers, config)
     return loggers
 
 
@@ -187,7 +163,9 @@ def _finish_wandb(loggers: Sequence[Logger]) -> None:
 def _wandb_mode(config: LoggerConfig) -> str:
     if config.mode is not None:
         return config.mode
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    )
 
 
 def _uses_gpu(accelerator: str) -> bool:

@@ -20,12 +20,16 @@ from omegaconf import OmegaConf
 from olmo_mini.config import load_config
 from olmo_mini.stability.runs import find_runs, load_run, read_wandb_records
 from olmo_mini.training.parallel import build_strategy
-from tests.training.helpers import REPO, SMALL, check, compose_config, series, train_command
+from tests.training.helpers import REPO, check, compose_config, series, train_command
 
 LR_GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 # Four steps of the same global batch (8 sequences) on one process and on two.
-RUN = [*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.accelerator=cpu",
-       "checkpoint.every_n_steps=0", "checkpoint.save_final=false"]
+RUN = [
+    "debug=smoke",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.accelerator=cpu",
+]
 
 
 def free_port() -> int:
@@ -37,18 +41,30 @@ def free_port() -> int:
 def slurm_env(ntasks: int, procid: int, port: int) -> dict[str, str]:
     """What ``srun`` sets for task ``procid`` of ``ntasks`` on one node."""
     return {
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "olmo-mini", "SLURM_NNODES": "1",
-        "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_NTASKS": str(ntasks),
-        "SLURM_NTASKS_PER_NODE": str(ntasks), "SLURM_PROCID": str(procid),
-        "SLURM_LOCALID": str(procid), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "olmo-mini",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_NTASKS_PER_NODE": str(ntasks),
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
     }
 
 
 def torchrun_env(nproc: int, rank: int) -> dict[str, str]:
     """What ``torchrun --nnodes 1 --nproc-per-node nproc`` sets for ``rank``."""
     return {
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
         "TORCHELASTIC_RUN_ID": "test",
     }
 
@@ -70,8 +86,9 @@ def test_lightning_takes_ranks_from_the_launcher(monkeypatch, env, devices, expe
     # The Trainer sets this process-wide rank; restore it, or later tests' loggers go silent.
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     config = compose_config("trainer=fsdp", f"trainer.devices={devices}").trainer
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=build_strategy(config),
-                        logger=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=build_strategy(config), logger=False
+    )
     assert type(trainer.strategy.cluster_environment) is expected
     assert trainer.strategy.launcher is None  # nothing spawned
     rank = int(env.get("SLURM_PROCID", env.get("RANK")))
@@ -84,22 +101,56 @@ def test_torchrun_and_slurm_tasks_train_like_one_process(tmp_path):
     SLURM tasks, give the same losses as that single process for the same global batch."""
     base = {**os.environ, "PYTHONUNBUFFERED": "1"}
     single = tmp_path / "slurm1"
-    check(subprocess.run(train_command(single, *RUN), cwd=REPO, capture_output=True, text=True,
-                         env={**base, **slurm_env(1, 0, free_port())}, timeout=300))
+    check(
+        subprocess.run(
+            train_command(single, *RUN),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**base, **slurm_env(1, 0, free_port())},
+            timeout=300,
+        )
+    )
     reference = series(single, "train/loss")
     assert sorted(reference) == [1, 2, 3, 4]
 
     fsdp = [*RUN, "trainer=fsdp", "trainer.devices=2"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-    check(subprocess.run([*torchrun, *train_command(tmp_path / "torchrun", *fsdp)[1:]],
-                         cwd=REPO, capture_output=True, text=True, env=base, timeout=300))
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+    ]
+    check(
+        subprocess.run(
+            [*torchrun, *train_command(tmp_path / "torchrun", *fsdp)[1:]],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=base,
+            timeout=300,
+        )
+    )
 
     port = free_port()
-    tasks = [subprocess.Popen(train_command(tmp_path / "slurm2", *fsdp), cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**base, **slurm_env(2, rank, port)}) for rank in (0, 1)]
+    tasks = [
+        subprocess.Popen(
+            train_command(tmp_path / "slurm2", *fsdp),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**base, **slurm_env(2, rank, port)},
+        )
+        for rank in (0, 1)
+    ]
     for rank, task in enumerate(tasks):
         _, err = task.communicate(timeout=300)
         assert task.returncode == 0, err[-4000:]
@@ -118,15 +169,41 @@ def compose_with_hydra(*overrides: str):
 
 
 def test_cluster_slurm_passes_its_resources_to_submitit_and_the_trainer():
-    overrides = ["cluster=slurm", "trainer=fsdp", "cluster.nodes=2", "cluster.gpus_per_node=4",
-                 "cluster.partition=gpu", "cluster.account=proj42", "cluster.time_min=240",
-                 "cluster.mem_gb=200", "data.global_batch_size=64"]
+    overrides = [
+        "cluster=slurm",
+        "trainer=fsdp",
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=4",
+        "cluster.partition=gpu",
+        "cluster.account=proj42",
+        "cluster.time_min=240",
+        "cluster.mem_gb=200",
+        "data.global_batch_size=64",
+    ]
     launcher = OmegaConf.to_container(compose_with_hydra(*overrides).hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
-    assert {k: launcher[k] for k in ("nodes", "gpus_per_node", "tasks_per_node", "partition",
-                                     "account", "timeout_min", "mem_gb", "cpus_per_task")} == {
-        "nodes": 2, "gpus_per_node": 4, "tasks_per_node": 4, "partition": "gpu",
-        "account": "proj42", "timeout_min": 240, "mem_gb": 200, "cpus_per_task": 8}
+    assert {
+        k: launcher[k]
+        for k in (
+            "nodes",
+            "gpus_per_node",
+            "tasks_per_node",
+            "partition",
+            "account",
+            "timeout_min",
+            "mem_gb",
+            "cpus_per_task",
+        )
+    } == {
+        "nodes": 2,
+        "gpus_per_node": 4,
+        "tasks_per_node": 4,
+        "partition": "gpu",
+        "account": "proj42",
+        "timeout_min": 240,
+        "mem_gb": 200,
+        "cpus_per_task": 8,
+    }
     config = compose_config(*overrides)
     assert (config.trainer.num_nodes, config.trainer.devices) == (2, 4)
     assert config.grad_accum_steps == 1  # 64 sequences / (8 per device × 8 devices)
@@ -160,16 +237,30 @@ def test_submitit_local_sweep_writes_a_run_dir_per_point(tmp_path):
     """A 2-point multirun through Hydra's submitit launcher and submitit's local executor."""
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "cluster=submitit_local",
-         "optim.lr=1e-3,1e-2", *RUN, "trainer.max_steps=2", "logger=wandb", "logger.tags=[t]",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "cluster=submitit_local",
+            "optim.lr=1e-3,1e-2",
+            *RUN,
+            "trainer.max_steps=2",
+            "logger=wandb",
+            "logger.tags=[t]",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "WANDB_MODE": "offline"},
     )
     check(result)
     runs = sorted((load_run(spec) for spec in find_runs(sweep)), key=lambda r: r.config["optim.lr"])
     assert [(r.source, r.config["optim.lr"]) for r in runs] == [
-        (str(sweep / "0"), 1e-3), (str(sweep / "1"), 1e-2)]
+        (str(sweep / "0"), 1e-3),
+        (str(sweep / "1"), 1e-2),
+    ]
     for run in runs:
         assert run.final_step == 2 and run.series("val/loss")[0].tolist() == [2]
         (wandb_file,) = Path(run.source).glob("wandb/offline-run-*/run-*.wandb")

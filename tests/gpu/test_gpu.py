@@ -28,7 +28,7 @@ from tests.kernels.test_norm_kernels import (
     run,
     scaled_rows,
 )
-from tests.training.helpers import SMALL, check, run_train, series
+from tests.training.helpers import check, run_train, series
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
@@ -183,12 +183,11 @@ def test_fsdp_bf16_mixed_matches_one_gpu(tmp_path) -> None:
     """FSDP2 over the available GPUs (1 or 2) with bf16 params and fp32 reduce: the loss curve of
     one GPU within bf16 noise."""
     common = [
-        *SMALL,
+        "debug=smoke",
         "trainer.accelerator=gpu",
         "trainer.precision=bf16-mixed",
         "trainer.max_steps=4",
         "trainer.val_check_interval=4",
-        "trainer.sample_new_tokens=0",
     ]
     check(run_train(tmp_path / "one", *common))
     check(run_train(tmp_path / "fsdp", *common, "trainer=fsdp", f"trainer.devices={_gpus()}"))

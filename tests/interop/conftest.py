@@ -11,10 +11,11 @@ from transformers import Olmo2Config as HFOlmo2Config
 from transformers import Olmo2ForCausalLM, PreTrainedTokenizerFast
 
 from olmo_mini.interop import run_tokenizer
-from tests.training.helpers import SMALL, check, compose_config, run_train
+from tests.training.helpers import CHECKPOINTS, check, compose_config, run_train
 
 RUN = [
-    *SMALL,
+    "debug=smoke",
+    *CHECKPOINTS,
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "trainer.accelerator=cpu",
@@ -38,7 +39,7 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A transformers-made Olmo2 (the SMALL shape, norms perturbed) with the runs' tokenizer."""
+    """A transformers-made Olmo2 (the debug=smoke shape, norms perturbed) with the runs' tokenizer."""
     folder = tmp_path_factory.mktemp("hf")
     hf_config = HFOlmo2Config(
         vocab_size=4096,
@@ -62,7 +63,7 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if "norm" in name:
                 param.uniform_(0.8, 1.2)
     model.save_pretrained(folder)
-    tokenizer, eos = run_tokenizer(compose_config(*SMALL))
+    tokenizer, eos = run_tokenizer(compose_config("debug=smoke"))
     eos_token = tokenizer.id_to_token(eos)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token).save_pretrained(folder)
     return folder

@@ -26,7 +26,7 @@ from olmo_mini.run_dir import COMPLETE
 from olmo_mini.training import train
 from olmo_mini.training.parallel import build_model
 from tests.interop.helpers import tool as _tool
-from tests.training.helpers import REPO, SMALL, compose_config, series
+from tests.training.helpers import REPO, compose_config, series
 
 TEXT = "def add(a, b):\n    return a + b\n"
 
@@ -110,12 +110,9 @@ def test_hf_to_olmo_mini_gives_same_logits(hf_folder, tmp_path, capsys):
 
 def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
     config = compose_config(
-        *SMALL,
+        "debug=smoke",
         "trainer.max_steps=1",
-        "trainer.sample_new_tokens=0",
         "stability.enabled=false",
-        "checkpoint.every_n_steps=0",
-        "checkpoint.save_final=false",
         f"model.init_from={hf_folder}",
     )
     train(config, tmp_path)
@@ -134,13 +131,13 @@ def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
 
 
 def test_init_from_with_another_architecture_names_the_option(hf_folder):
-    config = compose_config(*SMALL, "model.d_model=32", f"model.init_from={hf_folder}")
+    config = compose_config("debug=smoke", "model.d_model=32", f"model.init_from={hf_folder}")
     with pytest.raises(
         ConfigError, match=r"model.init_from: .*model.d_model=32 but the source has 64"
     ):
         build_model(config.model, 0, config.trainer, "32-true")
     with pytest.raises(ConfigError, match="model.init_from: '/no/such' does not exist"):
-        compose_config(*SMALL, "model.init_from=/no/such")
+        compose_config("debug=smoke", "model.init_from=/no/such")
 
 
 @pytest.mark.slow

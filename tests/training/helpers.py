@@ -1,4 +1,5 @@
-"""Shared pieces of the training tests: a small config, subprocess runs, reading metrics."""
+"""Shared pieces of the training tests: subprocess runs, reading metrics. Runs start from
+``debug=smoke`` (configs/debug/smoke.yaml): a tiny model, fp32, no checkpoints, no wandb."""
 
 from __future__ import annotations
 
@@ -13,24 +14,9 @@ from olmo_mini.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A model and batch small enough for a step in tens of milliseconds on one CPU core.
-SMALL = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.n_kv_heads=2",
-    "model.mlp_hidden_size=128",
-    "data.seq_len=64",
-    "data.global_batch_size=8",
-    "data.micro_batch_size=2",
-    "data.val_batches=1",
-    "trainer.precision=32-true",
-    "trainer.progress_bar=false",
-    "trainer.log_every_n_steps=1",
-    "trainer.sample_new_tokens=4",
-    "optim.warmup_steps=2",
-    "logger=none",
-]
+# The checkpoint group's defaults, which debug=smoke (configs/debug/smoke.yaml) turns off, for
+# runs whose checkpoints a test reads.
+CHECKPOINTS = ("checkpoint.every_n_steps=100", "checkpoint.save_final=true")
 
 
 def compose_config(*overrides: str) -> TrainConfig:

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from olmo_mini.training.memory import plan_memory
-from tests.training.helpers import REPO, SMALL, compose_config
+from tests.training.helpers import REPO, compose_config
 
-# SMALL's architecture: vocab 4096 (olmo2_tiny), width 64, 2 blocks, SwiGLU hidden 128.
+# debug=smoke's architecture: vocab 4096 (olmo2_tiny), width 64, 2 blocks, SwiGLU hidden 128.
 VOCAB, D, LAYERS, HIDDEN = 4096, 64, 2, 128
 # Embedding + LM head + final norm; per block q/k/v/o, q/k norms, the three MLP matrices, two norms.
 BLOCK = 4 * D * D + 2 * D + 3 * D * HIDDEN + 2 * D
@@ -19,8 +19,8 @@ COUNT = 2 * VOCAB * D + D + LAYERS * BLOCK
 
 
 def test_plan_divides_the_states_by_the_shards_and_counts_adam_moments() -> None:
-    one = plan_memory(compose_config(*SMALL), "cpu")
-    fsdp = plan_memory(compose_config(*SMALL, "trainer=fsdp", "trainer.devices=2"), "cpu")
+    one = plan_memory(compose_config("debug=smoke"), "cpu")
+    fsdp = plan_memory(compose_config("debug=smoke", "trainer=fsdp", "trainer.devices=2"), "cpu")
     assert one.param_count == fsdp.param_count == COUNT
     assert (one.params, one.grads, one.optimizer) == (4 * COUNT, 4 * COUNT, 8 * COUNT)
     assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (2 * COUNT, 2 * COUNT, 4 * COUNT)
@@ -64,7 +64,7 @@ def test_bench_reports_each_rank_holding_half_the_parameters() -> None:
             "2",
             "--stop-after",
             "step",
-            *SMALL,
+            "debug=smoke",
             "trainer=fsdp",
         ],
         cwd=REPO,

@@ -11,9 +11,11 @@ import torch
 
 from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2, OLMo2Config
-from olmo_mini.training import qk_clip, train
-from olmo_mini.training.qk_clip import check_supported, clip_model, max_attention_logit
-from tests.training.helpers import SMALL, check, compose_config, run_train, series
+from olmo_mini.stability import metrics
+from olmo_mini.stability.metrics import max_attention_logit
+from olmo_mini.training import train
+from olmo_mini.training.qk_clip import check_supported, clip_model
+from tests.training.helpers import check, compose_config, run_train, series
 
 
 def reference_max_logits(model: OLMo2, input_ids: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,7 @@ def reference_max_logits(model: OLMo2, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_max_attention_logit_is_exact_in_chunks_with_gqa(monkeypatch):
-    monkeypatch.setattr(qk_clip, "_CHUNK_ELEMENTS", 2 * 4 * 9 * 2)  # two query rows per chunk
+    monkeypatch.setattr(metrics, "_PROBE_ELEMENTS", 2 * 4 * 9 * 2)  # two query rows per chunk
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
     k_rep = k.repeat_interleave(2, dim=1)
@@ -52,8 +54,14 @@ def test_max_attention_logit_is_exact_in_chunks_with_gqa(monkeypatch):
 
 def _model(qk_norm: str) -> OLMo2:
     config = OLMo2Config(
-        vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_hidden_size=64,
-        max_seq_len=16, qk_norm=qk_norm,
+        vocab_size=64,
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden_size=64,
+        max_seq_len=16,
+        qk_norm=qk_norm,
     )
     model = OLMo2(config)
     model.init_weights(0)
@@ -106,10 +114,15 @@ def test_qk_clip_needs_a_weight_behind_the_qk_norm():
 # cosine ends at LR 0 so that the last update barely moves the weights after the last clip.
 TAU = 20.0
 RUN = [
-    *SMALL, "model.qk_norm=none", "optim.lr=0.1", "optim.min_lr_ratio=0", "data.micro_batch_size=4",
-    "trainer.max_steps=10", "trainer.val_check_interval=10", "trainer.accelerator=cpu",
-    "trainer.sample_new_tokens=0", "stability.every_n_steps=3", "checkpoint.every_n_steps=0",
-    "checkpoint.save_final=false",
+    "debug=smoke",
+    "model.qk_norm=none",
+    "optim.lr=0.1",
+    "optim.min_lr_ratio=0",
+    "data.micro_batch_size=4",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=10",
+    "trainer.accelerator=cpu",
+    "stability.every_n_steps=3",
 ]
 
 
@@ -165,8 +178,14 @@ def test_qk_clip_bounds_the_max_logit_of_a_run_that_exceeds_tau_without_it(tmp_p
 # GQA (2 query heads per key head, each rank holding its own heads' rows), at an LR where one
 # process and two agree to 1e-4 before any clip; tau is passed within the first steps.
 FSDP_RUN = [
-    *RUN, "optim.lr=1e-2", "optim.qk_clip_tau=0.1", "model.n_heads=4", "model.n_kv_heads=2",
-    "trainer.max_steps=6", "trainer.val_check_interval=6", "stability.enabled=false",
+    *RUN,
+    "optim.lr=1e-2",
+    "optim.qk_clip_tau=0.1",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=6",
+    "stability.enabled=false",
 ]
 
 

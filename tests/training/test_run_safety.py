@@ -28,8 +28,8 @@ from olmo_mini.training import TrainingDiverged, train
 from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, CheckpointError, resolve_resume
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
 from tests.training.helpers import (
+    CHECKPOINTS,
     REPO,
-    SMALL,
     check,
     compose_config,
     run_train,
@@ -38,7 +38,7 @@ from tests.training.helpers import (
 )
 from tests.training.test_train import PoisonGradients
 
-COMMON = [*SMALL, "trainer.val_check_interval=100", "stability=off", "trainer.sample_new_tokens=0"]
+COMMON = ["debug=smoke", *CHECKPOINTS, "trainer.val_check_interval=100", "stability=off"]
 # The schedule spans 1000 steps, so that stopping early changes nothing.
 LONG = [*COMMON, "trainer.max_steps=1000"]
 

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from olmo_mini.bench.harness import peak_bytes, reset_peak
 from olmo_mini.model import OLMo2
 from olmo_mini.model.shards import release_freed_memory
-from olmo_mini.training.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from olmo_mini.training.parallel import build_model
 from tests.training.helpers import compose_config
 
@@ -57,10 +57,9 @@ def _digests(model: OLMo2) -> dict[str, str]:
 def _build_measured(*overrides: str, mesh=None) -> tuple[OLMo2, int]:
     """The model ``build_model`` makes, and how far the peak RSS rose while it was made."""
     config = compose_config(*LARGE, *overrides)
-    before = rss_bytes()
-    reset_peak_rss()
+    before = reset_peak(torch.device("cpu"))
     model = build_model(config.model, config.seed, config.trainer, "32-true", mesh)
-    return model, peak_rss_bytes() - before
+    return model, peak_bytes(torch.device("cpu")) - before
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from olmo_mini import startup
-from tests.training.helpers import REPO, SMALL, check, run_train, series, train_command
+from tests.training.helpers import REPO, check, run_train, series, train_command
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -142,7 +142,8 @@ def test_a_study_sweep_job_can_be_exported_sampled_and_evaluated(tmp_path, capsy
             "train.py",
             "-m",
             "+experiment=qk_lr_sweep_cpu",
-            *SMALL,
+            "debug=smoke",  # the experiment's own shapes and logger come after it
+            "logger=none",
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "checkpoint.save_final=true",
@@ -177,7 +178,7 @@ def test_console_tells_the_runs_story_in_plain_lines(tmp_path):
     train.log, none of the known third-party warnings."""
     result = run_train(
         tmp_path,
-        *SMALL,
+        "debug=smoke",
         "trainer.max_steps=4",
         "trainer.val_check_interval=4",
         "logger=wandb",

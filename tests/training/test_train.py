@@ -13,7 +13,6 @@ from olmo_mini.training import TrainingDiverged, train
 from olmo_mini.training.checkpoint import COMPLETE
 from tests.training.helpers import (
     REPO,
-    SMALL,
     check,
     compose_config,
     metrics,
@@ -24,17 +23,30 @@ from tests.training.helpers import (
 
 STABILITY_GROUPS = {"qk", "attn", "act", "grad", "update", "logits"}
 METRIC_KEYS = {
-    "step", "train/loss", "train/ce_loss", "train/z_loss", "train/grad_norm", "train/lr",
-    "perf/tokens_per_s", "perf/mfu", "val/loss", "train/skipped_steps",
+    "step",
+    "train/loss",
+    "train/ce_loss",
+    "train/z_loss",
+    "train/grad_norm",
+    "train/lr",
+    "perf/tokens_per_s",
+    "perf/mfu",
+    "val/loss",
+    "train/skipped_steps",
 }
 
 
 def test_default_config_trains_with_falling_loss(tmp_path):
     """olmo2_tiny on the default corpus, with a budget of 16 steps of 8 sequences."""
     config = compose_config(
-        "data.global_batch_size=8", "trainer.max_steps=16", "trainer.val_check_interval=8",
-        "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "optim.warmup_steps=4",
-        "checkpoint.every_n_steps=8", "logger=none",
+        "data.global_batch_size=8",
+        "trainer.max_steps=16",
+        "trainer.val_check_interval=8",
+        "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false",
+        "optim.warmup_steps=4",
+        "checkpoint.every_n_steps=8",
+        "logger=none",
     )
     result = train(config, tmp_path)
     rows = metrics(tmp_path)
@@ -55,11 +67,20 @@ def test_default_config_trains_with_falling_loss(tmp_path):
 def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
     """Same global batch on 1 and 2 processes gives the same losses; the 2-process sharded
     checkpoint resumes on 1 process and continues the same curve."""
-    common = [*SMALL, "trainer.max_steps=4", "trainer.val_check_interval=2",
-              "checkpoint.every_n_steps=2", "trainer.accelerator=cpu", "stability.every_n_steps=2"]
+    common = [
+        "debug=smoke",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "checkpoint.every_n_steps=2",
+        "trainer.accelerator=cpu",
+        "stability.every_n_steps=2",
+    ]
     check(run_train(tmp_path / "single", *common))
     check(run_train(tmp_path / "fsdp", *common, "trainer=fsdp", "trainer.devices=2"))
-    single, fsdp = series(tmp_path / "single", "train/loss"), series(tmp_path / "fsdp", "train/loss")
+    single, fsdp = (
+        series(tmp_path / "single", "train/loss"),
+        series(tmp_path / "fsdp", "train/loss"),
+    )
     assert sorted(fsdp) == [1, 2, 3, 4]
     for step in single:
         assert fsdp[step] == pytest.approx(single[step], rel=1e-4), step
@@ -73,8 +94,15 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
             assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-6), (key, step)
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_2"
     assert len(list(checkpoint.glob("*.distcp"))) == 2
-    check(run_train(tmp_path / "resumed", *common, "trainer=fsdp", "trainer.devices=1",
-                    f"resume={checkpoint}"))
+    check(
+        run_train(
+            tmp_path / "resumed",
+            *common,
+            "trainer=fsdp",
+            "trainer.devices=1",
+            f"resume={checkpoint}",
+        )
+    )
     resumed = series(tmp_path / "resumed", "train/loss")
     assert sorted(resumed) == [3, 4]
     for step in resumed:
@@ -83,8 +111,12 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
 
 
 # The schedule spans 1000 steps in every run below, so that stopping early changes nothing.
-RESUME = [*SMALL, "trainer.max_steps=1000", "trainer.val_check_interval=5",
-          "checkpoint.every_n_steps=10"]
+RESUME = [
+    "debug=smoke",
+    "trainer.max_steps=1000",
+    "trainer.val_check_interval=5",
+    "checkpoint.every_n_steps=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +143,10 @@ def test_stop_and_resume_is_exact(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path, uninterrupted):
     process = subprocess.Popen(
-        train_command(tmp_path, *RESUME), cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        train_command(tmp_path, *RESUME),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     marker = tmp_path / "checkpoints" / "step_10" / COMPLETE
     deadline = time.monotonic() + 240
@@ -143,14 +177,22 @@ class PoisonGradients(L.Callback):
 
 
 def _nan_config(*overrides):
-    return compose_config(*SMALL, "trainer.val_check_interval=100", "checkpoint.every_n_steps=2",
-                          *overrides)
+    return compose_config(
+        "debug=smoke",
+        "trainer.val_check_interval=100",
+        "checkpoint.every_n_steps=2",
+        "checkpoint.save_final=true",
+        *overrides,
+    )
 
 
 def test_nan_step_is_skipped_and_training_goes_on(tmp_path):
     poison = PoisonGradients({3})
     train(_nan_config("trainer.max_steps=5"), tmp_path, callbacks=[poison])
-    skipped, grad_norm = series(tmp_path, "train/skipped_steps"), series(tmp_path, "train/grad_norm")
+    skipped, grad_norm = (
+        series(tmp_path, "train/skipped_steps"),
+        series(tmp_path, "train/grad_norm"),
+    )
     assert [skipped[s] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     assert grad_norm[3] != grad_norm[3] and all(grad_norm[s] == grad_norm[s] for s in (4, 5))
     assert torch.equal(poison.weights[3], poison.weights[2])  # step 3 changed nothing
@@ -172,8 +214,7 @@ def test_too_many_nan_steps_stop_the_run_with_checkpoint_intact(tmp_path):
 def test_sequential_runs_in_one_process_get_their_own_wandb_runs(tmp_path):
     """A sequential Hydra sweep trains several runs in one process; each is its own wandb run."""
     for name in ("a", "b"):
-        config = compose_config(*SMALL, "trainer.max_steps=1", "logger=wandb",
-                                "checkpoint.every_n_steps=0", "checkpoint.save_final=false")
+        config = compose_config("debug=smoke", "trainer.max_steps=1", "logger=wandb")
         train(config, tmp_path / name)
     for name in ("a", "b"):
         assert len(list((tmp_path / name / "wandb").glob("offline-run-*"))) == 1, name
@@ -206,12 +247,16 @@ class CountHostSyncs(L.Callback):
 
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
     """Between logging steps a training step never waits for a device value: the metrics,
-    the skip decision and QK-Clip stay on the device until the flush."""
+    the stability measurements, the skip decision and QK-Clip stay on the device until the
+    flush."""
     syncs = CountHostSyncs(monkeypatch)
     config = compose_config(
-        *SMALL, "trainer.max_steps=6", "trainer.log_every_n_steps=3", "stability=off",
-        "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
-        "checkpoint.save_final=false", "trainer.sample_new_tokens=0", "optim.qk_clip_tau=100",
+        "debug=smoke",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=3",
+        "stability.every_n_steps=2",
+        "trainer.val_check_interval=100",
+        "optim.qk_clip_tau=100",
     )
     train(config, tmp_path, callbacks=[syncs])
     assert sorted(syncs.counts) == [3, 6], syncs.counts  # the flush steps only
@@ -221,10 +266,12 @@ def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
 
 def test_spike_scores_see_every_step_when_logging_every_few(tmp_path):
     config = compose_config(
-        *SMALL, "trainer.max_steps=7", "trainer.log_every_n_steps=3",
-        "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
-        "checkpoint.save_final=false", "trainer.sample_new_tokens=0",
-        "stability.every_n_steps=5", "stability.spike_min_history=2",
+        "debug=smoke",
+        "trainer.max_steps=7",
+        "trainer.log_every_n_steps=3",
+        "trainer.val_check_interval=100",
+        "stability.every_n_steps=5",
+        "stability.spike_min_history=2",
     )
     train(config, tmp_path)
     assert sorted(series(tmp_path, "stability/spike_score_loss")) == list(range(1, 8))
@@ -236,12 +283,18 @@ def test_spike_scores_see_every_step_when_logging_every_few(tmp_path):
 def test_compiled_model_trains_like_eager(tmp_path):
     """``model.compile=true`` compiles the whole model with its chunked loss on one device;
     the losses follow the eager run's."""
-    common = [*SMALL, "trainer.max_steps=3", "trainer.val_check_interval=100", "stability=off",
-              "checkpoint.every_n_steps=0", "checkpoint.save_final=false",
-              "trainer.sample_new_tokens=0"]
+    common = [
+        "debug=smoke",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=100",
+        "stability=off",
+    ]
     train(compose_config(*common), tmp_path / "eager")
     train(compose_config(*common, "model.compile=true"), tmp_path / "compiled")
-    eager, compiled = series(tmp_path / "eager", "train/loss"), series(tmp_path / "compiled", "train/loss")
+    eager, compiled = (
+        series(tmp_path / "eager", "train/loss"),
+        series(tmp_path / "compiled", "train/loss"),
+    )
     assert sorted(compiled) == [1, 2, 3]
     for step in (1, 2, 3):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
@@ -258,9 +311,11 @@ class FailAt(L.Callback):
 
 def test_an_interrupted_run_still_logs_the_steps_it_completed(tmp_path):
     config = compose_config(
-        *SMALL, "trainer.max_steps=9", "trainer.log_every_n_steps=3", "stability=off",
-        "trainer.val_check_interval=100", "checkpoint.every_n_steps=0",
-        "checkpoint.save_final=false", "trainer.sample_new_tokens=0",
+        "debug=smoke",
+        "trainer.max_steps=9",
+        "trainer.log_every_n_steps=3",
+        "stability=off",
+        "trainer.val_check_interval=100",
     )
     with pytest.raises(RuntimeError, match="injected failure"):
         train(config, tmp_path, callbacks=[FailAt(5)])

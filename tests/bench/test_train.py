@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from olmo_mini.training.benchmark import TrainMode, main
+from olmo_mini.bench.train import TrainMode, main
 
 
 def test_mode_names_round_trip() -> None:
@@ -21,17 +21,40 @@ def test_mode_names_round_trip() -> None:
 
 def test_toy_benchmark_prints_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     modes = ["fp32+eager", "bf16+eager+full-ce"]
-    assert main(["--toy", "--warmup", "1", "--repeats", "2", "--threads", "1",
-                 "--olmo-modes", *modes, "--hf-modes", "fp32+eager", "--trainer-steps", "4"]) == 0
+    assert (
+        main(
+            [
+                "--toy",
+                "--warmup",
+                "1",
+                "--repeats",
+                "2",
+                "--threads",
+                "1",
+                "--olmo-modes",
+                *modes,
+                "--hf-modes",
+                "fp32+eager",
+                "--trainer-steps",
+                "4",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("olmo-mini         bf16+eager+full-ce") for line in lines)
     assert any(line.startswith("transformers      fp32+eager") for line in lines)
     assert any(line.startswith("olmo-mini trainer fp32+eager") for line in lines)
-    assert any(line.startswith("trainer command: python train.py model.d_model=64") for line in lines)
+    assert any(
+        line.startswith("trainer command: python train.py model.d_model=64") for line in lines
+    )
     result = json.loads(lines[-1])
     rows = {(r["framework"], r["mode"]): r for r in result["rows"]}
-    assert set(rows) == ({("olmo-mini", m) for m in modes} | {("transformers", "fp32+eager")}
-                         | {("olmo-mini trainer", "fp32+eager")})
+    assert set(rows) == (
+        {("olmo-mini", m) for m in modes}
+        | {("transformers", "fp32+eager")}
+        | {("olmo-mini trainer", "fp32+eager")}
+    )
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     trainer = rows[("olmo-mini trainer", "fp32+eager")]
@@ -39,8 +62,14 @@ def test_toy_benchmark_prints_table_and_json(capsys: pytest.CaptureFixture[str])
     assert len(trainer["step_s_all"]) == 3 and len(trainer["model_step_s_all"]) == 4
     assert "trainer.precision=32-true" in trainer["command"]
     assert result["ratios"]["trainer_vs_model"] > 0
-    assert set(result["ratios"]) == {"fp32_eager", "fp32_eager_best", "fastest", "fastest_modes",
-                                     "fastest_best", "trainer_vs_model"}
+    assert set(result["ratios"]) == {
+        "fp32_eager",
+        "fp32_eager_best",
+        "fastest",
+        "fastest_modes",
+        "fastest_best",
+        "trainer_vs_model",
+    }
     # Same weights and batch: after one AdamW step olmo-mini's CE + z-loss (1e-4 * lse^2,
     # lse ~ ln 4096) is transformers' CE plus about 7e-3, in every mode.
     hf_loss = rows[("transformers", "fp32+eager")]["loss"]

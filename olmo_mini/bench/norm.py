@@ -2,20 +2,23 @@
 
 Bandwidth is the op's minimal traffic over its time (the same bytes for every provider),
 and is also shown as a percentage of ``torch.clone`` bandwidth measured on the same GPU,
-the practical ceiling for a memory-bound pass. ``tools/bench_norm.py`` is the CLI.
+the practical ceiling for a memory-bound pass. ``tools/bench_norm.py`` is the CLI:
+
+    python tools/bench_norm.py --out-dir bench_out [--m 4096 16384] [--d 128 4096]
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from olmo_mini.bench.harness import markdown_table, parser, write_csv
 from olmo_mini.kernels import add_rms_norm, qk_rms_norm, rms_norm
 from olmo_mini.kernels.reference import add_rms_norm_torch, qk_rms_norm_torch, rms_norm_torch
 
@@ -34,12 +37,15 @@ NO_GPU_MESSAGE = "bench_norm needs a CUDA GPU; none found, nothing measured."
 FWD_TRAFFIC = {"rms_norm": 2, "add_rms_norm": 3, "qk_rms_norm": 2}
 BWD_TRAFFIC = {"rms_norm": 3, "add_rms_norm": 3, "qk_rms_norm": 3}
 
+NormFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 Timer = Callable[[Callable[[], object], list[torch.Tensor]], float]
 """``timer(fn, grad_to_none) -> ms``; ``triton.testing.do_bench`` on a GPU."""
 
 
 @dataclasses.dataclass
-class Result:
+class NormRow:
+    """One op, pass, provider and shape; GB/s of the op's minimal traffic (see the table above)."""
+
     op: str
     pass_: str
     provider: str
@@ -70,10 +76,16 @@ def make_inputs(op: str, m: int, d: int, dtype: torch.dtype, device: str) -> lis
     return [leaf(m // 2, d), leaf(m - m // 2, d), *weights]
 
 
-def provider_fn(op: str, provider: str) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+def provider_fn(op: str, provider: str) -> NormFn:
     """The function under test; F.rms_norm gets its weight in the activation dtype, as it needs."""
-    reference = functools.partial({"rms_norm": rms_norm_torch, "add_rms_norm": add_rms_norm_torch,
-                                   "qk_rms_norm": qk_rms_norm_torch}[op], eps=EPS)
+    reference = functools.partial(
+        {
+            "rms_norm": rms_norm_torch,
+            "add_rms_norm": add_rms_norm_torch,
+            "qk_rms_norm": qk_rms_norm_torch,
+        }[op],
+        eps=EPS,
+    )
     if provider == "torch":
         return reference
     if provider == "compile":
@@ -96,19 +108,13 @@ def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tenso
     return out if isinstance(out, tuple) else (out,)
 
 
-def time_passes(
-    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
-    inputs: list[torch.Tensor],
-    timer: Timer,
-) -> dict[str, float]:
+def time_passes(fn: NormFn, inputs: list[torch.Tensor], timer: Timer) -> dict[str, float]:
     """Forward, backward (graph kept, upstream grads fixed) and forward+backward, in ms."""
     outs = _as_tuple(fn(*inputs))  # also warms up (and compiles, for torch.compile)
     grads = [torch.randn_like(o) for o in outs]
     times = {"fwd": timer(lambda: fn(*inputs), [])}
     times["bwd"] = timer(lambda: torch.autograd.backward(outs, grads, retain_graph=True), inputs)
-    times["fwd+bwd"] = timer(
-        lambda: torch.autograd.backward(_as_tuple(fn(*inputs)), grads), inputs
-    )
+    times["fwd+bwd"] = timer(lambda: torch.autograd.backward(_as_tuple(fn(*inputs)), grads), inputs)
     return times
 
 
@@ -121,7 +127,7 @@ def sweep(
     timer: Timer,
     clone_gbps: float,
     dtype: torch.dtype = torch.bfloat16,
-) -> list[Result]:
+) -> list[NormRow]:
     """Every (op, M, D, provider), printed as it goes."""
     results = []
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -134,37 +140,32 @@ def sweep(
                     times = time_passes(provider_fn(op, provider), inputs, timer)
                     for pass_, t in times.items():
                         gbps = op_bytes(op, pass_, m, d, elem) / (t * 1e-3) / 1e9
-                        r = Result(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
+                        r = NormRow(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
                         results.append(r)
-                        print(f"{op:>13} {pass_:>7} {provider:>10} M={m:>6} D={d:>5} "
-                              f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {r.pct_clone:5.1f}% of clone")
+                        print(
+                            f"{op:>13} {pass_:>7} {provider:>10} M={m:>6} D={d:>5} "
+                            f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {r.pct_clone:5.1f}% of clone"
+                        )
                 del inputs
     return results
 
 
-def write_report(results: list[Result], clone_gbps: float, device_name: str, out_dir: Path) -> None:
+def write_report(
+    results: list[NormRow], clone_gbps: float, device_name: str, out_dir: Path
+) -> None:
     """``norm_bench.csv``, ``norm_bench.md`` (table) and ``norm_bench.png`` (GB/s by shape)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = [f.name for f in dataclasses.fields(Result)]
-    with open(out_dir / "norm_bench.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(fields)
-        writer.writerows(dataclasses.astuple(r) for r in results)
-
-    lines = [
-        f"# Norm kernel benchmark on {device_name}",
-        "",
-        f"bf16 activations, fp32 weights; torch.clone bandwidth {clone_gbps:.0f} GB/s.",
-        "",
-        "| op | pass | provider | M | D | time (us) | GB/s | % of clone |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r.op} | {r.pass_} | {r.provider} | {r.m} | {r.d} | {r.ms * 1e3:.1f} | "
-        f"{r.gbps:.0f} | {r.pct_clone:.0f} |"
+    write_csv(results, out_dir / "norm_bench.csv")
+    header = ["op", "pass", "provider", "M", "D", "time (us)", "GB/s", "% of clone"]
+    rows = [
+        (*dataclasses.astuple(r)[:5], f"{r.ms * 1e3:.1f}", round(r.gbps), round(r.pct_clone))
         for r in results
     ]
-    (out_dir / "norm_bench.md").write_text("\n".join(lines) + "\n")
+    table = markdown_table(header, rows)
+    (out_dir / "norm_bench.md").write_text(
+        f"# Norm kernel benchmark on {device_name}\n\nbf16 activations, fp32 weights; "
+        f"torch.clone bandwidth {clone_gbps:.0f} GB/s.\n\n{table}\n"
+    )
 
     import matplotlib
 
@@ -172,20 +173,21 @@ def write_report(results: list[Result], clone_gbps: float, device_name: str, out
     import matplotlib.pyplot as plt
 
     ops = list(dict.fromkeys(r.op for r in results))
-    fig, axes = plt.subplots(len(ops), len(PASSES), figsize=(5 * len(PASSES), 3.5 * len(ops)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(ops), len(PASSES), figsize=(5 * len(PASSES), 3.5 * len(ops)), squeeze=False
+    )
     shapes = list(dict.fromkeys((r.m, r.d) for r in results))
+    by_case = {(r.op, r.pass_, r.provider, r.m, r.d): r.gbps for r in results}
     for row, op in enumerate(ops):
         for col, pass_ in enumerate(PASSES):
             ax = axes[row][col]
             for provider in dict.fromkeys(r.provider for r in results):
-                by_shape = {(r.m, r.d): r.gbps for r in results
-                            if (r.op, r.pass_, r.provider) == (op, pass_, provider)}
-                ax.plot(range(len(shapes)), [by_shape.get(s, float("nan")) for s in shapes],
-                        marker="o", label=provider)
+                gbps = [by_case.get((op, pass_, provider, *shape), math.nan) for shape in shapes]
+                ax.plot(range(len(shapes)), gbps, marker="o", label=provider)
             ax.axhline(clone_gbps, color="gray", linestyle="--", label="torch.clone")
-            ax.set_xticks(range(len(shapes)), [f"{m}x{d}" for m, d in shapes], rotation=60,
-                          fontsize=7)
+            ax.set_xticks(
+                range(len(shapes)), [f"{m}x{d}" for m, d in shapes], rotation=60, fontsize=7
+            )
             ax.set_title(f"{op} {pass_}")
             ax.set_ylabel("GB/s")
     axes[0][0].legend(fontsize=7)
@@ -195,14 +197,15 @@ def write_report(results: list[Result], clone_gbps: float, device_name: str, out
     plt.close(fig)
 
 
-def main(
-    out_dir: Path,
-    ms: Sequence[int] = M_VALUES,
-    ds: Sequence[int] = D_VALUES,
-    ops: Sequence[str] = OPS,
-    providers: Sequence[str] = PROVIDERS,
-) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the sweep on the current CUDA device and write the report; 0 without a GPU too."""
+    cli = parser(__doc__)
+    cli.add_argument("--out-dir", type=Path, default=Path("bench_norm_out"))
+    cli.add_argument("--m", type=int, nargs="+", default=list(M_VALUES), help="rows")
+    cli.add_argument("--d", type=int, nargs="+", default=list(D_VALUES), help="columns")
+    cli.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    cli.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    args = cli.parse_args(argv)
     if not torch.cuda.is_available():
         print(NO_GPU_MESSAGE)
         return 0
@@ -216,7 +219,7 @@ def main(
     del big
     device_name = torch.cuda.get_device_name()
     print(f"{device_name}: torch.clone {clone_gbps:.0f} GB/s")
-    results = sweep(ms, ds, ops, providers, "cuda", timer, clone_gbps)
-    write_report(results, clone_gbps, device_name, out_dir)
-    print(f"wrote {out_dir}/norm_bench.{{csv,md,png}}")
+    results = sweep(args.m, args.d, args.ops, args.providers, "cuda", timer, clone_gbps)
+    write_report(results, clone_gbps, device_name, args.out_dir)
+    print(f"wrote {args.out_dir}/norm_bench.{{csv,md,png}}")
     return 0
