@@ -139,7 +139,7 @@ def test_the_package_has_no_import_cycle():
         ),
         ("olmo_mini.kernels", {"olmo_mini.model"}),
         ("olmo_mini.data", {"olmo_mini.model"}),
-        ("olmo_mini.config", {"lightning", "torch"}),
+        ("olmo_mini.config", {"lightning", "torch", "olmo_mini.training"}),
         ("olmo_mini.interop", {"lightning", "olmo_mini.training"}),
         ("olmo_mini.run_dir", {"torch", "lightning", "olmo_mini.training"}),
     ],
@@ -152,6 +152,13 @@ def test_the_import_rules_of_the_architecture_hold(layer, forbidden):
         ours, others = _closure(module)
         hits = {m for m in ours | others for f in forbidden if m == f or m.startswith(f + ".")}
         assert not hits, f"importing {module} can load {sorted(hits)}"
+
+
+def test_nothing_in_the_package_imports_the_benchmarks():
+    """``olmo_mini.bench`` sits on top: only tools and tests use it."""
+    for module in (m for m in MODULES if m.split(".")[:2] != ["olmo_mini", "bench"]):
+        ours, _ = _closure(module)
+        assert not {m for m in ours if m.startswith("olmo_mini.bench")}, module
 
 
 def test_every_module_imports_and_the_light_ones_load_no_lightning():
