@@ -1,4 +1,4 @@
-"""After training: load any model source, export to / import from Hugging Face, evaluate.
+"""After training: load any model source, export to / import from Hugging Face, sample.
 
 A *source* is one of
 
@@ -13,35 +13,39 @@ A *source* is one of
 
 All three load into a plain fp32 ``OLMo2``; any of them can initialize a new run
 (``model.init_from``, see :func:`load_init_weights`). None carries optimizer state into it.
+Nothing here imports Lightning: the trainer (``training.parallel``) and the tools read it alike.
+Evaluation is ``olmo_mini.evaluation``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import torch
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer, decoders
+from tokenizers import Tokenizer
 
 from olmo_mini.config import ConfigError, TrainConfig, load_config
-from olmo_mini.data import DataConfig, OLMoDataModule, eos_id, load_tokenizer, read_manifest
-from olmo_mini.data.corpus import expand_files, file_documents
-from olmo_mini.data.shards import encode_documents
+from olmo_mini.data import eos_id, load_tokenizer, read_manifest, resolve_tokenizer_and_shards
 from olmo_mini.data.tokenizer import tokenizer_hash
-from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
+from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
 from olmo_mini.model.hf import config_from_hf, from_hf_key, save_safetensors
 from olmo_mini.model.shards import write_full_
-from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, complete_checkpoints, saved_config
-from olmo_mini.training.tokenizer_record import TOKENIZER_FILE
+from olmo_mini.run_dir import (
+    COMPLETE,
+    DATA_STATE_KEY,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    complete_checkpoints,
+    saved_config,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_YAML = "model.yaml"
@@ -102,12 +106,7 @@ def locate(path: str | Path) -> tuple[str, Path]:
 
 def load_model(path: str | Path) -> OLMo2:
     """The fp32 CPU model of any source, without its tokenizer or data."""
-    kind, where = locate(path)
-    if kind == "checkpoint":
-        return _checkpoint_model(where, run_config(where).model)
-    if kind == "hf":
-        return _hf_model(where)
-    return _weights_model(where)
+    return _model(*locate(path))
 
 
 def load(path: str | Path) -> Loaded:
@@ -116,9 +115,8 @@ def load(path: str | Path) -> Loaded:
     if kind == "checkpoint":
         config = run_config(where)
         tokenizer, eos, folder = checkpoint_tokenizer(where, config)
-        model = _checkpoint_model(where, config.model)
-        return Loaded(model, tokenizer, eos, where, config, folder)
-    model = _hf_model(where) if kind == "hf" else _weights_model(where)
+        return Loaded(_model(kind, where), tokenizer, eos, where, config, folder)
+    model = _model(kind, where)
     tokenizer = load_tokenizer(where)
     try:
         eos: int | None = eos_id(tokenizer, path=where)
@@ -143,7 +141,7 @@ def run_config(checkpoint: Path) -> TrainConfig:
 def run_tokenizer(config: TrainConfig) -> tuple[Tokenizer, int]:
     """The run's tokenizer and EOS id, found exactly as its DataModule found them."""
     # The DataModule's own lookup (cached after training), so export cannot pick another file.
-    path, shards = OLMoDataModule(config.data, config.seed)._resolve_tokenizer_and_shards()
+    path, shards = resolve_tokenizer_and_shards(config.data)
     with fsspec.open(path, "rt") as f:
         tokenizer = Tokenizer.from_str(f.read())
     if shards is not None:
@@ -185,21 +183,19 @@ def trained_tokenizer_hash(checkpoint: Path) -> str:
         file = checkpoint / "meta.pt"
     saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     try:
-        return saved[OLMoDataModule.__qualname__]["fingerprint"]["tokenizer"]
+        return saved[DATA_STATE_KEY]["fingerprint"]["tokenizer"]
     except (KeyError, TypeError):
         raise ValueError(
-            f"{file}: no {OLMoDataModule.__qualname__}.fingerprint.tokenizer, so nothing says "
+            f"{file}: no {DATA_STATE_KEY}.fingerprint.tokenizer, so nothing says "
             "which tokenizer trained these weights"
         ) from None
 
 
 def checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's tensors (olmo-mini names) of a single-file or sharded DCP checkpoint."""
-    prefix = "model."
-    if (checkpoint / STATE_FILE).is_file():
-        saved = torch.load(
-            checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True
-        )
+    prefix, file = "model.", checkpoint / STATE_FILE
+    if file.is_file():
+        saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         return {k.removeprefix(prefix): v for k, v in saved["state_dict"].items()}
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -235,28 +231,34 @@ def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> 
     return model.eval()
 
 
-def _checkpoint_model(checkpoint: Path, config: OLMo2Config) -> OLMo2:
-    return _build(config, checkpoint_state(checkpoint), checkpoint)
+def _model(kind: str, where: Path) -> OLMo2:
+    """The fp32 CPU model of a located source."""
+    architecture = _architecture(kind, where)
+    if kind == "hf":
+        return OLMo2.from_hf(where).eval()
+    if kind == "checkpoint":
+        return _build(architecture, checkpoint_state(where), where)
+    from safetensors.torch import load_file
+
+    weights = where / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
+    return _build(architecture, load_file(str(weights)), where)
 
 
-def _hf_model(folder: Path) -> OLMo2:
-    config_file = folder / "config.json"
+def _architecture(kind: str, where: Path) -> OLMo2Config:
+    """The architecture of a located source, read without its weights."""
+    if kind == "checkpoint":
+        return run_config(where).model
+    if kind == "weights":
+        return OLMo2Config.from_yaml(where / MODEL_YAML)
+    config_file = where / "config.json"
     try:
-        config_from_hf(json.loads(config_file.read_text()))
+        return config_from_hf(json.loads(config_file.read_text()))
     except (ValueError, KeyError) as e:
         raise ValueError(
             f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}"
         ) from None
-    return OLMo2.from_hf(folder).eval()
-
-
-def _weights_model(folder: Path) -> OLMo2:
-    from safetensors.torch import load_file
-
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
-    return _build(OLMo2Config.from_yaml(folder / MODEL_YAML), load_file(str(weights)), folder)
 
 
 # ---------------------------------------------------------------- initializing a run
@@ -275,7 +277,7 @@ def load_init_weights(model: OLMo2, source: str) -> None:
     """
     try:
         kind, where = locate(source)
-        source_config = _source_architecture(kind, where)
+        source_config = _architecture(kind, where)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     differences = [
@@ -325,15 +327,6 @@ def _load_sharded_checkpoint(model: OLMo2, checkpoint: Path) -> None:
         raise ConfigError(f"model.init_from: {checkpoint}: {first}") from None
 
 
-def _source_architecture(kind: str, where: Path) -> OLMo2Config:
-    """The architecture of a located source, read without its weights."""
-    if kind == "checkpoint":
-        return run_config(where).model
-    if kind == "hf":
-        return config_from_hf(json.loads((where / "config.json").read_text()))
-    return OLMo2Config.from_yaml(where / MODEL_YAML)
-
-
 def _source_tensors(kind: str, where: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(olmo-mini name, whole tensor)`` pairs of a located source, one at a time."""
     if kind == "checkpoint":
@@ -360,11 +353,8 @@ def _source_tensors(kind: str, where: Path) -> Iterator[tuple[str, torch.Tensor]
 def model_overrides(config: OLMo2Config) -> list[str]:
     """``model.<field>=<value>`` command-line overrides describing ``config``'s architecture."""
     values = {f.name: getattr(config, f.name) for f in fields(OLMo2Config)}
-    return [
-        f"model.{k}={'null' if v is None else v}"
-        for k, v in values.items()
-        if k not in ("init_std", "norm_backend")
-    ]
+    kept = {k: v for k, v in values.items() if k not in ("init_std", "norm_backend")}
+    return [f"model.{k}={'null' if v is None else v}" for k, v in kept.items()]
 
 
 # ---------------------------------------------------------------- Hugging Face export / import
@@ -411,7 +401,7 @@ def import_hf(folder: str | Path, out: str | Path) -> OLMo2Config:
     kind, where = locate(folder)
     if kind != "hf":
         raise ValueError(f"{where}: not a Hugging Face folder (no config.json)")
-    model = _hf_model(where)
+    model = _model(kind, where)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -444,226 +434,3 @@ def generate_text(
         model, torch.tensor([ids], device=device), max_new_tokens, eos_id=loaded.eos_id, **sampling
     )
     return loaded.tokenizer.decode(out[0].tolist())
-
-
-# ---------------------------------------------------------------- evaluation
-
-# Data settings evaluation may override: they cut the same held-out token stream differently.
-# Every other data.* setting picks the corpus, its held-out split or the token ids.
-_EVAL_FREE_DATA_FIELDS = (
-    "seq_len",
-    "global_batch_size",
-    "micro_batch_size",
-    "val_batches",
-    "num_workers",
-    "prepare_procs",
-    "cache_dir",
-)
-
-
-@dataclass
-class EvalResult:
-    loss: float  # mean cross-entropy per predicted token, nats
-    perplexity: float
-    bits_per_byte: float  # total CE / (ln 2 × UTF-8 bytes of the predicted text)
-    tokens: int
-    bytes: int
-    batches: int
-    context: int = 0  # the most tokens one prediction conditions on
-    split: str = ""  # "held-out" (the run's validation windows) or "all" (whole documents)
-    documents: int | None = None  # documents evaluated whole; None for held-out windows
-    text: str = ""  # what was evaluated, in words
-    tokenizer_hash: str = ""
-
-
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes of text each token id stands for; special tokens (EOS) stand for none.
-
-    Exact for byte-level BPE (each character of a vocabulary entry is one byte); for other
-    tokenizers, the length of the token decoded on its own.
-    """
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
-    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
-    for token, i in tokenizer.get_vocab().items():
-        if token not in special:
-            lengths[i] = len(token) if byte_level else len(tokenizer.decode([i]).encode())
-    return lengths
-
-
-def bits_per_byte(total_nats: float, n_bytes: int) -> float:
-    return total_nats / (math.log(2) * n_bytes)
-
-
-@torch.no_grad()
-def evaluate_batches(
-    model: OLMo2, batches: list[dict[str, torch.Tensor]], byte_lengths: np.ndarray, device: str
-) -> EvalResult:
-    """Loss, perplexity and bits per byte over ``batches``, in fp32 with the trainer's loss."""
-    model = model.to(device).eval()
-    lengths = torch.from_numpy(byte_lengths)
-    total = 0.0
-    tokens = n_bytes = 0
-    for batch in batches:
-        labels = batch["labels"]
-        mask = labels != IGNORE_INDEX
-        count = int(mask.sum())
-        ce = model(batch["input_ids"].to(device), labels=labels.to(device)).ce
-        total += float(ce) * count
-        tokens += count
-        n_bytes += int(lengths[labels[mask]].sum())
-    if tokens == 0:
-        raise ValueError("nothing to evaluate: no token to predict")
-    loss = total / tokens
-    return EvalResult(
-        loss, math.exp(loss), bits_per_byte(total, n_bytes), tokens, n_bytes, len(batches)
-    )
-
-
-def evaluate(loaded: Loaded, config: TrainConfig, device: str = "cpu") -> EvalResult:
-    """Evaluate on the held-out batches the trainer validates on, for ``config``'s data.
-
-    The trainer's ranks each take an equal number of whole micro-batches from the start of the
-    held-out windows: with world size W those are the first ``n // W * W`` of the micro-batches
-    one process would take, so the mean equals the logged ``val/loss`` (in a ``32-true`` run).
-    """
-    data = config.data
-    datamodule = OLMoDataModule(data, config.seed, rank=0, world_size=1)
-    datamodule.setup()
-    found = tokenizer_hash(datamodule.tokenizer)
-    if found != tokenizer_hash(loaded.tokenizer) or datamodule.eos_id != loaded.eos_id:
-        raise ValueError(
-            f"{datamodule.tokenizer_path}: tokenizer hash {found} with EOS id "
-            f"{datamodule.eos_id}, but {loaded.path} was trained with hash "
-            f"{tokenizer_hash(loaded.tokenizer)} and EOS id {loaded.eos_id}"
-        )
-    datamodule.check_vocab(loaded.model.config.vocab_size)
-    batches = list(datamodule.val_dataloader())
-    world = config.trainer.world_size
-    batches = batches[: len(batches) // world * world]
-    result = evaluate_batches(
-        loaded.model, batches, token_byte_lengths(datamodule.tokenizer), device
-    )
-    windows = sum(len(b["input_ids"]) for b in batches)
-    text = (
-        f"{windows} held-out windows of {data.seq_len + 1} tokens "
-        f"(data.val_fraction={data.val_fraction}) of {_corpus(data)}"
-    )
-    return replace(result, context=data.seq_len, split="held-out", text=text, tokenizer_hash=found)
-
-
-def _corpus(data: DataConfig) -> str:
-    if data.source == "stdlib":
-        return "the Python standard library's sources"
-    if data.source == "files":
-        return f"data.files={list(data.files)}"
-    if data.source == "shards":
-        return f"data.shards={data.shards}"
-    return f"data.hf_path={data.hf_path}"
-
-
-def eval_config(loaded: Loaded, overrides: list[str]) -> TrainConfig:
-    """The run's config with ``key=value`` overrides that keep its held-out text and token ids.
-
-    Any other data override would evaluate other text, or other token ids than the weights
-    learned (the default tokenizer is derived from data settings): an error naming the setting.
-    The data is read with the tokenizer file the run recorded.
-    """
-    if loaded.config is None:
-        raise ValueError(
-            f"{loaded.path}: a model folder has no held-out split of its own; name the text to "
-            "evaluate with --text FILE..."
-        )
-    merged = OmegaConf.merge(OmegaConf.structured(loaded.config), OmegaConf.from_dotlist(overrides))
-    config = load_config(merged)
-    for name in (f.name for f in fields(DataConfig)):
-        ours, runs = getattr(config.data, name), getattr(loaded.config.data, name)
-        if name not in _EVAL_FREE_DATA_FIELDS and ours != runs:
-            raise ConfigError(
-                f"data.{name}={ours!r}: the run has {runs!r}; evaluation keeps the run's "
-                "tokenizer, token ids and held-out split (overridable: data."
-                f"{', data.'.join(_EVAL_FREE_DATA_FIELDS)}); evaluate other text whole with "
-                "--text FILE..."
-            )
-    if loaded.tokenizer_dir is not None:
-        config.data.tokenizer = str(loaded.tokenizer_dir)
-    return config
-
-
-def rolling_windows(
-    stream: np.ndarray, lengths: np.ndarray, context: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(input_ids, labels)`` scoring every document of ``stream`` in windows of ``context``.
-
-    ``stream`` is EOS followed by ``encode_documents``' output (each document then EOS), whose
-    ``lengths`` count that EOS. As lm-eval's ``loglikelihood_rolling``: a document's tokens are
-    predicted after the EOS before it, in disjoint spans of ``context`` tokens, each with as much
-    of the document before it as fits (so the last is not short of context); the EOS after a
-    document is not predicted. Labels already predicted by an earlier window are ignored.
-    """
-    windows = []
-    start = 1
-    for length in lengths.tolist():
-        end_of_doc = start + length - 1
-        for first in range(start, end_of_doc, context):
-            stop = min(first + context, end_of_doc)
-            lo = max(start - 1, stop - 1 - context)
-            labels = stream[lo + 1 : stop].astype(np.int64)
-            labels[: first - lo - 1] = IGNORE_INDEX
-            windows.append((stream[lo : stop - 1].astype(np.int64), labels))
-        start += length
-    return windows
-
-
-def evaluate_text(
-    loaded: Loaded,
-    files: list[str],
-    context: int | None = None,
-    text_field: str = "text",
-    device: str = "cpu",
-    batch_size: int = 8,
-) -> EvalResult:
-    """Every document of ``files`` (a ``.txt`` file, a ``.jsonl`` line, a ``.parquet`` row), whole.
-
-    Scored as :func:`rolling_windows` says, with ``context`` defaulting to the length the run
-    trained at (a model folder: its ``max_seq_len``). The total loss is minus the sum of
-    lm-eval's rolling loglikelihoods and ``bits_per_byte`` its ``bits_per_byte``.
-    """
-    if loaded.eos_id is None:
-        raise ValueError(f"{loaded.path}: its tokenizer has no EOS token to start documents after")
-    max_len = loaded.model.config.max_seq_len
-    if context is None:
-        context = loaded.config.data.seq_len if loaded.config is not None else max_len
-    if not 1 <= context <= max_len:
-        raise ValueError(
-            f"--context {context}: must be between 1 and the model's max_seq_len ({max_len})"
-        )
-    paths = expand_files(files)
-    documents = [text for _, text in file_documents(paths, text_field)]
-    flat, lengths = encode_documents(loaded.tokenizer, documents, loaded.eos_id)
-    stream = np.concatenate([[loaded.eos_id], flat])
-    windows = rolling_windows(stream, lengths, context)
-    batches = [
-        _padded(windows[i : i + batch_size], loaded.eos_id)
-        for i in range(0, len(windows), batch_size)
-    ]
-    result = evaluate_batches(loaded.model, batches, token_byte_lengths(loaded.tokenizer), device)
-    return replace(
-        result,
-        context=context,
-        split="all",
-        documents=len(documents),
-        text=f"every document of {', '.join(map(str, paths))}",
-        tokenizer_hash=tokenizer_hash(loaded.tokenizer),
-    )
-
-
-def _padded(windows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch, right-padded: a causal model's earlier positions never see the padding."""
-    width = max(len(ids) for ids, _ in windows)
-    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, targets) in enumerate(windows):
-        input_ids[row, : len(ids)] = torch.from_numpy(ids)
-        labels[row, : len(targets)] = torch.from_numpy(targets)
-    return {"input_ids": input_ids, "labels": labels}

@@ -1,5 +1,5 @@
-"""One run per run dir: an owner record, a lock against a second live job, and the refusal to
-start a new run over another run's checkpoints.
+"""One run per run dir: an owner record, a lock against a second live job, the refusal to
+start a new run over another run's checkpoints, and the names of what a run dir holds.
 
 ``<run_dir>/run.json`` names the run that owns the dir (a random id, when and where it started);
 checkpoints carry that id in their marker, so resuming and pruning only ever touch this run's.
@@ -7,7 +7,8 @@ checkpoints carry that id in their marker, so resuming and pruning only ever tou
 before it writes anything, unless the holder is gone (a dead pid on this host, or the same SLURM
 job requeued), whose lock it takes over. Only global rank zero claims; the other ranks read the id.
 Nothing here imports torch or Lightning: train.py's Hydra callback runs it before the config is
-validated, and a bad launch must fail in about a second.
+validated, and a bad launch must fail in about a second. So the checkpoint format's names live
+here too: the trainer writes them (``training.checkpoint``), the tools read them (``interop``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,31 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError
-from olmo_mini.startup import is_rank_zero
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (olmo_mini.training.tokenizer_record)
 STEP_DIR = re.compile(r"step_(\d+)")
+# In a step_<N> checkpoint: the marker of a finished save (its files' digests, step, run id),
+# the single-process state file (FSDP runs write DCP shards and meta.pt instead) and the config.
+COMPLETE = "COMPLETE"
+STATE_FILE = "state.ckpt"
+CONFIG_FILE = "config.yaml"
+# Lightning saves the DataModule's state_dict under its class's __qualname__.
+DATA_STATE_KEY = "OLMoDataModule"
+
+
+def is_rank_zero() -> bool:
+    """Rank zero of a launched job (torchrun, SLURM, Lightning's own launcher) or a plain run."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def step_dirs(directory: Path) -> list[Path]:
@@ -44,6 +58,48 @@ def step_dirs(directory: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.fullmatch(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    """The ``COMPLETE`` marker's fields; a missing or unreadable one raises ``ValueError``."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no {COMPLETE} marker (its save did not finish)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable {COMPLETE} marker: {e}") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise ValueError(
+            f"its {COMPLETE} marker lists no file digests (written before olmo-mini "
+            "verified checkpoints, or damaged)"
+        )
+    return marker
+
+
+def complete_checkpoints(directory: Path, run_id: str | None = None) -> list[Path]:
+    """``step_<N>`` directories with a ``COMPLETE`` marker (of run ``run_id`` if given), oldest
+    first. Markers are not verified here: see ``olmo_mini.training.checkpoint.verify``."""
+    return [p for p in step_dirs(directory) if (p / COMPLETE).is_file() and belongs(p, run_id)]
+
+
+def belongs(path: Path, run_id: str | None) -> bool:
+    """Whether a ``step_<N>`` dir is run ``run_id``'s (any run's for None): its marker's run id,
+    or (no readable marker: an unfinished or damaged save) yes, so that resuming names what is
+    wrong with it rather than ignoring it."""
+    try:
+        return run_id is None or read_marker(path).get("run_id") == run_id
+    except ValueError:
+        return True
+
+
+def saved_config(checkpoint: Path) -> Any:
+    """The resolved run config saved inside ``checkpoint`` (an OmegaConf node)."""
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint}: no {CONFIG_FILE} (saved before checkpoints carried their run's config)"
+        )
+    return OmegaConf.load(path)
 
 
 def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:

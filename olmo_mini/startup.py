@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, TrainConfig, load_config, unknown_key_error
 from olmo_mini.data.corpus import expand_files
+from olmo_mini.run_dir import LOCK_FILE, is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ def no_run_dir_on_bad_input() -> Iterator[None]:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    from olmo_mini.run_dir import LOCK_FILE
-
     # What Hydra and the run-dir check (olmo_mini.run_dir) write before the config is validated.
     launch_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log", LOCK_FILE}
     try:
@@ -149,8 +148,3 @@ def quiet_third_party() -> None:
     for name in _LIGHTNING_INFO_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("WANDB_SILENT", "true")
-
-
-def is_rank_zero() -> bool:
-    """Rank zero of a launched job (torchrun, SLURM, Lightning's own launcher) or a plain run."""
-    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))

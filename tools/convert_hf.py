@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     overrides = " ".join(model_overrides(config))
-    print(f"wrote {args.out}; continue pretraining from it (optimizer state starts fresh) with\n"
-          f"  python train.py {overrides} data.tokenizer={args.out} model.init_from={args.out}")
+    print(
+        f"wrote {args.out}; continue pretraining from it (optimizer state starts fresh) with\n"
+        f"  python train.py {overrides} data.tokenizer={args.out} model.init_from={args.out}"
+    )
     return 0
 
 

@@ -26,7 +26,8 @@ import sys
 
 import torch
 
-from olmo_mini.interop import eval_config, evaluate, evaluate_text, load
+from olmo_mini.evaluation import eval_config, evaluate, evaluate_text
+from olmo_mini.interop import load
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         text = generate_text(
-            load(args.source), args.prompt, args.max_new_tokens, args.device,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            load(args.source),
+            args.prompt,
+            args.max_new_tokens,
+            args.device,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
             use_cache=not args.no_cache,
         )
     except (OSError, ValueError) as err:

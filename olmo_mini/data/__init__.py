@@ -6,7 +6,8 @@ from olmo_mini._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from olmo_mini.data.config import DataConfig, padded_vocab_size
-    from olmo_mini.data.datamodule import OLMoDataModule, prepared_corpus
+    from olmo_mini.data.datamodule import OLMoDataModule
+    from olmo_mini.data.prepare import resolve_tokenizer_and_shards
     from olmo_mini.data.shards import read_manifest, write_shards
     from olmo_mini.data.tokenizer import eos_id, load_tokenizer, train_bpe
 
@@ -16,8 +17,8 @@ __all__ = [
     "eos_id",
     "load_tokenizer",
     "padded_vocab_size",
-    "prepared_corpus",
     "read_manifest",
+    "resolve_tokenizer_and_shards",
     "train_bpe",
     "write_shards",
 ]
@@ -27,7 +28,7 @@ __getattr__ = lazy_exports(
         "DataConfig": ".config",
         "padded_vocab_size": ".config",
         "OLMoDataModule": ".datamodule",
-        "prepared_corpus": ".datamodule",
+        "resolve_tokenizer_and_shards": ".prepare",
         "read_manifest": ".shards",
         "write_shards": ".shards",
         "eos_id": ".tokenizer",

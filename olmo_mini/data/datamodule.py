@@ -9,7 +9,6 @@ permutation; streaming: the slot's served-window count), so it is the whole load
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import fsspec
 import lightning as L
@@ -18,58 +17,22 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from olmo_mini.data.cache import build_once, cache_root, content_key
+from olmo_mini.data.cache import content_key
 from olmo_mini.data.config import DataConfig, DataError
-from olmo_mini.data.corpus import (
-    expand_files,
-    file_documents,
-    files_hash,
-    is_val,
-    stdlib_documents,
-    stdlib_hash,
-)
+from olmo_mini.data.corpus import is_val
+from olmo_mini.data.prepare import resolve_tokenizer_and_shards
 from olmo_mini.data.sampling import ShuffledTrainStream, fixed_batches
-from olmo_mini.data.shards import (
-    FORMAT,
-    ShardInstances,
-    manifest_hash,
-    read_manifest,
-    write_shards,
-)
+from olmo_mini.data.shards import ShardInstances, manifest_hash, read_manifest
 from olmo_mini.data.streaming import HFSource, StreamingTrainStream, packed_windows
-from olmo_mini.data.tokenizer import (
-    default_tokenizer,
-    eos_id,
-    load_tokenizer,
-    tokenizer_file,
-    tokenizer_hash,
-)
-
-
-def prepared_corpus(config: DataConfig, tokenizer_path: Path) -> Path:
-    """Shards of the stdlib or local-files corpus, tokenized on first use and cached by content."""
-    tokenizer = load_tokenizer(tokenizer_path)
-    eos = eos_id(tokenizer, config.eos_token, tokenizer_path)
-    if config.source == "stdlib":
-        corpus, kind = stdlib_hash(config.max_docs), "stdlib"
-        documents = stdlib_documents(config.max_docs)
-    else:
-        paths = expand_files(config.files)
-        corpus, kind = files_hash(paths, config.text_field, config.max_docs), "files"
-        documents = file_documents(paths, config.text_field, config.max_docs)
-    key = content_key({"format": FORMAT, "corpus": corpus, "tokenizer": tokenizer_hash(tokenizer),
-                       "eos": eos, "val_fraction": config.val_fraction})
-    target = cache_root(config.cache_dir) / "shards" / f"{kind}-{key}"
-    return build_once(target, lambda tmp: write_shards(
-        documents, tokenizer, eos, tmp, source=f"{kind}:{corpus}",
-        val_fraction=config.val_fraction, procs=config.prepare_procs))
+from olmo_mini.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
 
 
 class OLMoDataModule(L.LightningDataModule):
     """Serves this rank's share of every global batch; see ``olmo_mini.data.sampling``."""
 
-    def __init__(self, config: DataConfig, seed: int, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self, config: DataConfig, seed: int, rank: int | None = None, world_size: int | None = None
+    ) -> None:
         super().__init__()
         if seed < 0:
             raise ValueError(f"seed must be ≥ 0 for the data permutation, got {seed}")
@@ -98,32 +61,14 @@ class OLMoDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the cached tokenizer and shards once per node (Lightning: local rank 0 only)."""
-        self._resolve_tokenizer_and_shards()
-
-    def _resolve_tokenizer_and_shards(self) -> tuple[str, str | None]:
-        """``(tokenizer path or URL, shard root or None for streaming)``, building caches."""
-        config = self.config
-        if config.source == "files":
-            expand_files(config.files)  # a missing file fails before any tokenizer is trained
-        if config.tokenizer is not None:
-            tokenizer = str(tokenizer_file(config.tokenizer))
-        elif config.source == "shards":
-            tokenizer = f"{str(config.shards).rstrip('/')}/tokenizer.json"
-        else:
-            # A stdlib subset (max_docs, for quick runs) also trains the tokenizer on the subset.
-            subset = config.max_docs if config.source == "stdlib" else None
-            tokenizer = str(default_tokenizer(config.vocab_size, config.cache_dir,
-                                              config.val_fraction, subset))
-        if config.source in ("stdlib", "files"):
-            return tokenizer, str(prepared_corpus(config, Path(tokenizer)))
-        return tokenizer, config.shards
+        resolve_tokenizer_and_shards(self.config)
 
     def setup(self, stage: str | None = None) -> None:
         if self.fingerprint is not None:
             return
         config = self.config
         config.grad_accum_steps(self.world_size)
-        tokenizer_path, shards = self._resolve_tokenizer_and_shards()
+        tokenizer_path, shards = resolve_tokenizer_and_shards(self.config)
         self.tokenizer_path = tokenizer_path
         if shards is not None:
             self._setup_shards(shards, tokenizer_path)
@@ -159,8 +104,9 @@ class OLMoDataModule(L.LightningDataModule):
         config = self.config
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.eos_id = eos_id(self.tokenizer, config.eos_token, tokenizer_path)
-        self._source = HFSource(config.hf_path, config.hf_name, list(config.hf_data_files),
-                                config.text_field)
+        self._source = HFSource(
+            config.hf_path, config.hf_name, list(config.hf_data_files), config.text_field
+        )
         if config.hf_val_split is None:
             val_split, self._held_out = config.hf_split, config.val_fraction
             keep_val = lambda text: is_val(text, config.val_fraction)  # noqa: E731
@@ -168,20 +114,43 @@ class OLMoDataModule(L.LightningDataModule):
             val_split, self._held_out = config.hf_val_split, None
             keep_val = lambda text: True  # noqa: E731
         n_val = config.val_batches * config.global_batch_size
-        windows = packed_windows(self._source, val_split, keep_val, self.tokenizer, self.eos_id,
-                                 config.seq_len + 1, repeat=False)
+        windows = packed_windows(
+            self._source,
+            val_split,
+            keep_val,
+            self.tokenizer,
+            self.eos_id,
+            config.seq_len + 1,
+            repeat=False,
+        )
         collected = list(itertools.islice(windows, n_val))
         self._val_windows = np.stack(collected) if collected else np.empty((0, config.seq_len + 1))
-        identity = content_key({"source": repr(self._source), "split": config.hf_split,
-                                "val_split": config.hf_val_split, "val_fraction": self._held_out})
-        self.fingerprint = self._fingerprint(identity, layout={
-            "world_size": self.world_size, "num_workers": config.num_workers,
-            "micro_batch_size": config.micro_batch_size})
+        identity = content_key(
+            {
+                "source": repr(self._source),
+                "split": config.hf_split,
+                "val_split": config.hf_val_split,
+                "val_fraction": self._held_out,
+            }
+        )
+        self.fingerprint = self._fingerprint(
+            identity,
+            layout={
+                "world_size": self.world_size,
+                "num_workers": config.num_workers,
+                "micro_batch_size": config.micro_batch_size,
+            },
+        )
 
     def _fingerprint(self, data: str, layout: dict | None = None) -> dict:
-        return {"seed": self.seed, "seq_len": self.config.seq_len,
-                "global_batch_size": self.config.global_batch_size, "data": data,
-                "tokenizer": tokenizer_hash(self.tokenizer), **(layout or {})}
+        return {
+            "seed": self.seed,
+            "seq_len": self.config.seq_len,
+            "global_batch_size": self.config.global_batch_size,
+            "data": data,
+            "tokenizer": tokenizer_hash(self.tokenizer),
+            **(layout or {}),
+        }
 
     # ------------------------------------------------------------ loaders
 
@@ -189,20 +158,44 @@ class OLMoDataModule(L.LightningDataModule):
         config = self.config
         if self._manifest is not None:
             dataset = ShuffledTrainStream(
-                self._train, self._what, self.seed, config.global_batch_size,
-                config.micro_batch_size, self.rank, self.world_size, self.consumed_global_batches)
+                self._train,
+                self._what,
+                self.seed,
+                config.global_batch_size,
+                config.micro_batch_size,
+                self.rank,
+                self.world_size,
+                self.consumed_global_batches,
+            )
         else:
             dataset = StreamingTrainStream(
-                self._source, config.hf_split, self._held_out, self.tokenizer.to_str(),
-                self.eos_id, config.seq_len, config.global_batch_size, config.micro_batch_size,
-                self.rank, self.world_size, self.consumed_global_batches)
-        return DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
-                          pin_memory=torch.cuda.is_available())
+                self._source,
+                config.hf_split,
+                self._held_out,
+                self.tokenizer.to_str(),
+                self.eos_id,
+                config.seq_len,
+                config.global_batch_size,
+                config.micro_batch_size,
+                self.rank,
+                self.world_size,
+                self.consumed_global_batches,
+            )
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=config.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        batches = fixed_batches(self._val_windows,
-                                self.config.val_batches * self.config.global_batch_size,
-                                self.config.micro_batch_size, self.rank, self.world_size)
+        batches = fixed_batches(
+            self._val_windows,
+            self.config.val_batches * self.config.global_batch_size,
+            self.config.micro_batch_size,
+            self.rank,
+            self.world_size,
+        )
         return DataLoader(batches, batch_size=None)
 
     # ------------------------------------------------------------ checks and resume
@@ -223,9 +216,10 @@ class OLMoDataModule(L.LightningDataModule):
                 )
 
     def state_dict(self) -> dict:
-        consumed = self.consumed_global_batches if self.trainer is None else self.trainer.global_step
-        return {"consumed_global_batches": consumed,
-                "fingerprint": self.fingerprint}
+        consumed = (
+            self.consumed_global_batches if self.trainer is None else self.trainer.global_step
+        )
+        return {"consumed_global_batches": consumed, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the position; checked against this run's data once ``setup`` has run."""
@@ -234,9 +228,11 @@ class OLMoDataModule(L.LightningDataModule):
             return
         saved = state_dict["fingerprint"]
         if saved != self.fingerprint:
-            diff = {k: (saved.get(k), self.fingerprint.get(k))
-                    for k in sorted(set(saved) | set(self.fingerprint))
-                    if saved.get(k) != self.fingerprint.get(k)}
+            diff = {
+                k: (saved.get(k), self.fingerprint.get(k))
+                for k in sorted(set(saved) | set(self.fingerprint))
+                if saved.get(k) != self.fingerprint.get(k)
+            }
             raise DataError(
                 "resume: the checkpoint's data loader does not match this run's data "
                 f"(field: (checkpoint, now)): {diff}; resuming would not replay the same batches"

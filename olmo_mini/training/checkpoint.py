@@ -32,17 +32,22 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
 
 from olmo_mini.config import ConfigError, ModelConfig
 from olmo_mini.integrity import ALGORITHM, file_digest
-from olmo_mini.run_dir import STEP_DIR, step_dirs
+from olmo_mini.run_dir import (
+    COMPLETE,
+    CONFIG_FILE,
+    STATE_FILE,
+    belongs,
+    complete_checkpoints,
+    read_marker,
+    saved_config,
+    step_dirs,
+)
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
-STATE_FILE = "state.ckpt"
-CONFIG_FILE = "config.yaml"
 # Model fields that may differ between a checkpoint and the run resuming it: how the same
 # weights are computed, or how they were first made, not what they compute.
 RESUMABLE_MODEL_FIELDS = ("compile", "norm_backend", "init_from", "init_std")
@@ -179,22 +184,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_marker(checkpoint: Path) -> dict[str, Any]:
-    """The ``COMPLETE`` marker's fields; a missing or unreadable one raises ``ValueError``."""
-    try:
-        marker = json.loads((checkpoint / COMPLETE).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"no {COMPLETE} marker (its save did not finish)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable {COMPLETE} marker: {e}") from None
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
-        raise ValueError(
-            f"its {COMPLETE} marker lists no file digests (written before olmo-mini "
-            "verified checkpoints, or damaged)"
-        )
-    return marker
-
-
 def verify(checkpoint: Path) -> str | None:
     """Why ``checkpoint`` cannot be trusted, or None when every file matches its marker."""
     try:
@@ -216,25 +205,6 @@ def verify(checkpoint: Path) -> str | None:
     return None
 
 
-def complete_checkpoints(directory: Path, run_id: str | None = None) -> list[Path]:
-    """``step_<N>`` directories with a ``COMPLETE`` marker (of run ``run_id`` if given), oldest
-    first. Markers are not verified here: see ``verify``."""
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        if not (m := STEP_DIR.fullmatch(path.name)) or not (path / COMPLETE).is_file():
-            continue
-        if run_id is not None:
-            try:
-                if read_marker(path).get("run_id") != run_id:
-                    continue
-            except ValueError:
-                pass  # this run's damaged checkpoint: listed, and verify says what is wrong
-        found.append((int(m.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
 def resolve_resume(
     resume: str | None,
     run_dir: Path,
@@ -252,7 +222,7 @@ def resolve_resume(
         return None
     if resume == "auto":
         directory = run_dir / "checkpoints"
-        candidates = [p for p in step_dirs(directory) if _belongs(p, run_id)]
+        candidates = [p for p in step_dirs(directory) if belongs(p, run_id)]
         if not candidates:
             rank_zero_only(log.info)("no checkpoint under %s: starting fresh", directory)
             return None
@@ -282,25 +252,6 @@ def resolve_resume(
         )
     rank_zero_only(log.info)("resuming from %s", path)
     return str(path if saved_sharded else path / STATE_FILE)
-
-
-def _belongs(path: Path, run_id: str | None) -> bool:
-    """Whether a ``step_<N>`` dir is this run's: its marker's run id, or (no readable marker:
-    an unfinished or damaged save) any, so that resuming names it rather than ignoring it."""
-    try:
-        return run_id is None or read_marker(path).get("run_id") == run_id
-    except ValueError:
-        return True
-
-
-def saved_config(checkpoint: Path) -> Any:
-    """The resolved run config saved inside ``checkpoint`` (an OmegaConf node)."""
-    path = checkpoint / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{checkpoint}: no {CONFIG_FILE} (saved before checkpoints carried their run's config)"
-        )
-    return OmegaConf.load(path)
 
 
 def check_architecture(checkpoint: Path, model: ModelConfig) -> None:

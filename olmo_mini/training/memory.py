@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from olmo_mini.config import TrainConfig, compose_config
+from olmo_mini.config import ConfigError, TrainConfig, compose_config
 from olmo_mini.model import OLMo2
 from olmo_mini.training.perf import default_precision
 
@@ -144,8 +144,6 @@ def plan_main(argv: list[str] | None = None) -> int:
 
 def compose_or_exit(overrides: list[str]) -> TrainConfig:
     """The config of ``train.py`` ``overrides``, or exit with one ``error:`` line."""
-    from olmo_mini.config import ConfigError
-
     try:
         return compose_config(overrides)
     except ConfigError as e:

@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from torch.distributed.device_mesh import DeviceMesh
 
 from olmo_mini.config import ModelConfig, TrainerConfig
+from olmo_mini.interop import load_init_weights
 from olmo_mini.model import OLMo2
 
 
@@ -66,7 +67,5 @@ def build_model(
     model.to_empty(device="cpu" if mesh is None else mesh.device_type)
     model.init_weights(seed)
     if config.init_from is not None:
-        from olmo_mini.interop import load_init_weights  # interop imports training: import late
-
         load_init_weights(model, config.init_from)
     return model

@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 from olmo_mini.config import ConfigError
 from olmo_mini.data.cache import write_text_atomic
 from olmo_mini.data.tokenizer import tokenizer_hash
+from olmo_mini.run_dir import TOKENIZER_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from olmo_mini.data import OLMoDataModule, train_bpe
+from olmo_mini.data import resolve_tokenizer_and_shards, train_bpe
 from olmo_mini.data.tokenizer import tokenizer_hash
-from olmo_mini.interop import export_hf, load, rolling_windows, trained_tokenizer_hash
+from olmo_mini.evaluation import rolling_windows
+from olmo_mini.interop import export_hf, load, trained_tokenizer_hash
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.hf import DEFAULT_CONTEXT
 from tests.interop.helpers import tool
@@ -38,8 +39,7 @@ def _evaluate(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict | st
 
 def test_the_run_records_the_tokenizer_it_trained_with(single_run):
     config = load(single_run).config
-    datamodule = OLMoDataModule(config.data, config.seed, rank=0, world_size=1)
-    path, _ = datamodule._resolve_tokenizer_and_shards()
+    path, _ = resolve_tokenizer_and_shards(config.data)
     assert (single_run / "tokenizer.json").read_bytes() == Path(path).read_bytes()
     assert json.loads((single_run / "tokenizer_config.json").read_text()) == {
         "eos_token": "<|endoftext|>"

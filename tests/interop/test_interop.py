@@ -18,17 +18,12 @@ from transformers import (
 
 from olmo_mini.config import ConfigError
 from olmo_mini.data import OLMoDataModule, train_bpe
-from olmo_mini.interop import (
-    evaluate_batches,
-    export_hf,
-    load,
-    load_model,
-    token_byte_lengths,
-)
+from olmo_mini.evaluation import evaluate_batches, token_byte_lengths
+from olmo_mini.interop import export_hf, load, load_model
 from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
+from olmo_mini.run_dir import COMPLETE
 from olmo_mini.training import train
-from olmo_mini.training.checkpoint import COMPLETE
 from olmo_mini.training.parallel import build_model
 from tests.interop.helpers import tool as _tool
 from tests.training.helpers import REPO, compose_config, series

@@ -14,13 +14,8 @@ import pytest
 import torch
 from lm_eval.tasks import TaskManager
 
-from olmo_mini.interop import (
-    evaluate_batches,
-    evaluate_text,
-    export_hf,
-    load,
-    token_byte_lengths,
-)
+from olmo_mini.evaluation import evaluate_batches, evaluate_text, token_byte_lengths
+from olmo_mini.interop import export_hf, load
 from olmo_mini.model import IGNORE_INDEX
 from tests.training.helpers import REPO
 
