@@ -21,9 +21,14 @@ from olmo_mini.stability.runs import run_tool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs and summary.md")
-    parser.add_argument("--names", nargs="+", help="one label per run (default: the run's name, "
-                        "else its config differences)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for the PNGs and summary.md"
+    )
+    parser.add_argument(
+        "--names",
+        nargs="+",
+        help="one label per run (default: the run's name, else its config differences)",
+    )
     args = parser.parse_args(argv)
     return run_tool(args.runs, lambda runs: compare_runs(runs, args.out, args.names))
 

@@ -20,8 +20,12 @@ from olmo_mini.stability.sensitivity import write_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="run dirs, wandb offline-run folders or sweep folders holding them")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run dirs, wandb offline-run folders or sweep folders holding them",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     return run_tool(args.run_dirs, lambda runs: write_report(runs, args.out))

@@ -26,16 +26,27 @@ from olmo_mini.data.tokenizer import default_tokenizer, eos_id, load_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_corpus_args(parser)
-    parser.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer folder "
-                        "(default: the cached stdlib BPE of --vocab-size)")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json or HF tokenizer folder "
+        "(default: the cached stdlib BPE of --vocab-size)",
+    )
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--eos-token", help="EOS token (default: from the tokenizer)")
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--verify", metavar="SHARDS", help="check the shards of a directory or "
-                        "URL against their manifest's digests instead of writing any")
+    parser.add_argument(
+        "--verify",
+        metavar="SHARDS",
+        help="check the shards of a directory or "
+        "URL against their manifest's digests instead of writing any",
+    )
     parser.add_argument("--procs", type=int, help="tokenizer processes (default: all cores)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 28,
-                        help="roll over to a new shard after this many tokens")
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=1 << 28,
+        help="roll over to a new shard after this many tokens",
+    )
     args = parser.parse_args()
     if args.verify:
         problems = verify_shards(args.verify)
@@ -48,13 +59,23 @@ def main() -> None:
     tokenizer = load_tokenizer(path)
     documents, source = corpus_documents(args)
     start = time.perf_counter()
-    manifest = write_shards(documents, tokenizer, eos_id(tokenizer, args.eos_token, path),
-                            args.output, source, args.val_fraction, args.procs, args.shard_tokens)
+    manifest = write_shards(
+        documents,
+        tokenizer,
+        eos_id(tokenizer, args.eos_token, path),
+        args.output,
+        source,
+        args.val_fraction,
+        args.procs,
+        args.shard_tokens,
+    )
     seconds = time.perf_counter() - start
     total = sum(manifest["num_tokens"].values())
-    print(f"{source}: {manifest['num_docs']} docs, {manifest['num_tokens']} tokens "
-          f"({manifest['dtype']}) in {len(manifest['shards'])} shards → {args.output} "
-          f"[{total / seconds / 1e6:.2f}M tokens/s]")
+    print(
+        f"{source}: {manifest['num_docs']} docs, {manifest['num_tokens']} tokens "
+        f"({manifest['dtype']}) in {len(manifest['shards'])} shards → {args.output} "
+        f"[{total / seconds / 1e6:.2f}M tokens/s]"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_corpus_args(parser)
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--output", type=Path, required=True,
-                        help="a folder (tokenizer.json goes inside) or a .json path")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="a folder (tokenizer.json goes inside) or a .json path",
+    )
     args = parser.parse_args()
     documents, source = corpus_documents(args)
     texts = (text for key, text in documents if not is_val(key, args.val_fraction))

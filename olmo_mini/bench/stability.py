@@ -50,7 +50,9 @@ def measure_overhead(
     rates: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for enabled in (False, True):
-            config = compose_config([*quiet_run(steps, overrides), *overrides, f"stability.enabled={enabled}"])
+            config = compose_config(
+                [*quiet_run(steps, overrides), *overrides, f"stability.enabled={enabled}"]
+            )
             seconds = time_trainer(config)[max(warmup, 1) - 1 :]  # the first step has no time
             rates[enabled].append(len(seconds) / sum(seconds))
     return OverheadResult(

@@ -31,7 +31,8 @@ def stdlib_files(max_docs: int | None = None) -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     excluded = {"site-packages", "dist-packages"}
     files = sorted(
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if p.is_file() and not excluded & set(p.relative_to(root).parts)
     )
     if not files:
@@ -115,7 +116,9 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
 
         table = pq.ParquetFile(path)
         if text_field not in table.schema_arrow.names:
-            raise KeyError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names})")
+            raise KeyError(
+                f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names})"
+            )
         for batch in table.iter_batches(columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):

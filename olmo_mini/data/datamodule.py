@@ -1,8 +1,9 @@
 """``OLMoDataModule``: tokenizer, train/val loaders and the resumable loader position.
 
 The position is one integer, ``consumed_global_batches``: under a Trainer its optimizer step
-count (every step consumes one global batch, skipped steps too). Both paths are deterministic functions of it (shards: the
-permutation; streaming: the slot's served-window count), so it is the whole loader state;
+count (every step consumes one global batch, skipped steps too). Both paths are deterministic
+functions of it (shards: the permutation; streaming: the slot's served-window count), so it is
+the whole loader state;
 ``state_dict`` adds a fingerprint so a checkpoint is never resumed on other data.
 """
 
@@ -21,7 +22,7 @@ from olmo_mini.data.cache import content_key
 from olmo_mini.data.config import DataConfig, DataError
 from olmo_mini.data.corpus import is_val
 from olmo_mini.data.prepare import resolve_tokenizer_and_shards
-from olmo_mini.data.sampling import ShuffledTrainStream, fixed_batches
+from olmo_mini.data.sampling import RankSlice, ShuffledTrainStream, fixed_batches
 from olmo_mini.data.shards import ShardInstances, manifest_hash, read_manifest
 from olmo_mini.data.streaming import HFSource, StreamingTrainStream, packed_windows
 from olmo_mini.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
@@ -38,7 +39,7 @@ class OLMoDataModule(L.LightningDataModule):
             raise ValueError(f"seed must be ≥ 0 for the data permutation, got {seed}")
         self.config, self.seed = config, seed
         self._rank, self._world_size = rank, world_size
-        self.consumed_global_batches = 0
+        self._consumed = 0
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_path: str | None = None
         self.vocab_size = 0
@@ -156,17 +157,15 @@ class OLMoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         config = self.config
+        at = RankSlice(
+            config.global_batch_size,
+            config.micro_batch_size,
+            self.rank,
+            self.world_size,
+            self.consumed_global_batches,
+        )
         if self._manifest is not None:
-            dataset = ShuffledTrainStream(
-                self._train,
-                self._what,
-                self.seed,
-                config.global_batch_size,
-                config.micro_batch_size,
-                self.rank,
-                self.world_size,
-                self.consumed_global_batches,
-            )
+            dataset = ShuffledTrainStream(self._train, self._what, self.seed, at)
         else:
             dataset = StreamingTrainStream(
                 self._source,
@@ -175,11 +174,7 @@ class OLMoDataModule(L.LightningDataModule):
                 self.tokenizer.to_str(),
                 self.eos_id,
                 config.seq_len,
-                config.global_batch_size,
-                config.micro_batch_size,
-                self.rank,
-                self.world_size,
-                self.consumed_global_batches,
+                at,
             )
         return DataLoader(
             dataset,
@@ -215,11 +210,21 @@ class OLMoDataModule(L.LightningDataModule):
                     f"({model_vocab_size})"
                 )
 
+    @property
+    def consumed_global_batches(self) -> int:
+        """Under a Trainer its step count (restored before the loaders are built on resume);
+        without one (tools, tests) the position set or loaded."""
+        return self._consumed if self.trainer is None else self.trainer.global_step
+
+    @consumed_global_batches.setter
+    def consumed_global_batches(self, value: int) -> None:
+        self._consumed = value
+
     def state_dict(self) -> dict:
-        consumed = (
-            self.consumed_global_batches if self.trainer is None else self.trainer.global_step
-        )
-        return {"consumed_global_batches": consumed, "fingerprint": self.fingerprint}
+        return {
+            "consumed_global_batches": self.consumed_global_batches,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the position; checked against this run's data once ``setup`` has run."""

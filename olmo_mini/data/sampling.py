@@ -11,6 +11,7 @@ sequence of global batches depends on the seed and the data only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -40,7 +41,11 @@ class GlobalBatches:
     """The instance ids of each global batch; the current epoch's permutation is kept."""
 
     def __init__(self, num_instances: int, global_batch_size: int, seed: int, what: str) -> None:
-        self.num_instances, self.global_batch_size, self.seed = num_instances, global_batch_size, seed
+        self.num_instances, self.global_batch_size, self.seed = (
+            num_instances,
+            global_batch_size,
+            seed,
+        )
         self.batches_per_epoch = num_instances // global_batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -55,37 +60,58 @@ class GlobalBatches:
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_instances)
             self._epoch = epoch
-        return self._perm[b * self.global_batch_size:(b + 1) * self.global_batch_size]
+        return self._perm[b * self.global_batch_size : (b + 1) * self.global_batch_size]
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """Where a rank reads: its share of every global batch, in micro-batches, from global batch
+    ``start`` on (the position a resumed run continues from)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    rank: int
+    world_size: int
+    start: int = 0
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch_size // self.world_size
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.per_rank // self.micro_batch_size
 
 
 class ShuffledTrainStream(IterableDataset):
-    """This rank's micro-batches from global batch ``start`` on, without end (epochs roll over)."""
+    """This rank's micro-batches from global batch ``at.start`` on, without end (epochs roll
+    over)."""
 
-    def __init__(self, instances: Instances, what: str, seed: int, global_batch_size: int,
-                 micro_batch_size: int, rank: int, world_size: int, start: int) -> None:
-        self.instances, self.what, self.seed, self.start = instances, what, seed, start
-        self.global_batch_size, self.micro = global_batch_size, micro_batch_size
-        self.rank, self.world_size = rank, world_size
-        self.per_rank = global_batch_size // world_size
-        self.accum = self.per_rank // micro_batch_size
+    def __init__(self, instances: Instances, what: str, seed: int, at: RankSlice) -> None:
+        self.instances, self.what, self.seed, self.at = instances, what, seed, at
 
     def __iter__(self):
         worker, num_workers = worker_slot()
-        batches = GlobalBatches(self.instances.num_instances, self.global_batch_size, self.seed,
-                                self.what)
+        at = self.at
+        batches = GlobalBatches(
+            self.instances.num_instances, at.global_batch_size, self.seed, self.what
+        )
         k = worker
         while True:
-            g, j = divmod(k, self.accum)
-            lo = self.rank * self.per_rank + j * self.micro
-            yield to_batch(self.instances.read(batches(self.start + g)[lo:lo + self.micro]))
+            g, j = divmod(k, at.micro_per_step)
+            lo = at.rank * at.per_rank + j * at.micro_batch_size
+            yield to_batch(
+                self.instances.read(batches(at.start + g)[lo : lo + at.micro_batch_size])
+            )
             k += num_workers
 
 
-def fixed_batches(windows: np.ndarray, max_instances: int, micro_batch_size: int, rank: int,
-                  world_size: int) -> list[dict[str, torch.Tensor]]:
+def fixed_batches(
+    windows: np.ndarray, max_instances: int, micro_batch_size: int, rank: int, world_size: int
+) -> list[dict[str, torch.Tensor]]:
     """Validation: the first ``max_instances`` held-out windows (rounded down to whole micro-batches
     on every rank), rank ``r`` taking the ``r``-th contiguous share; the same on every call."""
     n = min(len(windows), max_instances)
     per_rank = n // (world_size * micro_batch_size) * micro_batch_size
-    mine = windows[rank * per_rank:(rank + 1) * per_rank]
-    return [to_batch(mine[i:i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+    mine = windows[rank * per_rank : (rank + 1) * per_rank]
+    return [to_batch(mine[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]

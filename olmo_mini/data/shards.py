@@ -55,7 +55,12 @@ class _ShardWriter:
     """Appends documents of one split to numbered ``.bin`` files, rolling over at doc boundaries."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.out_dir, self.split, self.dtype, self.shard_tokens = (
+            out_dir,
+            split,
+            dtype,
+            shard_tokens,
+        )
         self.records: list[dict] = []
         self._file = None
         self._ends: list[int] = []
@@ -82,15 +87,17 @@ class _ShardWriter:
             return
         self._file.close()
         np.save(self.out_dir / f"{self._name}.docs.npy", np.asarray(self._ends, dtype=np.uint64))
-        self.records.append({
-            "file": f"{self._name}.bin",
-            ALGORITHM: self._digest.hexdigest(),
-            "docs": f"{self._name}.docs.npy",
-            "split": self.split,
-            "num_tokens": self._tokens,
-            "num_docs": len(self._ends),
-            "max_token_id": self._max_id,
-        })
+        self.records.append(
+            {
+                "file": f"{self._name}.bin",
+                ALGORITHM: self._digest.hexdigest(),
+                "docs": f"{self._name}.docs.npy",
+                "split": self.split,
+                "num_tokens": self._tokens,
+                "num_docs": len(self._ends),
+                "max_token_id": self._max_id,
+            }
+        )
         self._file, self._ends, self._tokens, self._max_id = None, [], 0, 0
 
 
@@ -110,19 +117,23 @@ def _encode_task(task: tuple[list[str], list[str]]) -> tuple[list[str], np.ndarr
     return (splits, *encode_documents(_worker_tokenizer, texts, _worker_eos))
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], eos: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_documents(
+    tokenizer: Tokenizer, texts: list[str], eos: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts``, each followed by EOS, flat (uint32); plus each document's length."""
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(texts))
     flat = np.empty(int(lengths.sum()), dtype=np.uint32)
     ends = np.cumsum(lengths)
     for encoding, end, length in zip(encodings, ends, lengths, strict=True):
-        flat[end - length:end - 1] = encoding.ids
+        flat[end - length : end - 1] = encoding.ids
         flat[end - 1] = eos
     return flat, lengths
 
 
-def _tasks(documents: Iterable[tuple[str, str]], val_fraction: float) -> Iterator[tuple[list[str], list[str]]]:
+def _tasks(
+    documents: Iterable[tuple[str, str]], val_fraction: float
+) -> Iterator[tuple[list[str], list[str]]]:
     """Documents grouped for the workers, each tagged with its split."""
     texts: list[str] = []
     splits: list[str] = []
@@ -136,8 +147,9 @@ def _tasks(documents: Iterable[tuple[str, str]], val_fraction: float) -> Iterato
         yield texts, splits
 
 
-def _encoded(tasks: Iterator[tuple[list[str], list[str]]], tokenizer: Tokenizer, eos: int,
-             procs: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+def _encoded(
+    tasks: Iterator[tuple[list[str], list[str]]], tokenizer: Tokenizer, eos: int, procs: int
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """Encode tasks in order, in ``procs`` processes with at most a few tasks in flight each."""
     if procs == 1:
         for texts, splits in tasks:
@@ -176,7 +188,9 @@ def write_shards(
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
     writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
-    encoded = _encoded(_tasks(documents, val_fraction), tokenizer, eos, procs or os.cpu_count() or 1)
+    encoded = _encoded(
+        _tasks(documents, val_fraction), tokenizer, eos, procs or os.cpu_count() or 1
+    )
     progress = _Progress()
     for splits, tokens, lengths in encoded:
         progress.update(len(lengths), len(tokens))
@@ -186,7 +200,9 @@ def write_shards(
             if keep.all():
                 writers[split].write(tokens, lengths)
             elif keep.any():
-                pieces = [tokens[e - n:e] for e, n, k in zip(ends, lengths, keep, strict=True) if k]
+                pieces = [
+                    tokens[e - n : e] for e, n, k in zip(ends, lengths, keep, strict=True) if k
+                ]
                 writers[split].write(np.concatenate(pieces), lengths[keep])
     for writer in writers.values():
         writer.close()
@@ -221,8 +237,10 @@ class _Progress:
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            log.info(f"tokenized {self.docs:,} documents, {self.tokens / 1e6:.1f}M tokens "
-                     f"({self.tokens / (now - self.started) / 1e3:.0f}k tokens/s)")
+            log.info(
+                f"tokenized {self.docs:,} documents, {self.tokens / 1e6:.1f}M tokens "
+                f"({self.tokens / (now - self.started) / 1e3:.0f}k tokens/s)"
+            )
 
 
 # ---------------------------------------------------------------- reading
@@ -246,7 +264,9 @@ def read_manifest(root: str) -> dict:
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):
         raise ValueError(f"corrupt shard manifest {url}: expected keys {required}")
     if manifest["format"] != FORMAT:
-        raise ValueError(f"shard manifest {url} has format {manifest['format']!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"shard manifest {url} has format {manifest['format']!r}, expected {FORMAT!r}"
+        )
     return manifest
 
 
@@ -261,8 +281,15 @@ class TokenFile:
     local file's digest (``xxh3_128`` in the manifest) on its first read, in each process that
     reads it (URLs: by ``prepare_data.py --verify``, which would otherwise download them)."""
 
-    def __init__(self, url: str, dtype: np.dtype, num_tokens: int, digest: str | None = None) -> None:
-        self.url, self.dtype, self.num_tokens, self.digest = url, np.dtype(dtype), num_tokens, digest
+    def __init__(
+        self, url: str, dtype: np.dtype, num_tokens: int, digest: str | None = None
+    ) -> None:
+        self.url, self.dtype, self.num_tokens, self.digest = (
+            url,
+            np.dtype(dtype),
+            num_tokens,
+            digest,
+        )
         self._fs, self._path = fsspec.core.url_to_fs(url)
         try:
             size = self._fs.size(self._path)
@@ -290,7 +317,6 @@ class TokenFile:
         size = self.dtype.itemsize
         return np.frombuffer(self._fs.cat_file(self._path, start * size, stop * size), self.dtype)
 
-
     def verify(self) -> None:
         """Compare the whole file with the manifest's digest (XXH3-128) (one pass); a mismatch is an error
         naming the shard. Later calls in this process (and its loader workers) skip the pass."""
@@ -312,11 +338,17 @@ def verify_shards(root: str) -> list[str]:
     problems = []
     for rec in manifest["shards"]:
         try:
-            shard = TokenFile(_join(str(root), rec["file"]), manifest["dtype"], rec["num_tokens"],
-                              rec.get(ALGORITHM))
+            shard = TokenFile(
+                _join(str(root), rec["file"]),
+                manifest["dtype"],
+                rec["num_tokens"],
+                rec.get(ALGORITHM),
+            )
             if shard.digest is None:
-                problems.append(f"{shard.url}: no digest in the manifest (written by an older "
-                                "version); size checked only")
+                problems.append(
+                    f"{shard.url}: no digest in the manifest (written by an older "
+                    "version); size checked only"
+                )
             shard.verify()
         except (OSError, ValueError) as e:
             problems.append(str(e))
@@ -339,9 +371,14 @@ class ShardInstances:
     @classmethod
     def open(cls, root: str, split: str, seq_len: int, manifest: dict) -> ShardInstances:
         files = [
-            TokenFile(_join(str(root), rec["file"]), manifest["dtype"], rec["num_tokens"],
-                      rec.get(ALGORITHM))
-            for rec in manifest["shards"] if rec["split"] == split
+            TokenFile(
+                _join(str(root), rec["file"]),
+                manifest["dtype"],
+                rec["num_tokens"],
+                rec.get(ALGORITHM),
+            )
+            for rec in manifest["shards"]
+            if rec["split"] == split
         ]
         return cls(files, seq_len + 1, manifest["vocab_size"])
 

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset
 
 from olmo_mini.data.corpus import is_val
-from olmo_mini.data.sampling import to_batch, worker_slot
+from olmo_mini.data.sampling import RankSlice, to_batch, worker_slot
 from olmo_mini.data.shards import DOCS_PER_TASK, encode_documents
 
 
@@ -54,8 +54,9 @@ class HFSource:
             if all(os.path.getsize(m) == 0 for m in matches):  # datasets fails obscurely on these
                 raise ValueError(f"empty corpus: {pattern} has no data")
         kwargs = {"data_files": list(self.data_files)} if self.data_files else {}
-        return datasets.load_dataset(self.path, self.name, split=split, streaming=streaming,
-                                     **kwargs)
+        return datasets.load_dataset(
+            self.path, self.name, split=split, streaming=streaming, **kwargs
+        )
 
     def texts(self, split: str, slot: int = 0, num_slots: int = 1) -> Iterator[list[str]]:
         """One pass over the documents of ``split`` that fall to ``slot``, in batches."""
@@ -64,14 +65,24 @@ class HFSource:
             ds = split_dataset_by_node(ds, rank=slot, world_size=num_slots)
         for batch in ds.iter(batch_size=DOCS_PER_TASK):
             if self.text_field not in batch:
-                raise KeyError(f"{self.describe(split)} has no field {self.text_field!r} "
-                               f"(fields: {sorted(batch)})")
+                raise KeyError(
+                    f"{self.describe(split)} has no field {self.text_field!r} "
+                    f"(fields: {sorted(batch)})"
+                )
             yield batch[self.text_field]
 
 
-def packed_windows(source: HFSource, split: str, keep: Callable[[str], bool], tokenizer: Tokenizer,
-                   eos: int, window: int, slot: int = 0, num_slots: int = 1,
-                   repeat: bool = True) -> Iterator[np.ndarray]:
+def packed_windows(
+    source: HFSource,
+    split: str,
+    keep: Callable[[str], bool],
+    tokenizer: Tokenizer,
+    eos: int,
+    window: int,
+    slot: int = 0,
+    num_slots: int = 1,
+    repeat: bool = True,
+) -> Iterator[np.ndarray]:
     """Windows of ``window`` tokens from the documents ``keep`` accepts, packed in stream order."""
     carry = np.empty(0, dtype=np.uint32)
     while True:
@@ -83,8 +94,8 @@ def packed_windows(source: HFSource, split: str, keep: Callable[[str], bool], to
             seen = True
             tokens = np.concatenate([carry, encode_documents(tokenizer, texts, eos)[0]])
             full = len(tokens) // window
-            yield from tokens[:full * window].reshape(full, window)
-            carry = tokens[full * window:]
+            yield from tokens[: full * window].reshape(full, window)
+            carry = tokens[full * window :]
         if not seen:
             raise ValueError(
                 f"empty corpus: {source.describe(split)} gave slot {slot} of {num_slots} "
@@ -95,15 +106,23 @@ def packed_windows(source: HFSource, split: str, keep: Callable[[str], bool], to
 
 
 class StreamingTrainStream(IterableDataset):
-    """This rank's micro-batches from global batch ``start`` on, tokenized in the loader workers."""
+    """This rank's micro-batches from global batch ``at.start`` on, tokenized in the loader
+    workers."""
 
-    def __init__(self, source: HFSource, split: str, val_fraction: float | None,
-                 tokenizer_json: str, eos: int, seq_len: int, global_batch_size: int,
-                 micro_batch_size: int, rank: int, world_size: int, start: int) -> None:
+    def __init__(
+        self,
+        source: HFSource,
+        split: str,
+        val_fraction: float | None,
+        tokenizer_json: str,
+        eos: int,
+        seq_len: int,
+        at: RankSlice,
+    ) -> None:
         self.source, self.split, self.val_fraction = source, split, val_fraction
         self.tokenizer_json, self.eos, self.window = tokenizer_json, eos, seq_len + 1
-        self.micro, self.rank, self.world_size = micro_batch_size, rank, world_size
-        self.consumed_micro = start * (global_batch_size // world_size // micro_batch_size)
+        self.at = at
+        self.consumed_micro = at.start * at.micro_per_step
 
     def _keep(self, text: str) -> bool:
         return self.val_fraction is None or not is_val(text, self.val_fraction)
@@ -115,17 +134,24 @@ class StreamingTrainStream(IterableDataset):
         virtual = (self.consumed_micro + worker) % num_workers
         served = max(0, -(-(self.consumed_micro - virtual) // num_workers))
         windows = packed_windows(
-            self.source, self.split, self._keep, Tokenizer.from_str(self.tokenizer_json), self.eos,
-            self.window, slot=self.rank * num_workers + virtual,
-            num_slots=self.world_size * num_workers,
+            self.source,
+            self.split,
+            self._keep,
+            Tokenizer.from_str(self.tokenizer_json),
+            self.eos,
+            self.window,
+            slot=self.at.rank * num_workers + virtual,
+            num_slots=self.at.world_size * num_workers,
         )
-        windows = itertools.islice(windows, served * self.micro, None)
+        micro = self.at.micro_batch_size
+        windows = itertools.islice(windows, served * micro, None)
         while True:
-            yield to_batch(np.stack(list(itertools.islice(windows, self.micro))))
+            yield to_batch(np.stack(list(itertools.islice(windows, micro))))
 
 
-def hf_documents(source: HFSource, split: str,
-                 max_docs: int | None = None) -> Iterator[tuple[str, str]]:
+def hf_documents(
+    source: HFSource, split: str, max_docs: int | None = None
+) -> Iterator[tuple[str, str]]:
     """``(split_key, text)`` pairs of a HF dataset, streamed, for tokenizer training and shards."""
     texts = (text for batch in source.texts(split) for text in batch)
     for text in itertools.islice(texts, max_docs):

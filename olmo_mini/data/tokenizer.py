@@ -59,7 +59,9 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def eos_id(tokenizer: Tokenizer, eos_token: str | None = None, path: str | Path | None = None) -> int:
+def eos_id(
+    tokenizer: Tokenizer, eos_token: str | None = None, path: str | Path | None = None
+) -> int:
     """The id that ends every document.
 
     ``eos_token`` if given; else an HF folder's ``tokenizer_config.json`` ``eos_token``; else the
@@ -79,19 +81,22 @@ def eos_id(tokenizer: Tokenizer, eos_token: str | None = None, path: str | Path 
     raise ValueError(f"no EOS token{where}: tried {names}; set data.eos_token")
 
 
-def default_tokenizer(vocab_size: int, cache_dir: str | None, val_fraction: float,
-                      max_docs: int | None = None) -> Path:
+def default_tokenizer(
+    vocab_size: int, cache_dir: str | None, val_fraction: float, max_docs: int | None = None
+) -> Path:
     """The stdlib-trained BPE, trained on first use and cached under a content key.
 
     Trained on the stdlib's training split only, so validation text never shapes the merges.
     """
-    key = content_key({
-        "kind": "stdlib-bpe",
-        "corpus": stdlib_hash(max_docs),
-        "vocab_size": vocab_size,
-        "val_fraction": val_fraction,
-        "tokenizers": tokenizers.__version__,
-    })
+    key = content_key(
+        {
+            "kind": "stdlib-bpe",
+            "corpus": stdlib_hash(max_docs),
+            "vocab_size": vocab_size,
+            "val_fraction": val_fraction,
+            "tokenizers": tokenizers.__version__,
+        }
+    )
     target = cache_root(cache_dir) / "tokenizers" / f"stdlib-{vocab_size}-{key}"
 
     def build(tmp: Path) -> None:

@@ -80,7 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # per valid row, divided by the count of valid rows (the loss is a mean).
             scale = torch.where(mask, (1 + 2 * z_coeff * lse) / count, 0.0)
             grad_logits = exp.mul_((scale / sum_exp)[:, None])
-            grad_logits.scatter_add_(-1, target[:, None], -torch.where(mask, 1 / count, 0.0)[:, None])
+            grad_logits.scatter_add_(
+                -1, target[:, None], -torch.where(mask, 1 / count, 0.0)[:, None]
+            )
             if softcap is not None:
                 grad_logits.mul_(1 - capped.square())
             grad_logits = grad_logits.to(compute_dtype)
@@ -126,8 +128,14 @@ def linear_cross_entropy(
         compute_dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
         loss, ce, z, max_logit, lse_sum = _LinearCrossEntropy.apply(
-            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-            float(z_loss), softcap, chunk_rows, compute_dtype, ignore_index,
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            labels.reshape(-1),
+            float(z_loss),
+            softcap,
+            chunk_rows,
+            compute_dtype,
+            ignore_index,
         )
     return LinearCrossEntropyOutput(loss, ce, z, max_logit, lse_sum)
 

@@ -214,5 +214,3 @@ def save_hf_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-

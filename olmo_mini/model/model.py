@@ -92,7 +92,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def softcapped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cap: float,
+    scale: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention with logits ``cap * tanh(s / cap)`` (Gemma 2).
@@ -200,11 +204,15 @@ class Attention(nn.Module):
             out = softcapped_attention(q, k, v, self.softcap, self.softmax_scale, mask)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.softmax_scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """QK-norm; RMSNorm on q and k runs as one fused launch on the Triton backend."""
@@ -217,7 +225,9 @@ class Attention(nn.Module):
 class LayerCache:
     """Keys and values of one layer for incremental decoding, preallocated to ``max_len``."""
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, like: torch.Tensor):
+    def __init__(
+        self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, like: torch.Tensor
+    ):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -336,11 +346,17 @@ class OLMo2(nn.Module):
         return self.norm(x)
 
     @overload
-    def forward(self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor: ...
+    def forward(
+        self, input_ids: torch.Tensor, cache: list[LayerCache] | None = None
+    ) -> torch.Tensor: ...
 
     @overload
     def forward(
-        self, input_ids: torch.Tensor, cache: None = None, *, labels: torch.Tensor,
+        self,
+        input_ids: torch.Tensor,
+        cache: None = None,
+        *,
+        labels: torch.Tensor,
         z_loss: float = 0.0,
     ) -> LossOutput: ...
 
@@ -379,9 +395,7 @@ class OLMo2(nn.Module):
         """An empty KV cache, one :class:`LayerCache` per block, for incremental decoding."""
         like = self.embed_tokens.weight
         cfg = self.config
-        return [
-            LayerCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, like) for _ in self.blocks
-        ]
+        return [LayerCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, like) for _ in self.blocks]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -393,7 +407,9 @@ class OLMo2(nn.Module):
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.exists():
-            raise FileNotFoundError(f"{config_file}: not found; expected a Hugging Face Olmo2 folder")
+            raise FileNotFoundError(
+                f"{config_file}: not found; expected a Hugging Face Olmo2 folder"
+            )
         config = hf.config_from_hf(json.loads(config_file.read_text()))
         state = {
             hf.from_hf_key(name): tensor.to(dtype)

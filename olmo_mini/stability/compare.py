@@ -64,7 +64,9 @@ def describe(run: Run, keys: Sequence[str]) -> str:
     """``qk_norm=none, lr=0.01``: the values of ``keys``, by their last dotted part when unique."""
     short = [k.rsplit(".", 1)[-1] for k in keys]
     names = [s if short.count(s) == 1 else k for s, k in zip(short, keys, strict=True)]
-    return ", ".join(f"{n}={_format_value(run.config.get(k))}" for n, k in zip(names, keys, strict=True))
+    return ", ".join(
+        f"{n}={_format_value(run.config.get(k))}" for n, k in zip(names, keys, strict=True)
+    )
 
 
 def _format_value(value: Any) -> str:
@@ -149,8 +151,14 @@ def plot_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path:
     for ax, key in zip(axes[0], keys, strict=True):
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
             steps, values = run.series(key)
-            ax.plot(steps, values, label=label, color=f"C{i % 10}",
-                    marker="o" if key == "val/loss" else None, markersize=3)
+            ax.plot(
+                steps,
+                values,
+                label=label,
+                color=f"C{i % 10}",
+                marker="o" if key == "val/loss" else None,
+                markersize=3,
+            )
         ax.set(title=key, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -174,23 +182,39 @@ def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -
             cmap = colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]]
             for j, (layer, (steps, values)) in enumerate(layers.items()):
                 shade = 0.45 + 0.55 * (j / max(1, len(layers) - 1))
-                ax.plot(steps, values, color=cmap(shade),
-                        linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)], linewidth=1.2,
-                        label=f"layer {layer}")
+                ax.plot(
+                    steps,
+                    values,
+                    color=cmap(shade),
+                    linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)],
+                    linewidth=1.2,
+                    label=f"layer {layer}",
+                )
                 all_values.append(values)
         if name in _LOG_SCALE:
             set_growth_scale(ax, all_values)
         ax.set(title=f"{group}/layer*/{name}", xlabel="step")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(metrics):]:
+    for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     handles = [
-        Line2D([], [], color=colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]](0.75),
-               linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)], label=label)
+        Line2D(
+            [],
+            [],
+            color=colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]](0.75),
+            linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)],
+            label=label,
+        )
         for i, label in enumerate(labels)
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-               title="run (shade: light = layer 0, dark = last layer)", title_fontsize=8)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(4, len(labels)),
+        fontsize=8,
+        title="run (shade: light = layer 0, dark = last layer)",
+        title_fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
     fig.savefig(path, dpi=110)
     return path
@@ -219,11 +243,24 @@ def plot_final_loss_vs_lr(groups: dict[str, list[Run]], path: Path) -> Path:
         if ok.any():
             ax.plot(lrs[ok], finals[ok], marker="o", color=f"C{i % 10}", label=label)
         if not ok.all():
-            at_init = [init_loss(run).value for (_, run), bad in zip(points, ~ok, strict=True) if bad]
-            ax.plot(lrs[~ok], at_init, linestyle="none", marker="x", markersize=9,
-                    color=f"C{i % 10}", label=f"{label}: diverged (at loss at init)")
-    ax.set(xscale="log", xlabel=f"peak learning rate ({LR_KEY})", ylabel="final loss",
-           title="final loss vs learning rate")
+            at_init = [
+                init_loss(run).value for (_, run), bad in zip(points, ~ok, strict=True) if bad
+            ]
+            ax.plot(
+                lrs[~ok],
+                at_init,
+                linestyle="none",
+                marker="x",
+                markersize=9,
+                color=f"C{i % 10}",
+                label=f"{label}: diverged (at loss at init)",
+            )
+    ax.set(
+        xscale="log",
+        xlabel=f"peak learning rate ({LR_KEY})",
+        ylabel="final loss",
+        title="final loss vs learning rate",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -262,8 +299,9 @@ def _number(value: float) -> str:
     return f"{value:.4g}"
 
 
-def compare_runs(runs: Sequence[Run], out_dir: str | Path,
-                 names: Sequence[str] | None = None) -> list[Path]:
+def compare_runs(
+    runs: Sequence[Run], out_dir: str | Path, names: Sequence[str] | None = None
+) -> list[Path]:
     """Write the figures and ``summary.md`` for ``runs`` into ``out_dir``; returns the paths."""
     if not runs:
         raise ValueError("no runs to compare")
@@ -277,11 +315,15 @@ def compare_runs(runs: Sequence[Run], out_dir: str | Path,
     if LR_KEY in differing_keys(runs):
         written.append(plot_final_loss_vs_lr(group_runs(runs), out / "final_loss_vs_lr.png"))
     lines = ["# Run comparison", "", summary_table(runs, labels)]
-    lines += ["Final losses are the last logged values; spike scores the last logged "
-              "(running) percentages.", ""]
+    lines += [
+        "Final losses are the last logged values; spike scores the last logged "
+        "(running) percentages.",
+        "",
+    ]
     lines += [f"![{p.stem}]({p.name})" for p in written]
-    notes = [f"- {label}: {note}" for run, label in zip(runs, labels, strict=True)
-             for note in run.notes]
+    notes = [
+        f"- {label}: {note}" for run, label in zip(runs, labels, strict=True) for note in run.notes
+    ]
     if notes:
         lines += ["", "## Notes", "", *notes]
     summary = out / "summary.md"

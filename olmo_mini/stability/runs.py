@@ -154,7 +154,12 @@ def read_wandb_records(path: str | Path) -> tuple[list[Any], str | None]:
         payload = data[start:end]
         if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
             raise RunReadError(f"{path}: corrupt chunk at byte {pos} (CRC mismatch)")
-        if (kind in (_FULL, _FIRST)) == (pending is not None) and kind in (_FULL, _FIRST, _MIDDLE, _LAST):
+        if (kind in (_FULL, _FIRST)) == (pending is not None) and kind in (
+            _FULL,
+            _FIRST,
+            _MIDDLE,
+            _LAST,
+        ):
             raise RunReadError(f"{path}: chunk of type {kind} out of sequence at byte {pos}")
         if kind == _FULL:
             records.append(_parse_record(wandb_internal_pb2, payload, path, pos))
@@ -163,7 +168,9 @@ def read_wandb_records(path: str | Path) -> tuple[list[Any], str | None]:
         elif kind == _MIDDLE:
             pending += payload
         elif kind == _LAST:
-            records.append(_parse_record(wandb_internal_pb2, bytes(pending + payload), path, pending_at))
+            records.append(
+                _parse_record(wandb_internal_pb2, bytes(pending + payload), path, pending_at)
+            )
             pending = None
         else:
             raise RunReadError(f"{path}: unknown chunk type {kind} at byte {pos}")
@@ -275,7 +282,9 @@ def load_run_dir(run_dir: str | Path) -> Run:
     if not csv_files:
         raise RunReadError(f"{run_dir}: no wandb/offline-run-* folder and no csv/**/metrics.csv")
     histories = [list(_read_csv(f)) for f in csv_files]
-    return Run(str(config.get("logger.name") or ""), config, _join_launches(histories), str(run_dir))
+    return Run(
+        str(config.get("logger.name") or ""), config, _join_launches(histories), str(run_dir)
+    )
 
 
 def _read_csv(path: Path) -> Iterator[dict[str, float]]:

@@ -45,8 +45,10 @@ def lr_sensitivity(final_losses_by_lr: Mapping[float, float], init_loss: float) 
         raise ValueError("LR sensitivity needs at least one run")
     if not math.isfinite(init_loss):
         raise ValueError(f"the loss at init must be finite, got {init_loss}")
-    capped = [min(loss, init_loss) if math.isfinite(loss) else init_loss
-              for loss in final_losses_by_lr.values()]
+    capped = [
+        min(loss, init_loss) if math.isfinite(loss) else init_loss
+        for loss in final_losses_by_lr.values()
+    ]
     return float(np.mean(capped) - min(capped))
 
 
@@ -77,8 +79,9 @@ def analyze(runs: Sequence[Run]) -> list[Arm]:
         for run in members:
             lr = float(run.config[LR_KEY])
             if lr in by_lr:
-                raise ValueError(f"arm {label!r} has two runs at lr={lr:g}: "
-                                 f"{by_lr[lr].source} and {run.source}")
+                raise ValueError(
+                    f"arm {label!r} has two runs at lr={lr:g}: {by_lr[lr].source} and {run.source}"
+                )
             by_lr[lr] = run
         by_lr = dict(sorted(by_lr.items()))
         finals = {lr: final_loss(run) for lr, run in by_lr.items()}
@@ -108,13 +111,20 @@ def plot_max_logit_grid(arms: Sequence[Arm], path: Path) -> Path | None:
             run = arm.runs.get(lr)
             layers = run.layer_series("attn", "max_logit") if run else {}
             for j, (layer, (steps, values)) in enumerate(layers.items()):
-                ax.plot(steps, values, color=cmap(j / max(1, len(layers) - 1)),
-                        linewidth=1.1, label=f"layer {layer}")
+                ax.plot(
+                    steps,
+                    values,
+                    color=cmap(j / max(1, len(layers) - 1)),
+                    linewidth=1.1,
+                    label=f"layer {layer}",
+                )
                 drawn.append(values)
     set_growth_scale(axes[0][0], drawn)  # shared by every panel
     for ax in axes[-1]:
         ax.set_xlabel("step", fontsize=8)
-    handles, labels = max(((ax.get_legend_handles_labels()) for ax in axes.flat), key=lambda h: len(h[0]))
+    handles, labels = max(
+        ((ax.get_legend_handles_labels()) for ax in axes.flat), key=lambda h: len(h[0])
+    )
     fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
@@ -141,22 +151,32 @@ def report(arms: Sequence[Arm], figures: Sequence[Path]) -> str:
     for arm in arms:
         best = arm.best_lr
         best_loss = arm.finals[best].value if math.isfinite(best) else math.nan
-        lines.append(f"| {arm.label} | {len(arm.runs)} | {arm.init_loss:.4f} | {best:g} | "
-                     f"{best_loss:.4f} | **{arm.sensitivity:.4f}** |")
+        lines.append(
+            f"| {arm.label} | {len(arm.runs)} | {arm.init_loss:.4f} | {best:g} | "
+            f"{best_loss:.4f} | **{arm.sensitivity:.4f}** |"
+        )
     warnings = grid_warnings(arms)
     if warnings:
         lines += ["", *[f"- **Warning**: {w}" for w in warnings]]
     for arm in arms:
-        lines += ["", f"## {arm.label}", "",
-                  "| lr | final loss | from | capped | steps | max attn logit (layer, step) | run |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {arm.label}",
+            "",
+            "| lr | final loss | from | capped | steps | max attn logit (layer, step) | run |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for lr, run in arm.runs.items():
             final = arm.finals[lr]
-            capped = min(final.value, arm.init_loss) if math.isfinite(final.value) else arm.init_loss
+            capped = (
+                min(final.value, arm.init_loss) if math.isfinite(final.value) else arm.init_loss
+            )
             peak = max_attention_logit(run)
             peak_cell = "—" if peak is None else f"{peak[0]:.4g} ({peak[1]}, {peak[2]})"
-            lines.append(f"| {lr:g} | {final.value:.4f} | {final.how} | {capped:.4f} | "
-                         f"{run.final_step} | {peak_cell} | {run.source} |")
+            lines.append(
+                f"| {lr:g} | {final.value:.4f} | {final.how} | {capped:.4f} | "
+                f"{run.final_step} | {peak_cell} | {run.source} |"
+            )
         lines += [f"- {note}" for run in arm.runs.values() for note in run.notes]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
     return "\n".join(lines) + "\n"
@@ -189,8 +209,11 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
         log.warning(f"warning: {warning}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [plot_final_loss_vs_lr({a.label: list(a.runs.values()) for a in arms},
-                                     out / "final_loss_vs_lr.png")]
+    figures = [
+        plot_final_loss_vs_lr(
+            {a.label: list(a.runs.values()) for a in arms}, out / "final_loss_vs_lr.png"
+        )
+    ]
     grid = plot_max_logit_grid(arms, out / "max_logit_by_layer.png")
     if grid is not None:
         figures.append(grid)

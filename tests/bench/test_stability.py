@@ -11,7 +11,9 @@ from olmo_mini.bench.stability import main, measure_overhead
 
 @pytest.mark.slow
 def test_overhead_benchmark_runs_both_arms(capsys: pytest.CaptureFixture[str]) -> None:
-    result = measure_overhead(["debug=smoke", "stability.every_n_steps=2"], steps=4, warmup=1, repeats=1)
+    result = measure_overhead(
+        ["debug=smoke", "stability.every_n_steps=2"], steps=4, warmup=1, repeats=1
+    )
     assert result.steps_per_s_off > 0 and result.steps_per_s_on > 0
     assert result.tokens_per_step == 8 * 64 and result.every_n_steps == 2
     assert main(["debug=smoke", "--steps", "3", "--warmup", "1", "--repeats", "1"]) == 0

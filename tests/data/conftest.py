@@ -12,8 +12,10 @@ from olmo_mini.data import train_bpe
 from olmo_mini.data.corpus import file_documents
 from olmo_mini.data.shards import write_shards
 
-WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega import def class return yield lambda").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega import def class return yield lambda"
+).split()
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -44,6 +46,14 @@ def shard_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_
 
     out = tmp_path_factory.mktemp("shards")
     tokenizer = load_tokenizer(tokenizer_path)
-    write_shards(file_documents([corpus]), tokenizer, 0, out, source=str(corpus),
-                 val_fraction=0.1, procs=1, shard_tokens=4000)
+    write_shards(
+        file_documents([corpus]),
+        tokenizer,
+        0,
+        out,
+        source=str(corpus),
+        val_fraction=0.1,
+        procs=1,
+        shard_tokens=4000,
+    )
     return out

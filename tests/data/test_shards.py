@@ -17,8 +17,15 @@ from .conftest import make_docs, write_jsonl
 
 
 def module(shards: str, tokenizer: str | None = None, **kwargs) -> OLMoDataModule:
-    config = DataConfig(source="shards", shards=shards, tokenizer=tokenizer, seq_len=16,
-                        global_batch_size=4, micro_batch_size=2, **kwargs)
+    config = DataConfig(
+        source="shards",
+        shards=shards,
+        tokenizer=tokenizer,
+        seq_len=16,
+        global_batch_size=4,
+        micro_batch_size=2,
+        **kwargs,
+    )
     dm = OLMoDataModule(config, seed=0, rank=0, world_size=1)
     dm.setup()
     return dm
@@ -32,8 +39,13 @@ def test_round_trip_and_manifest(shard_dir: Path, corpus: Path, tokenizer_path: 
     docs = [t for _, t in file_documents([corpus])]
     train_docs = [d for d in docs if not is_val(d, 0.1)]
     assert manifest["num_docs"] == {"train": len(train_docs), "val": len(docs) - len(train_docs)}
-    tokens = np.concatenate([np.fromfile(shard_dir / s["file"], np.uint16)
-                             for s in manifest["shards"] if s["split"] == "train"])
+    tokens = np.concatenate(
+        [
+            np.fromfile(shard_dir / s["file"], np.uint16)
+            for s in manifest["shards"]
+            if s["split"] == "train"
+        ]
+    )
     ends = np.flatnonzero(tokens == 0) + 1
     decoded = [tokenizer.decode(d.tolist()) for d in np.split(tokens, ends)[:-1]]
     assert decoded == train_docs
@@ -42,10 +54,19 @@ def test_round_trip_and_manifest(shard_dir: Path, corpus: Path, tokenizer_path: 
     assert doc_ends[-1] == first["num_tokens"] and len(doc_ends) == first["num_docs"]
 
 
-def test_parallel_prepare_writes_identical_bytes(tmp_path: Path, corpus: Path,
-                                                 tokenizer_path: Path, shard_dir: Path) -> None:
-    write_shards(file_documents([corpus]), load_tokenizer(tokenizer_path), 0, tmp_path,
-                 source=str(corpus), val_fraction=0.1, procs=2, shard_tokens=4000)
+def test_parallel_prepare_writes_identical_bytes(
+    tmp_path: Path, corpus: Path, tokenizer_path: Path, shard_dir: Path
+) -> None:
+    write_shards(
+        file_documents([corpus]),
+        load_tokenizer(tokenizer_path),
+        0,
+        tmp_path,
+        source=str(corpus),
+        val_fraction=0.1,
+        procs=2,
+        shard_tokens=4000,
+    )
     for path in shard_dir.iterdir():
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
 
@@ -70,8 +91,12 @@ def test_missing_paths_are_named(tmp_path: Path, tokenizer_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere/manifest.json"):
         module(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        OLMoDataModule(DataConfig(source="files", files=[str(tmp_path / "missing.jsonl")]),
-                       seed=0, rank=0, world_size=1).setup()
+        OLMoDataModule(
+            DataConfig(source="files", files=[str(tmp_path / "missing.jsonl")]),
+            seed=0,
+            rank=0,
+            world_size=1,
+        ).setup()
     with pytest.raises(FileNotFoundError, match="tokenizer not found: .*gone"):
         module(str(tmp_path), tokenizer=str(tmp_path / "gone"))
 
@@ -80,8 +105,15 @@ def test_empty_corpus_is_named(tmp_path: Path, tokenizer_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty corpus: .*empty.jsonl"):
-        write_shards(file_documents([empty]), load_tokenizer(tokenizer_path), 0, tmp_path / "o",
-                     source=str(empty), val_fraction=0.1, procs=1)
+        write_shards(
+            file_documents([empty]),
+            load_tokenizer(tokenizer_path),
+            0,
+            tmp_path / "o",
+            source=str(empty),
+            val_fraction=0.1,
+            procs=1,
+        )
 
 
 def test_truncated_shard_is_named(shard_dir: Path, tmp_path: Path) -> None:
@@ -94,7 +126,7 @@ def test_truncated_shard_is_named(shard_dir: Path, tmp_path: Path) -> None:
 
 def test_corrupt_manifest_is_named(shard_dir: Path, tmp_path: Path) -> None:
     copy = copy_of(shard_dir, tmp_path)
-    (copy / "manifest.json").write_text("{\"format\": ")
+    (copy / "manifest.json").write_text('{"format": ')
     with pytest.raises(ValueError, match="corrupt shard manifest .*manifest.json"):
         module(str(copy))
 
@@ -135,9 +167,15 @@ def test_ids_beyond_vocab_are_named(shard_dir: Path, tmp_path: Path) -> None:
 
 def test_local_files_source_is_cached(tmp_path: Path, tokenizer_path: Path) -> None:
     path = write_jsonl(tmp_path / "mine.jsonl", make_docs(40, seed=5))
-    config = DataConfig(source="files", files=[str(tmp_path / "*.jsonl")], seq_len=16,
-                        tokenizer=str(tokenizer_path), global_batch_size=4, micro_batch_size=2,
-                        cache_dir=str(tmp_path / "cache"))
+    config = DataConfig(
+        source="files",
+        files=[str(tmp_path / "*.jsonl")],
+        seq_len=16,
+        tokenizer=str(tokenizer_path),
+        global_batch_size=4,
+        micro_batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     first = OLMoDataModule(config, seed=0, rank=0, world_size=1)
     first.setup()
     entries = list((tmp_path / "cache" / "shards").iterdir())
@@ -171,6 +209,10 @@ def test_overwritten_shard_fails_its_digest(shard_dir: Path, tmp_path: Path) -> 
         f"corrupt shard {copy}/train-00001.bin"
     ]
     tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
-    done = subprocess.run([sys.executable, str(tool), "--verify", str(copy)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(tool), "--verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "error: corrupt shard" in done.stderr

@@ -27,8 +27,15 @@ def test_stdlib_files_are_sorted_and_exclude_site_packages() -> None:
 
 
 def test_default_pipeline_offline_and_cached(tmp_path: Path, no_network: None) -> None:
-    config = DataConfig(max_docs=40, vocab_size=400, seq_len=32, global_batch_size=4,
-                        micro_batch_size=2, val_fraction=0.2, cache_dir=str(tmp_path / "a"))
+    config = DataConfig(
+        max_docs=40,
+        vocab_size=400,
+        seq_len=32,
+        global_batch_size=4,
+        micro_batch_size=2,
+        val_fraction=0.2,
+        cache_dir=str(tmp_path / "a"),
+    )
     dm = OLMoDataModule(config, seed=0, rank=0, world_size=1)
     dm.prepare_data()
     dm.setup()

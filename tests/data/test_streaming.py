@@ -13,12 +13,22 @@ from .conftest import make_docs, write_jsonl
 SEQ, GLOBAL, MICRO = 16, 6, 1
 
 
-def module(files: list[str], tokenizer: Path, rank: int, world: int, workers: int,
-           **kwargs) -> OLMoDataModule:
+def module(
+    files: list[str], tokenizer: Path, rank: int, world: int, workers: int, **kwargs
+) -> OLMoDataModule:
     kwargs = {"val_fraction": 0.1, **kwargs}
-    config = DataConfig(source="hf_stream", hf_path="json", hf_data_files=files,
-                        tokenizer=str(tokenizer), seq_len=SEQ, global_batch_size=GLOBAL,
-                        micro_batch_size=MICRO, num_workers=workers, val_batches=1, **kwargs)
+    config = DataConfig(
+        source="hf_stream",
+        hf_path="json",
+        hf_data_files=files,
+        tokenizer=str(tokenizer),
+        seq_len=SEQ,
+        global_batch_size=GLOBAL,
+        micro_batch_size=MICRO,
+        num_workers=workers,
+        val_batches=1,
+        **kwargs,
+    )
     dm = OLMoDataModule(config, seed=0, rank=rank, world_size=world)
     dm.setup()
     return dm
@@ -26,13 +36,16 @@ def module(files: list[str], tokenizer: Path, rank: int, world: int, workers: in
 
 def rank_batches(dm: OLMoDataModule, count: int) -> list[torch.Tensor]:
     """The rank's first ``count`` micro-batches as windows of seq_len + 1 tokens."""
-    return [torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1)
-            for b in islice(dm.train_dataloader(), count)]
+    return [
+        torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1)
+        for b in islice(dm.train_dataloader(), count)
+    ]
 
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2)])
-def test_resume_mid_stream_is_exact(corpus: Path, tokenizer_path: Path, world: int,
-                                    workers: int) -> None:
+def test_resume_mid_stream_is_exact(
+    corpus: Path, tokenizer_path: Path, world: int, workers: int
+) -> None:
     accum = GLOBAL // (MICRO * world)
     consumed = 3  # with accum 3 and 2 workers the resumed loader starts on the other worker
     for rank in range(world):
@@ -43,7 +56,7 @@ def test_resume_mid_stream_is_exact(corpus: Path, tokenizer_path: Path, world: i
         resumed_dm = module([str(corpus)], tokenizer_path, rank, world, workers)
         resumed_dm.load_state_dict(state)
         resumed = rank_batches(resumed_dm, 2 * accum)
-        for a, b in zip(resumed, uninterrupted[consumed * accum:], strict=True):
+        for a, b in zip(resumed, uninterrupted[consumed * accum :], strict=True):
             assert torch.equal(a, b)
 
 

@@ -39,7 +39,9 @@ def test_matches_reference(dtype: torch.dtype, ignore: bool, softcap: float | No
     hidden, weight, labels = _inputs(0, ignore)
     kwargs = dict(z_loss=1e-2, softcap=softcap)
     ours, dh, dw = _run(linear_cross_entropy, hidden, weight, labels, dtype, chunk_rows=8, **kwargs)
-    ref, dh_ref, dw_ref = _run(linear_cross_entropy_reference, hidden, weight, labels, dtype, **kwargs)
+    ref, dh_ref, dw_ref = _run(
+        linear_cross_entropy_reference, hidden, weight, labels, dtype, **kwargs
+    )
     # bf16: the same bf16 logits go into both, but the chunked path rounds its logit
     # gradient to bf16 before the matmuls while the plain path's autocast backward does too,
     # only in a different order; a few bf16 ulps of the gradients' scale.
@@ -57,9 +59,12 @@ def test_scales_with_upstream_gradient_and_batch_shape() -> None:
     hidden, weight, labels = _inputs(1, ignore=True)
     h = hidden.reshape(1, N, D).clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    (2 * linear_cross_entropy(h, w, labels.reshape(1, N), z_loss=1e-3, chunk_rows=5).loss).backward()
-    _, dh_ref, dw_ref = _run(linear_cross_entropy_reference, hidden, weight, labels,
-                             torch.float32, z_loss=1e-3)
+    (
+        2 * linear_cross_entropy(h, w, labels.reshape(1, N), z_loss=1e-3, chunk_rows=5).loss
+    ).backward()
+    _, dh_ref, dw_ref = _run(
+        linear_cross_entropy_reference, hidden, weight, labels, torch.float32, z_loss=1e-3
+    )
     torch.testing.assert_close(h.grad.reshape(N, D), 2 * dh_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, 2 * dw_ref, rtol=1e-5, atol=1e-6)
 
@@ -77,8 +82,9 @@ def test_no_grad_computes_loss_only(monkeypatch: pytest.MonkeyPatch) -> None:
     hidden.requires_grad_(), weight.requires_grad_()
     scatters = []
     original = torch.Tensor.scatter_add_
-    monkeypatch.setattr(torch.Tensor, "scatter_add_",
-                        lambda *a, **k: scatters.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "scatter_add_", lambda *a, **k: scatters.append(1) or original(*a, **k)
+    )
     with torch.no_grad():
         out = linear_cross_entropy(hidden, weight, labels, chunk_rows=8)
     assert not scatters, "the logit gradient was computed under no_grad"

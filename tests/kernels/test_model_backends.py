@@ -18,8 +18,16 @@ pytestmark = pytest.mark.skipif(kernels.triton_norm is None, reason="triton is n
 def test_triton_model_matches_torch(qk_norm: str, block: str) -> None:
     def build(backend: str) -> OLMo2:
         config = OLMo2Config(
-            vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96,
-            max_seq_len=8, qk_norm=qk_norm, block=block, norm_backend=backend,
+            vocab_size=97,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_hidden_size=96,
+            max_seq_len=8,
+            qk_norm=qk_norm,
+            block=block,
+            norm_backend=backend,
         )
         model = OLMo2(config)
         model.init_weights(seed=0)

@@ -66,8 +66,10 @@ def compare(triton_fn, torch_fn, inputs: list[torch.Tensor | None], dtype: torch
     got_out, got_grad = run(triton_fn, leaves(*low), grads)
     same_out, same_grad = run(torch_fn, leaves(*low), grads)
     ref_out, ref_grad = run(torch_fn, leaves(*ref), grads)
-    for kind, got, same, want in (("output", got_out, same_out, ref_out),
-                                  ("grad", got_grad, same_grad, ref_grad)):
+    for kind, got, same, want in (
+        ("output", got_out, same_out, ref_out),
+        ("grad", got_grad, same_grad, ref_grad),
+    ):
         for i, (g, s, r) in enumerate(zip(got, same, want, strict=True)):
             assert_within(f"{kind} {i}", g, s, r, ATOL[dtype])
 

@@ -8,7 +8,12 @@ from olmo_mini import OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate, sample_next
 
 CONFIG = OLMo2Config(
-    vocab_size=200, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
+    vocab_size=200,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden_size=128,
     max_seq_len=64,
 )
 

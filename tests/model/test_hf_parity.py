@@ -12,9 +12,15 @@ from transformers import Olmo2Config as HFOlmo2Config
 from olmo_mini import OLMo2, OLMo2Config
 
 SHAPES = {
-    "mha": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=160),
-    "gqa": dict(vocab_size=320, d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, mlp_hidden_size=200),
-    "mqa_odd": dict(vocab_size=301, d_model=72, n_layers=2, n_heads=3, n_kv_heads=1, mlp_hidden_size=97),
+    "mha": dict(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=160
+    ),
+    "gqa": dict(
+        vocab_size=320, d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, mlp_hidden_size=200
+    ),
+    "mqa_odd": dict(
+        vocab_size=301, d_model=72, n_layers=2, n_heads=3, n_kv_heads=1, mlp_hidden_size=97
+    ),
 }
 
 
@@ -63,7 +69,9 @@ def test_from_hf_matches_transformers_logits(shape: str, tmp_path: Path) -> None
         rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
         tie_word_embeddings=False,
         initializer_range=0.05,
-        pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(3)
     hf_model = Olmo2ForCausalLM(hf_config).eval()
@@ -83,7 +91,9 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     _randomize_norms(model, seed=0)
     model.save_hf(tmp_path)
     again = OLMo2.from_hf(tmp_path)
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

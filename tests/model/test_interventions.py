@@ -10,8 +10,15 @@ import torch
 from olmo_mini import OLMo2, OLMo2Config
 from olmo_mini.model.model import Attention, Norm
 
-BASE = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
-            max_seq_len=16)
+BASE = dict(
+    vocab_size=96,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_hidden_size=48,
+    max_seq_len=16,
+)
 
 
 def _rope(x: torch.Tensor, seq: int, head_dim: int, theta: float) -> torch.Tensor:

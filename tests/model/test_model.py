@@ -105,7 +105,9 @@ def test_init_is_seeded_and_reproducible() -> None:
     a.init_weights(seed=7)
     b.init_weights(seed=7)
     c.init_weights(seed=8)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+    for (name, pa), pb, pc in zip(
+        a.named_parameters(), b.parameters(), c.parameters(), strict=True
+    ):
         assert torch.equal(pa, pb), name
         if "norm" not in name:
             assert not torch.equal(pa, pc), name

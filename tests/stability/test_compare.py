@@ -21,8 +21,12 @@ TOOL = Path(__file__).parents[2] / "tools" / "compare_runs.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def rows(train: list[float], val_at_end: float | None, logits: dict[tuple[int, int], float],
-         spikes: tuple[float, float] | None = None) -> list[dict[str, float]]:
+def rows(
+    train: list[float],
+    val_at_end: float | None,
+    logits: dict[tuple[int, int], float],
+    spikes: tuple[float, float] | None = None,
+) -> list[dict[str, float]]:
     """Steps 0, 10, ... with the given train losses; max logit 1.0 except at (layer, step)."""
     out = []
     for i, loss in enumerate(train):
@@ -36,7 +40,9 @@ def rows(train: list[float], val_at_end: float | None, logits: dict[tuple[int, i
     if val_at_end is not None:
         out.append({"step": out[-1]["step"], "val/loss": val_at_end})
     if spikes is not None:
-        out[-1].update({"stability/spike_score_loss": spikes[0], "stability/spike_score_grad": spikes[1]})
+        out[-1].update(
+            {"stability/spike_score_loss": spikes[0], "stability/spike_score_grad": spikes[1]}
+        )
     return out
 
 
@@ -54,18 +60,24 @@ def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     logger.experiment.finish()
     wandb.teardown()  # wait for wandb's service to flush the run file before reading it
     high_lr = write_csv_run(
-        root / "csv_high_lr", {"optim": {"lr": 1e-2}, "model": {"qk_norm": "full"}},
-        rows([5.0, 3.5, 2.5, 2.1, 2.0], 2.1, {(0, 20): 1e3}))
+        root / "csv_high_lr",
+        {"optim": {"lr": 1e-2}, "model": {"qk_norm": "full"}},
+        rows([5.0, 3.5, 2.5, 2.1, 2.0], 2.1, {(0, 20): 1e3}),
+    )
     diverged = write_csv_run(
-        root / "csv_diverged", {"optim": {"lr": 1e-3}, "model": {"qk_norm": "none"}},
-        rows([5.0, 4.0, 3.0, 8.0, math.nan], None, {(0, 30): math.inf, (1, 20): math.nan}))
+        root / "csv_diverged",
+        {"optim": {"lr": 1e-3}, "model": {"qk_norm": "none"}},
+        rows([5.0, 4.0, 3.0, 8.0, math.nan], None, {(0, 30): math.inf, (1, 20): math.nan}),
+    )
     return [wandb_dir, high_lr, diverged]
 
 
 def parse_table(markdown: str) -> dict[str, list[str]]:
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
-                                              for line in lines[1:])}
+    return {
+        cells[0]: cells[1:]
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])
+    }
 
 
 def test_compare_runs_writes_figures_and_the_summary_table(run_dirs, tmp_path, capsys) -> None:
@@ -79,12 +91,33 @@ def test_compare_runs_writes_figures_and_the_summary_table(run_dirs, tmp_path, c
     table = parse_table((out / "summary.md").read_text())
     # run: config differences, final train, final val, max logit (layer, step), spikes, steps
     assert table == {
-        "qk_norm=full, lr=0.001": ["qk_norm=full, lr=0.001", "2.25", "2.3", "50 (1, 30)",
-                                   "0.5", "1", "40"],
-        "qk_norm=full, lr=0.01": ["qk_norm=full, lr=0.01", "2", "2.1", "1000 (0, 20)",
-                                  "—", "—", "40"],
-        "qk_norm=none, lr=0.001": ["qk_norm=none, lr=0.001", "nan", "—", "inf (0, 30)",
-                                   "—", "—", "40"],
+        "qk_norm=full, lr=0.001": [
+            "qk_norm=full, lr=0.001",
+            "2.25",
+            "2.3",
+            "50 (1, 30)",
+            "0.5",
+            "1",
+            "40",
+        ],
+        "qk_norm=full, lr=0.01": [
+            "qk_norm=full, lr=0.01",
+            "2",
+            "2.1",
+            "1000 (0, 20)",
+            "—",
+            "—",
+            "40",
+        ],
+        "qk_norm=none, lr=0.001": [
+            "qk_norm=none, lr=0.001",
+            "nan",
+            "—",
+            "inf (0, 30)",
+            "—",
+            "—",
+            "40",
+        ],
     }
 
 
@@ -112,8 +145,9 @@ def test_final_loss_ignores_a_healthy_val_before_divergence() -> None:
     run = Run("", {}, history, "x")
     assert math.isnan(final_loss(run).value)
     assert init_loss(run).value == 6.0
-    healthy = Run("", {}, history[:2] + [{"step": 80, "train/loss": 2.0},
-                                         {"step": 80, "val/loss": 2.5}], "x")
+    healthy = Run(
+        "", {}, history[:2] + [{"step": 80, "train/loss": 2.0}, {"step": 80, "val/loss": 2.5}], "x"
+    )
     assert final_loss(healthy).value == 2.5
     train_only = Run("", {}, [{"step": s, "train/loss": float(s)} for s in range(8)], "x")
     assert final_loss(train_only).value == pytest.approx((3 + 4 + 5 + 6 + 7) / 5)

@@ -26,7 +26,9 @@ def test_spike_score_hand_worked_constant_history() -> None:
 def test_spike_score_hand_worked_alternating_series() -> None:
     # window 4, 3 sigma: the last value 5 against [0, 1, 0, 1] (mean 0.5, std 0.5) is
     # 9 sigma away; the four earlier scored values stay within 1.5 sigma: 1 of 5.
-    assert spike_score([0, 1, 0, 1, 0, 1, 5], window=4, sigma=3, min_history=2) == pytest.approx(20.0)
+    assert spike_score([0, 1, 0, 1, 0, 1, 5], window=4, sigma=3, min_history=2) == pytest.approx(
+        20.0
+    )
 
 
 def test_spike_score_counts_non_finite_values_and_resumes_from_state() -> None:
@@ -84,7 +86,10 @@ def test_attention_statistics_equal_the_full_matrix(cap: float | None, monkeypat
 
 def test_rms_statistics_both_layouts_and_merging() -> None:
     gen = torch.Generator().manual_seed(1)
-    heads = torch.randn(3, 4, 5, 6, generator=gen) * torch.tensor([1.0, 2.0, 3.0, 4.0])[None, :, None, None]
+    heads = (
+        torch.randn(3, 4, 5, 6, generator=gen)
+        * torch.tensor([1.0, 2.0, 3.0, 4.0])[None, :, None, None]
+    )
     flat = heads.transpose(1, 2).reshape(3, 5, 24)
     a, b = Reduction(), Reduction()
     rms_statistics(a, "q", heads, n_heads=4)

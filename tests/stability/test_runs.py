@@ -58,8 +58,14 @@ def init_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[
     """A run made with ``wandb.init(mode="offline")``, logging with explicit steps."""
     root = tmp_path_factory.mktemp("init_run")
     rows = logged_rows(200)  # > 32 KiB of history: records also straddle blocks
-    run = wandb.init(mode="offline", dir=root, config=CONFIG, name="baseline", project="t",
-                     settings=wandb.Settings(console="off", silent=True))
+    run = wandb.init(
+        mode="offline",
+        dir=root,
+        config=CONFIG,
+        name="baseline",
+        project="t",
+        settings=wandb.Settings(console="off", silent=True),
+    )
     for row in rows:
         run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     run.finish()
@@ -73,7 +79,8 @@ def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     run_dir = tmp_path_factory.mktemp("lightning_run")
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text(
-        yaml.safe_dump({"model": {"qk_norm": "none"}, "logger": {"kind": "wandb"}}))
+        yaml.safe_dump({"model": {"qk_norm": "none"}, "logger": {"kind": "wandb"}})
+    )
     rows = logged_rows(6)
     logger = WandbLogger(offline=True, save_dir=str(run_dir), project="t", name="lit")
     logger.log_hyperparams({"optim": {"lr": 3e-3, "betas": [0.9, 0.95]}, "seed": 1})
@@ -94,8 +101,14 @@ def test_wandb_init_run_reads_back_exactly_what_was_logged(init_run) -> None:
     for spec in (offline_folder(root), root, next(offline_folder(root).glob("run-*.wandb"))):
         run = load_run(spec)
         assert run.name == "baseline"
-        assert run.config == {"optim.lr": 1e-3, "optim.betas": [0.9, 0.95], "model.qk_norm": "full",
-                              "model.n_layers": 2, "seed": 0, "notes": "x" * 70_000}
+        assert run.config == {
+            "optim.lr": 1e-3,
+            "optim.betas": [0.9, 0.95],
+            "model.qk_norm": "full",
+            "model.n_layers": 2,
+            "seed": 0,
+            "notes": "x" * 70_000,
+        }
         np.testing.assert_equal(run.history, rows)  # NaN equals NaN here
         assert run.notes == []
     steps, values = run.series("val/loss")
@@ -113,8 +126,13 @@ def test_lightning_wandb_logger_rows_use_the_trainer_step(lightning_run) -> None
     # trainer/global_step. Hydra's file and the logged hyperparameters are merged.
     np.testing.assert_equal(run.history, rows)
     assert run.name == "lit"
-    assert run.config == {"model.qk_norm": "none", "logger.kind": "wandb", "optim.lr": 3e-3,
-                          "optim.betas": [0.9, 0.95], "seed": 1}
+    assert run.config == {
+        "model.qk_norm": "none",
+        "logger.kind": "wandb",
+        "optim.lr": 3e-3,
+        "optim.betas": [0.9, 0.95],
+        "seed": 1,
+    }
 
 
 def test_a_file_cut_inside_a_record_reads_its_complete_part_and_says_so(init_run, tmp_path) -> None:

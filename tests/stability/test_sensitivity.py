@@ -36,8 +36,12 @@ def test_non_finite_losses_count_as_the_loss_at_init() -> None:
 
 def history(train: list[float], val_at_end: float | None = None) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = [
-        {"step": 10 * i, "train/loss": v, "attn/layer0/max_logit": 1.0 + i,
-         "attn/layer1/max_logit": 2.0 + i}
+        {
+            "step": 10 * i,
+            "train/loss": v,
+            "attn/layer0/max_logit": 1.0 + i,
+            "attn/layer1/max_logit": 2.0 + i,
+        }
         for i, v in enumerate(train)
     ]
     if val_at_end is not None:
@@ -50,14 +54,19 @@ def test_arms_split_on_config_differences_other_than_the_lr() -> None:
         config = {"optim.lr": lr, "model.qk_norm": qk, "optim.z_loss": z, "logger.name": f"r{lr}"}
         return Run("", config, rows, f"{qk}-{z}-{lr}")
 
-    runs = [run(1e-3, "full", 0.0, history([8.0, 4.0], 3.0)),
-            run(1e-2, "full", 0.0, history([8.0, 3.0], 2.0)),
-            run(1e-3, "none", 0.0, history([8.0, 5.0], 4.0)),
-            run(1e-2, "none", 0.0, history([8.0, math.nan])),
-            run(1e-3, "full", 1e-4, history([8.0, 4.0], 2.5))]
+    runs = [
+        run(1e-3, "full", 0.0, history([8.0, 4.0], 3.0)),
+        run(1e-2, "full", 0.0, history([8.0, 3.0], 2.0)),
+        run(1e-3, "none", 0.0, history([8.0, 5.0], 4.0)),
+        run(1e-2, "none", 0.0, history([8.0, math.nan])),
+        run(1e-3, "full", 1e-4, history([8.0, 4.0], 2.5)),
+    ]
     arms = {arm.label: arm for arm in analyze(runs)}
-    assert list(arms) == ["qk_norm=full, z_loss=0", "qk_norm=none, z_loss=0",
-                          "qk_norm=full, z_loss=0.0001"]
+    assert list(arms) == [
+        "qk_norm=full, z_loss=0",
+        "qk_norm=none, z_loss=0",
+        "qk_norm=full, z_loss=0.0001",
+    ]
     assert arms["qk_norm=full, z_loss=0"].sensitivity == pytest.approx((3.0 + 2.0) / 2 - 2.0)
     # The NaN run: the mean of its last train losses is NaN, so it counts as 8.
     assert arms["qk_norm=none, z_loss=0"].sensitivity == pytest.approx((4.0 + 8.0) / 2 - 4.0)

@@ -15,8 +15,14 @@ from tests.training.helpers import compose_config
 def test_model_loss_is_cross_entropy_plus_z_loss_of_its_logits(softcap):
     """``model(ids, labels=...)`` (chunked LM head) equals CE + z-loss of ``model(ids)``, and
     its gradients equal those of that plain loss."""
-    config = OLMo2Config(vocab_size=50, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64,
-                         final_logit_softcap=softcap)
+    config = OLMo2Config(
+        vocab_size=50,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        mlp_hidden_size=64,
+        final_logit_softcap=softcap,
+    )
     model = OLMo2(config)
     model.init_weights(seed=0)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
