@@ -162,7 +162,9 @@ def _encoded(
             in_flight.acquire()
             yield task
 
-    with mp.get_context("fork").Pool(procs, _init_worker, (tokenizer.to_str(), eos)) as pool:
+    # forkserver: a fork of this process could deadlock on a lock that one of its threads (torch,
+    # Lightning, tokenizers) held at the fork; the server forks from a clean, thread-free one.
+    with mp.get_context("forkserver").Pool(procs, _init_worker, (tokenizer.to_str(), eos)) as pool:
         for result in pool.imap(_encode_task, feed()):
             in_flight.release()
             yield result
