@@ -7,12 +7,14 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -92,9 +94,9 @@ def run_labels(runs: Sequence[Run], names: Sequence[str] | None = None) -> list[
     ]
 
 
-def group_runs(runs: Sequence[Run], exclude: Sequence[str] = (LR_KEY,)) -> dict[str, list[Run]]:
-    """Runs grouped by their config differences other than ``exclude`` (e.g. the LR arms)."""
-    keys = [k for k in differing_keys(runs) if k not in exclude]
+def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by their config differences other than the LR: the arms of an LR sweep."""
+    keys = [k for k in differing_keys(runs) if k != LR_KEY]
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(describe(run, keys) or "all runs", []).append(run)
@@ -149,20 +151,19 @@ def plot_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path:
     fig = Figure(figsize=(6 * len(keys), 4))
     axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
+        marker = "o" if key == "val/loss" else None
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
-            steps, values = run.series(key)
-            ax.plot(
-                steps,
-                values,
-                label=label,
-                color=f"C{i % 10}",
-                marker="o" if key == "val/loss" else None,
-                markersize=3,
-            )
+            ax.plot(*run.series(key), label=label, color=f"C{i % 10}", marker=marker, markersize=3)
         ax.set(title=key, xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def _run_style(i: int) -> tuple[Colormap, str]:
+    """Run ``i``'s colormap (its shade gives the layer) and line style."""
+    cmap = colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]]
+    return cmap, _RUN_LINESTYLES[i % len(_RUN_LINESTYLES)]
 
 
 def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path | None:
@@ -179,17 +180,10 @@ def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -
         all_values = []
         for i, run in enumerate(runs):
             layers = run.layer_series(group, name)
-            cmap = colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]]
+            cmap, style = _run_style(i)
             for j, (layer, (steps, values)) in enumerate(layers.items()):
-                shade = 0.45 + 0.55 * (j / max(1, len(layers) - 1))
-                ax.plot(
-                    steps,
-                    values,
-                    color=cmap(shade),
-                    linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)],
-                    linewidth=1.2,
-                    label=f"layer {layer}",
-                )
+                shade = cmap(0.45 + 0.55 * (j / max(1, len(layers) - 1)))
+                ax.plot(steps, values, color=shade, ls=style, linewidth=1.2, label=f"layer {layer}")
                 all_values.append(values)
         if name in _LOG_SCALE:
             set_growth_scale(ax, all_values)
@@ -197,15 +191,10 @@ def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
+    styles = [_run_style(i) for i in range(len(labels))]
     handles = [
-        Line2D(
-            [],
-            [],
-            color=colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]](0.75),
-            linestyle=_RUN_LINESTYLES[i % len(_RUN_LINESTYLES)],
-            label=label,
-        )
-        for i, label in enumerate(labels)
+        Line2D([], [], color=cmap(0.75), linestyle=style, label=label)
+        for (cmap, style), label in zip(styles, labels, strict=True)
     ]
     fig.legend(
         handles=handles,
@@ -215,9 +204,7 @@ def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -
         title="run (shade: light = layer 0, dark = last layer)",
         title_fontsize=8,
     )
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
 
 
 def set_growth_scale(ax: Axes, arrays: Sequence[np.ndarray]) -> None:
@@ -243,18 +230,9 @@ def plot_final_loss_vs_lr(groups: dict[str, list[Run]], path: Path) -> Path:
         if ok.any():
             ax.plot(lrs[ok], finals[ok], marker="o", color=f"C{i % 10}", label=label)
         if not ok.all():
-            at_init = [
-                init_loss(run).value for (_, run), bad in zip(points, ~ok, strict=True) if bad
-            ]
-            ax.plot(
-                lrs[~ok],
-                at_init,
-                linestyle="none",
-                marker="x",
-                markersize=9,
-                color=f"C{i % 10}",
-                label=f"{label}: diverged (at loss at init)",
-            )
+            at_init = [init_loss(run).value for _, run in compress(points, ~ok)]
+            cross = {"linestyle": "none", "marker": "x", "markersize": 9, "color": f"C{i % 10}"}
+            ax.plot(lrs[~ok], at_init, **cross, label=f"{label}: diverged (at loss at init)")
     ax.set(
         xscale="log",
         xlabel=f"peak learning rate ({LR_KEY})",
@@ -263,7 +241,7 @@ def plot_final_loss_vs_lr(groups: dict[str, list[Run]], path: Path) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def summary_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
@@ -331,7 +309,10 @@ def compare_runs(
     return [*written, summary]
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def save_figure(
+    fig: Figure, path: Path, dpi: int = 110, rect: tuple[float, ...] | None = None
+) -> Path:
+    """Lay out ``fig`` (within ``rect``, leaving room for a figure legend) and write it."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
     return path

@@ -154,12 +154,9 @@ def read_wandb_records(path: str | Path) -> tuple[list[Any], str | None]:
         payload = data[start:end]
         if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
             raise RunReadError(f"{path}: corrupt chunk at byte {pos} (CRC mismatch)")
-        if (kind in (_FULL, _FIRST)) == (pending is not None) and kind in (
-            _FULL,
-            _FIRST,
-            _MIDDLE,
-            _LAST,
-        ):
+        if kind not in (_FULL, _FIRST, _MIDDLE, _LAST):
+            raise RunReadError(f"{path}: unknown chunk type {kind} at byte {pos}")
+        if (kind in (_FULL, _FIRST)) == (pending is not None):
             raise RunReadError(f"{path}: chunk of type {kind} out of sequence at byte {pos}")
         if kind == _FULL:
             records.append(_parse_record(wandb_internal_pb2, payload, path, pos))
@@ -167,13 +164,11 @@ def read_wandb_records(path: str | Path) -> tuple[list[Any], str | None]:
             pending, pending_at = bytearray(payload), pos
         elif kind == _MIDDLE:
             pending += payload
-        elif kind == _LAST:
+        else:  # _LAST
             records.append(
                 _parse_record(wandb_internal_pb2, bytes(pending + payload), path, pending_at)
             )
             pending = None
-        else:
-            raise RunReadError(f"{path}: unknown chunk type {kind} at byte {pos}")
         pos = end
     if pending is not None:
         return records, _tail_note(path, pending_at, len(data))

@@ -24,6 +24,7 @@ from olmo_mini.stability.compare import (
     init_loss,
     max_attention_logit,
     plot_final_loss_vs_lr,
+    save_figure,
     set_growth_scale,
 )
 from olmo_mini.stability.runs import Run
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 # Fewer LRs per arm than this cannot bracket the best one on both sides.
 MIN_GRID_POINTS = 5
+
+
+def capped_loss(loss: float, init_loss: float) -> float:
+    """A final loss as LR sensitivity counts it: at most the loss at init, which also stands
+    in for a non-finite one."""
+    return min(loss, init_loss) if math.isfinite(loss) else init_loss
 
 
 def lr_sensitivity(final_losses_by_lr: Mapping[float, float], init_loss: float) -> float:
@@ -45,10 +52,7 @@ def lr_sensitivity(final_losses_by_lr: Mapping[float, float], init_loss: float) 
         raise ValueError("LR sensitivity needs at least one run")
     if not math.isfinite(init_loss):
         raise ValueError(f"the loss at init must be finite, got {init_loss}")
-    capped = [
-        min(loss, init_loss) if math.isfinite(loss) else init_loss
-        for loss in final_losses_by_lr.values()
-    ]
+    capped = [capped_loss(loss, init_loss) for loss in final_losses_by_lr.values()]
     return float(np.mean(capped) - min(capped))
 
 
@@ -111,24 +115,17 @@ def plot_max_logit_grid(arms: Sequence[Arm], path: Path) -> Path | None:
             run = arm.runs.get(lr)
             layers = run.layer_series("attn", "max_logit") if run else {}
             for j, (layer, (steps, values)) in enumerate(layers.items()):
-                ax.plot(
-                    steps,
-                    values,
-                    color=cmap(j / max(1, len(layers) - 1)),
-                    linewidth=1.1,
-                    label=f"layer {layer}",
-                )
+                shade = cmap(j / max(1, len(layers) - 1))
+                ax.plot(steps, values, color=shade, linewidth=1.1, label=f"layer {layer}")
                 drawn.append(values)
     set_growth_scale(axes[0][0], drawn)  # shared by every panel
     for ax in axes[-1]:
         ax.set_xlabel("step", fontsize=8)
     handles, labels = max(
-        ((ax.get_legend_handles_labels()) for ax in axes.flat), key=lambda h: len(h[0])
+        (ax.get_legend_handles_labels() for ax in axes.flat), key=lambda h: len(h[0])
     )
     fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100, rect=(0, 0.06, 1, 1))
 
 
 def report(arms: Sequence[Arm], figures: Sequence[Path]) -> str:
@@ -168,9 +165,7 @@ def report(arms: Sequence[Arm], figures: Sequence[Path]) -> str:
         ]
         for lr, run in arm.runs.items():
             final = arm.finals[lr]
-            capped = (
-                min(final.value, arm.init_loss) if math.isfinite(final.value) else arm.init_loss
-            )
+            capped = capped_loss(final.value, arm.init_loss)
             peak = max_attention_logit(run)
             peak_cell = "—" if peak is None else f"{peak[0]:.4g} ({peak[1]}, {peak[2]})"
             lines.append(
@@ -209,11 +204,8 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
         log.warning(f"warning: {warning}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [
-        plot_final_loss_vs_lr(
-            {a.label: list(a.runs.values()) for a in arms}, out / "final_loss_vs_lr.png"
-        )
-    ]
+    groups = {a.label: list(a.runs.values()) for a in arms}
+    figures = [plot_final_loss_vs_lr(groups, out / "final_loss_vs_lr.png")]
     grid = plot_max_logit_grid(arms, out / "max_logit_by_layer.png")
     if grid is not None:
         figures.append(grid)

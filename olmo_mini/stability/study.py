@@ -22,7 +22,7 @@ import re
 import resource
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ import yaml
 from matplotlib.figure import Figure
 
 from olmo_mini.run_dir import try_lock, unlock
-from olmo_mini.stability.compare import final_loss, init_loss, max_attention_logit
+from olmo_mini.stability.compare import final_loss, init_loss, max_attention_logit, save_figure
 from olmo_mini.stability.runs import Run, load_run_dir
-from olmo_mini.stability.sensitivity import lr_sensitivity
+from olmo_mini.stability.sensitivity import capped_loss, lr_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,8 @@ def load_plan(name: str | Path) -> Plan:
     lrs = numbers("lrs", float)
     if any(lr <= 0 for lr in lrs):
         raise StudyError(f"{path}: lrs must be positive, got {list(lrs)}")
-    named = [("base", strings(data.get("base"), "base"))]
+    base = strings(data.get("base"), "base")
+    named = [("base", base)]
     named += [(f"arms.{arm}", overrides) for arm, overrides in arms.items()]
     for field, overrides in named:
         for o in overrides:
@@ -174,7 +175,7 @@ def load_plan(name: str | Path) -> Plan:
     return Plan(
         name=path.stem,
         description=str(data.get("description") or ""),
-        base=strings(data.get("base"), "base"),
+        base=base,
         arms=arms,
         lrs=lrs,
         seeds=numbers("seeds", int) if "seeds" in data else (0,),
@@ -192,16 +193,10 @@ def is_diverged(final: float, init: float, stopped_early: bool) -> bool:
 
 
 def summarize(
-    spec: RunSpec,
-    plan: str,
-    run: Run,
-    max_steps: int,
-    stopped_early: bool,
-    cpu_s: float,
-    wall_s: float,
-    load: float,
+    spec: RunSpec, plan: str, run: Run, max_steps: int, stopped_early: bool, cost: dict[str, float]
 ) -> dict[str, Any]:
-    """The summary row of one finished run, from its logged history."""
+    """The summary row of one finished run, from its logged history; ``cost`` holds the
+    ``cpu_s``, ``wall_s`` and ``load_avg_1m`` columns."""
     init, final = init_loss(run).value, final_loss(run)
     peak = max_attention_logit(run)
     entropies = [
@@ -233,9 +228,7 @@ def summarize(
         "final_logsumexp": float(lse[-1]) if lse.size else math.nan,
         "spike_score_loss": run.last("stability/spike_score_loss"),
         "spike_score_grad": run.last("stability/spike_score_grad"),
-        "cpu_s": round(cpu_s, 2),
-        "wall_s": round(wall_s, 2),
-        "load_avg_1m": round(load, 2),
+        **{key: round(cost[key], 2) for key in ("cpu_s", "wall_s", "load_avg_1m")},
         "overrides": " ".join(spec.overrides),
     }
 
@@ -260,16 +253,9 @@ def train_run(spec: RunSpec, plan: str, run_dir: Path) -> dict[str, Any]:
         stopped_early = True
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
-    return summarize(
-        spec,
-        plan,
-        load_run_dir(run_dir),
-        config.trainer.max_steps,
-        stopped_early,
-        cpu,
-        time.perf_counter() - start,
-        load,
-    )
+    cost = {"cpu_s": cpu, "wall_s": time.perf_counter() - start, "load_avg_1m": load}
+    run = load_run_dir(run_dir)
+    return summarize(spec, plan, run, config.trainer.max_steps, stopped_early, cost)
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -278,12 +264,6 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
@@ -299,34 +279,29 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
     rows, ran = [], 0
     specs = plan.runs()
     for i, spec in enumerate(specs, start=1):
-        run_dir = out / spec.run_id
+        run_dir, tag = out / spec.run_id, f"[{i}/{len(specs)}] {spec.run_id}"
         row = read_result(run_dir)
         if row is not None:
-            log.info("[%d/%d] %s: complete, skipped", i, len(specs), spec.run_id)
+            log.info("%s: complete, skipped", tag)
             rows.append(row)
             continue
         lock = out / f"{spec.run_id}.lock"
         if try_lock(lock) is not None:
-            log.info("[%d/%d] %s: another process is training it", i, len(specs), spec.run_id)
+            log.info("%s: another process is training it", tag)
             continue
         try:
             if (row := read_result(run_dir)) is None:  # not finished by another meanwhile
                 if run_dir.exists():
                     log.info("%s: incomplete (no %s); starting it again", run_dir, RESULT_FILE)
                     shutil.rmtree(run_dir)
-                log.info("[%d/%d] %s", i, len(specs), spec.run_id)
+                log.info("%s", tag)
                 row = train_run(spec, plan.name, run_dir)
-                _write_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
+                tmp = run_dir / f"{RESULT_FILE}.tmp"  # written whole, then renamed: atomic
+                tmp.write_text(json.dumps(row, indent=1))
+                os.replace(tmp, run_dir / RESULT_FILE)
                 ran += 1
-                log.info(
-                    "[%d/%d] %s: final loss %.4f, diverged %s, %.0f s CPU",
-                    i,
-                    len(specs),
-                    spec.run_id,
-                    row["final_loss"],
-                    row["diverged"],
-                    row["cpu_s"],
-                )
+                done = "%s: final loss %.4f, diverged %s, %.0f s CPU"
+                log.info(done, tag, row["final_loss"], row["diverged"], row["cpu_s"])
         finally:
             unlock(lock)
         rows.append(row)
@@ -347,24 +322,19 @@ def write_rows(rows: Iterable[Mapping[str, Any]], path: Path) -> Path:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Summary rows from a plan's CSV, typed as ``summarize`` wrote them."""
-    ints = {"seed", "steps", "max_steps", "peak_attn_logit_layer", "peak_attn_logit_step"}
-    text = {"plan", "arm", "run_id", "final_from", "overrides"}
+    parse: dict[str, Callable[[str], Any]] = dict.fromkeys(FIELDS, float)
+    parse |= dict.fromkeys(("plan", "arm", "run_id", "final_from", "overrides"), str)
+    parse |= dict.fromkeys(
+        ("seed", "steps", "max_steps", "peak_attn_logit_layer", "peak_attn_logit_step"), int
+    )
+    parse |= dict.fromkeys(("stopped_early", "diverged"), lambda value: value == "True")
     rows = []
     with path.open(newline="") as f:
         for line, raw in enumerate(csv.DictReader(f), start=2):
             missing = [k for k in FIELDS if k not in raw]
             if missing:
                 raise StudyError(f"{path}:{line}: missing columns {missing}")
-            row: dict[str, Any] = {}
-            for key in FIELDS:
-                value = raw[key]
-                if key in text:
-                    row[key] = value
-                elif key in ("stopped_early", "diverged"):
-                    row[key] = value == "True"
-                else:
-                    row[key] = int(value) if key in ints else float(value)
-            rows.append(row)
+            rows.append({key: parse[key](raw[key]) for key in FIELDS})
     return rows
 
 
@@ -509,19 +479,14 @@ def report_markdown(
         + ("---:|" if multi_seed else "")
         + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-
-    def noise(a: ArmResult) -> str:
-        if sigma is None:
-            return ""
-        return f" ± {sensitivity_noise(a.finals, a.init_loss, sigma):.3f}"
-
     for a in arms:
         diverged = ", ".join(f"{lr:g}" for lr in a.diverged_lrs) or "none"
+        noise = "" if sigma is None else f" ± {sensitivity_noise(a.finals, a.init_loss, sigma):.3f}"
         lines.append(
             f"| {a.arm} |"
             + (f" {a.seed} |" if multi_seed else "")
             + f" {len(a.finals)} | {a.init_loss:.3f} | {_num(a.best_lr)} | {_num(a.best_loss)} | "
-            f"**{a.sensitivity:.3f}**{noise(a)} | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
+            f"**{a.sensitivity:.3f}**{noise} | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
             f"{_num(a.peak_abs_logsumexp, 3)} | {_num(a.max_spike_score_loss, 2)} | "
             f"{_num(a.max_spike_score_grad, 2)} | {diverged} |"
         )
@@ -545,14 +510,9 @@ def report_markdown(
         "| arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
         "|---|" + "---:|" * len(lrs),
     ]
-    flags = {(r["arm"], r["seed"], r["lr"]): r["diverged"] for r in rows}
     for a in arms:
         cells = [
-            (
-                "—"
-                if lr not in a.finals
-                else _num(a.finals[lr]) + (" ✗" if flags[(a.arm, a.seed, lr)] else "")
-            )
+            _num(a.finals[lr]) + (" ✗" if lr in a.diverged_lrs else "") if lr in a.finals else "—"
             for lr in lrs
         ]
         label = f"{a.arm} (seed {a.seed})" if multi_seed else a.arm
@@ -569,6 +529,11 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _style(i: int) -> dict[str, str]:
+    """Line ``i``'s color and line style: ten colors, then the next style."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
+
+
 def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Final loss against peak LR, a line per (arm, seed); diverged runs as crosses at their
     capped value (the loss at init), as LR sensitivity counts them."""
@@ -576,17 +541,12 @@ def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax = fig.subplots()
     for i, a in enumerate(arm_results(sorted(rows, key=lambda r: r["arm"]))):
         lrs = np.array(sorted(a.finals))
-        capped = np.array(
-            [
-                min(a.finals[lr], a.init_loss) if math.isfinite(a.finals[lr]) else a.init_loss
-                for lr in lrs
-            ]
-        )
+        capped = np.array([capped_loss(a.finals[lr], a.init_loss) for lr in lrs])
         bad = np.array([lr in a.diverged_lrs for lr in lrs])
-        color, style = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]
         label = a.arm if len({r["seed"] for r in rows}) == 1 else f"{a.arm} (seed {a.seed})"
-        ax.plot(lrs, capped, color=color, linestyle=style, marker="o", markersize=4, label=label)
+        ax.plot(lrs, capped, **_style(i), marker="o", markersize=4, label=label)
         if bad.any():
+            color = _style(i)["color"]
             ax.plot(lrs[bad], capped[bad], linestyle="none", marker="x", markersize=10, color=color)
     ax.set(
         xscale="log",
@@ -596,9 +556,7 @@ def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_series(
@@ -613,7 +571,7 @@ def plot_series(
     if not by_lr:
         return None
     arms = sorted({label for members in by_lr.values() for label, _ in members})
-    color = {label: f"C{i % 10}" for i, label in enumerate(arms)}
+    style = {label: _style(i) for i, label in enumerate(arms)}
     cols = min(4, len(by_lr))
     rows_n = math.ceil(len(by_lr) / cols)
     legend_rows = math.ceil(len(arms) / 4)
@@ -621,20 +579,12 @@ def plot_series(
     axes = list(fig.subplots(rows_n, cols, squeeze=False, sharey=True).flat)
     for ax, (lr, members) in zip(axes, sorted(by_lr.items()), strict=False):
         for label, run in members:
-            steps, values = run.series(key)
-            ax.plot(
-                steps,
-                values,
-                color=color[label],
-                linewidth=1.1,
-                label=label,
-                linestyle=("-", "--", ":")[arms.index(label) // 10 % 3],
-            )
+            ax.plot(*run.series(key), **style[label], linewidth=1.1, label=label)
         if "max_logit" in key:
             ax.set_yscale("log")
         ax.set(title=f"lr={lr:g}", xlabel="step", ylabel=key)
         ax.grid(alpha=0.3)
-    for ax in list(axes)[len(by_lr) :]:
+    for ax in axes[len(by_lr) :]:
         ax.axis("off")
     seen: dict[str, Any] = {}
     for ax in fig.axes:
@@ -643,9 +593,7 @@ def plot_series(
             seen.setdefault(label, handle)
     fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=4, fontsize=8)
     bottom = (0.25 * legend_rows + 0.3) / fig.get_figheight()
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path, dpi=90, rect=(0, bottom, 1, 1))
 
 
 def render(
