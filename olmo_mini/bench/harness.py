@@ -135,11 +135,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def json_line(result: object) -> str:
     """A result dataclass as one JSON line; fields that do not apply (None) are left out."""
-    return json.dumps(dataclasses.asdict(result, dict_factory=_present))  # type: ignore[call-overload]
-
-
-def _present(items: list[tuple[str, object]]) -> dict[str, object]:
-    return {key: value for key, value in items if value is not None}
+    present = dataclasses.asdict(  # type: ignore[call-overload]
+        result, dict_factory=lambda items: {k: v for k, v in items if v is not None}
+    )
+    return json.dumps(present)
 
 
 def markdown_table(

@@ -121,8 +121,7 @@ def _train_step(
     generator = torch.Generator().manual_seed(config.seed)
     shape = (config.data.micro_batch_size, config.data.seq_len + 1)
     tokens = torch.randint(config.model.vocab_size, shape, generator=generator).to(device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed")
-    with autocast:
+    with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
         out = model(tokens[:, :-1], labels=tokens[:, 1:], z_loss=config.optim.z_loss)
     out.loss.backward()
     if not optimizer_step:
@@ -135,9 +134,8 @@ def _train_step(
 def _state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of this rank's parameters, gradients and optimizer state tensors (local shards)."""
     tensors = [*params, *(p.grad for p in params if p.grad is not None)]
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    states = optimizer.state.values() if optimizer is not None else ()
+    tensors += [v for state in states for v in state.values() if isinstance(v, torch.Tensor)]
     return _bytes(tensors)
 
 

@@ -22,7 +22,12 @@ from olmo_mini.bench.harness import markdown_table, parser, write_csv
 from olmo_mini.kernels import add_rms_norm, qk_rms_norm, rms_norm
 from olmo_mini.kernels.reference import add_rms_norm_torch, qk_rms_norm_torch, rms_norm_torch
 
-OPS = ("rms_norm", "add_rms_norm", "qk_rms_norm")
+KERNELS = {  # op: (the kernels' dispatcher, the eager torch reference)
+    "rms_norm": (rms_norm, rms_norm_torch),
+    "add_rms_norm": (add_rms_norm, add_rms_norm_torch),
+    "qk_rms_norm": (qk_rms_norm, qk_rms_norm_torch),
+}
+OPS = tuple(KERNELS)
 PROVIDERS = ("triton", "torch", "compile", "F.rms_norm")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 M_VALUES = (4096, 16384, 65536)
@@ -34,8 +39,7 @@ NO_GPU_MESSAGE = "bench_norm needs a CUDA GPU; none found, nothing measured."
 # Backward: read x and dy, write dx (add_rms_norm's residual grad is dy itself, no traffic).
 # rstd (4 bytes a row) and the weight and its dW partials are negligible at these sizes.
 # qk_rms_norm splits the M rows between q and k, so its traffic matches rms_norm's.
-FWD_TRAFFIC = {"rms_norm": 2, "add_rms_norm": 3, "qk_rms_norm": 2}
-BWD_TRAFFIC = {"rms_norm": 3, "add_rms_norm": 3, "qk_rms_norm": 3}
+TRAFFIC = {"rms_norm": (2, 3), "add_rms_norm": (3, 3), "qk_rms_norm": (2, 3)}  # (fwd, bwd)
 
 NormFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 Timer = Callable[[Callable[[], object], list[torch.Tensor]], float]
@@ -56,12 +60,6 @@ class NormRow:
     pct_clone: float
 
 
-def op_bytes(op: str, pass_: str, m: int, d: int, elem_size: int) -> int:
-    units = {"fwd": FWD_TRAFFIC[op], "bwd": BWD_TRAFFIC[op]}
-    units["fwd+bwd"] = units["fwd"] + units["bwd"]
-    return units[pass_] * m * d * elem_size
-
-
 def make_inputs(op: str, m: int, d: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     """Activations in ``dtype``, fp32 weights (as the model keeps them), all requiring grad."""
 
@@ -78,21 +76,14 @@ def make_inputs(op: str, m: int, d: int, dtype: torch.dtype, device: str) -> lis
 
 def provider_fn(op: str, provider: str) -> NormFn:
     """The function under test; F.rms_norm gets its weight in the activation dtype, as it needs."""
-    reference = functools.partial(
-        {
-            "rms_norm": rms_norm_torch,
-            "add_rms_norm": add_rms_norm_torch,
-            "qk_rms_norm": qk_rms_norm_torch,
-        }[op],
-        eps=EPS,
-    )
+    kernel, torch_fn = KERNELS[op]
+    reference = functools.partial(torch_fn, eps=EPS)
     if provider == "torch":
         return reference
     if provider == "compile":
         return torch.compile(reference)
     if provider == "triton":
-        fns = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "qk_rms_norm": qk_rms_norm}
-        return lambda *args: fns[op](*args, EPS, backend="triton")
+        return lambda *args: kernel(*args, EPS, backend="triton")
 
     def f_rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), EPS)
@@ -132,6 +123,8 @@ def sweep(
     results = []
     elem = torch.empty(0, dtype=dtype).element_size()
     for op in ops:
+        fwd, bwd = TRAFFIC[op]
+        units = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
         for m in ms:
             for d in ds:
                 torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit
@@ -139,7 +132,7 @@ def sweep(
                 for provider in providers:
                     times = time_passes(provider_fn(op, provider), inputs, timer)
                     for pass_, t in times.items():
-                        gbps = op_bytes(op, pass_, m, d, elem) / (t * 1e-3) / 1e9
+                        gbps = units[pass_] * m * d * elem / (t * 1e-3) / 1e9
                         r = NormRow(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
                         results.append(r)
                         print(
@@ -177,6 +170,7 @@ def write_report(
         len(ops), len(PASSES), figsize=(5 * len(PASSES), 3.5 * len(ops)), squeeze=False
     )
     shapes = list(dict.fromkeys((r.m, r.d) for r in results))
+    labels = [f"{m}x{d}" for m, d in shapes]
     by_case = {(r.op, r.pass_, r.provider, r.m, r.d): r.gbps for r in results}
     for row, op in enumerate(ops):
         for col, pass_ in enumerate(PASSES):
@@ -185,9 +179,7 @@ def write_report(
                 gbps = [by_case.get((op, pass_, provider, *shape), math.nan) for shape in shapes]
                 ax.plot(range(len(shapes)), gbps, marker="o", label=provider)
             ax.axhline(clone_gbps, color="gray", linestyle="--", label="torch.clone")
-            ax.set_xticks(
-                range(len(shapes)), [f"{m}x{d}" for m, d in shapes], rotation=60, fontsize=7
-            )
+            ax.set_xticks(range(len(shapes)), labels, rotation=60, fontsize=7)
             ax.set_title(f"{op} {pass_}")
             ax.set_ylabel("GB/s")
     axes[0][0].legend(fontsize=7)

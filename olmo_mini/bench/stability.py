@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(name, f"{r:.3f}", f"{r * result.tokens_per_step:,.0f}") for name, r in rates.items()]
     print(f"machine: {device_name(torch.device('cpu'))}")
     print(markdown_table(["monitor", "steps/s", "tokens/s"], rows, numeric=2))
-    print(
-        f"overhead at stability.every_n_steps={result.every_n_steps}: {100 * result.overhead:.1f}%"
-    )
+    every = result.every_n_steps
+    print(f"overhead at stability.every_n_steps={every}: {100 * result.overhead:.1f}%")
     print(json_line(result))
     return 0

@@ -167,10 +167,8 @@ def hf_model_like(model: OLMo2) -> nn.Module:
     from transformers import Olmo2ForCausalLM
 
     fields = hf_keys.config_to_hf(model.config, torch.float32, None)
-    config = HFConfig(
-        **{k: v for k, v in fields.items() if k not in ("architectures", "model_type")}
-    )
-    config._attn_implementation = "sdpa"
+    del fields["architectures"], fields["model_type"]
+    config = HFConfig(**fields, attn_implementation="sdpa")
     hf_model = Olmo2ForCausalLM(config).to(model.embed_tokens.weight.device)
     state = {hf_keys.to_hf_key(k): v.clone() for k, v in model.state_dict().items()}
     hf_model.load_state_dict(state, strict=True)

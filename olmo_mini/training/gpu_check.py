@@ -25,32 +25,12 @@ NO_GPU = (
     "(on CPU, run pytest: the gpu tier skips)"
 )
 # olmo2_1b's shape (configs/model/olmo2_1b.yaml) for tools/bench_train.py, a short sequence.
-BENCH_TRAIN_ARGS = [
-    "--d-model",
-    "2048",
-    "--n-layers",
-    "16",
-    "--n-heads",
-    "16",
-    "--mlp-hidden-size",
-    "8192",
-    "--vocab-size",
-    "100352",
-    "--seq-len",
-    "2048",
-    "--batch-size",
-    "4",
-    "--olmo-modes",
-    "bf16+eager",
-    "bf16+compile",
-    "--hf-modes",
-    "bf16+eager",
-    "--warmup",
-    "2",
-    "--repeats",
-    "3",
-]
-BENCH_NORM_ARGS = ["--m", "16384", "--d", "2048", "4096", "--providers", "triton", "torch"]
+BENCH_TRAIN_ARGS = (
+    "--d-model 2048 --n-layers 16 --n-heads 16 --mlp-hidden-size 8192 --vocab-size 100352 "
+    "--seq-len 2048 --batch-size 4 --olmo-modes bf16+eager bf16+compile --hf-modes bf16+eager "
+    "--warmup 2 --repeats 3"
+).split()
+BENCH_NORM_ARGS = "--m 16384 --d 2048 4096 --providers triton torch".split()
 # Not yet calibrated on a GPU (none was available when this was written): worst case 7.75 min.
 LIMITS_S = {"tests": 240, "bench_norm": 45, "bench_train": 180}
 
@@ -64,8 +44,7 @@ def _run(name: str, command: list[str], out_dir: Path) -> tuple[bool, str]:
         )
         ok, output = done.returncode == 0, done.stdout + done.stderr
     except subprocess.TimeoutExpired as e:
-        ok = False
-        output = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {LIMITS_S[name]} s"
+        ok, output = False, f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {LIMITS_S[name]} s"
     (out_dir / f"{name}.log").write_text(output)
     print(f"{name}: {'ok' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s", flush=True)
     return ok, output
@@ -75,17 +54,12 @@ def _test_rows(junit: Path) -> list[tuple[str, str]]:
     """``(test id, outcome)`` from pytest's JUnit XML."""
     if not junit.is_file():
         return []
+    outcomes = {"failure": "FAILED", "error": "FAILED", "skipped": "skipped"}
     rows = []
     for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome = "passed"
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome = "FAILED"
-            elif child.tag == "skipped":
-                outcome = "skipped"
-        rows.append(
-            (f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}", outcome)
-        )
+        found = [outcomes[child.tag] for child in case if child.tag in outcomes]
+        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        rows.append((name, found[-1] if found else "passed"))
     return rows
 
 
@@ -98,10 +72,15 @@ def _norm_rows(csv_file: Path) -> list[dict[str, str]]:
 
 def _train_rows(output: str) -> list[dict]:
     """The rows of bench_train's last JSON line."""
-    for line in reversed(output.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line).get("rows", [])
-    return []
+    records = [line for line in output.splitlines() if line.startswith("{")]
+    return json.loads(records[-1]).get("rows", []) if records else []
+
+
+def _section(title: str, header: str, rows: list[str]) -> list[str]:
+    """A markdown table under ``## title``, or one "(no results)" row in it."""
+    columns = header.count("|") - 1
+    empty = "| (no results) |" + " |" * (columns - 1)
+    return ["", f"## {title}", "", header, "|---" * columns + "|", *(rows or [empty])]
 
 
 def summary(
@@ -111,41 +90,28 @@ def summary(
     train: list[dict],
     parts: dict[str, bool],
 ) -> str:
-    lines = [
-        f"# GPU check: {device}",
-        "",
-        f"torch {torch.__version__}, CUDA {torch.version.cuda}; "
-        + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in parts.items()),
-        "",
-        "## gpu test tier",
-        "",
-        "| test | outcome |",
-        "|---|---|",
-    ]
-    lines += [f"| {name} | {outcome} |" for name, outcome in tests] or ["| (no results) | |"]
-    lines += [
-        "",
-        "## Triton norm kernels (bf16), bandwidth as % of torch.clone",
-        "",
+    status = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in parts.items())
+    versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    lines = [f"# GPU check: {device}", "", f"{versions}; {status}"]
+    test_rows = [f"| {name} | {outcome} |" for name, outcome in tests]
+    lines += _section("gpu test tier", "| test | outcome |", test_rows)
+    lines += _section(
+        "Triton norm kernels (bf16), bandwidth as % of torch.clone",
         "| op | pass | M | D | GB/s | % of clone |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['op']} | {r['pass_']} | {r['m']} | {r['d']} | {float(r['gbps']):.0f} | "
-        f"{float(r['pct_clone']):.0f} |"
-        for r in norms
-    ] or ["| (no results) | |||||"]
-    lines += [
-        "",
-        "## Training step, olmo2_1b shape (batch 4 x 2048 tokens)",
-        "",
+        [
+            f"| {r['op']} | {r['pass_']} | {r['m']} | {r['d']} | {float(r['gbps']):.0f} | "
+            f"{float(r['pct_clone']):.0f} |"
+            for r in norms
+        ],
+    )
+    lines += _section(
+        "Training step, olmo2_1b shape (batch 4 x 2048 tokens)",
         "| framework | mode | tokens/s | MFU |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['framework']} | {r['mode']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
-        for r in train
-    ] or ["| (no results) | | | |"]
+        [
+            f"| {r['framework']} | {r['mode']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
+            for r in train
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -159,28 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     junit = out / "gpu_tests.xml"
-    python = sys.executable
-    parts = {}
-    parts["tests"], _ = _run(
-        "tests",
-        [python, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", f"--junitxml={junit}"],
-        out,
-    )
-    parts["bench_norm"], _ = _run(
-        "bench_norm",
-        [python, "tools/bench_norm.py", "--out-dir", str(out / "norm"), *BENCH_NORM_ARGS],
-        out,
-    )
-    parts["bench_train"], train_out = _run(
-        "bench_train", [python, "tools/bench_train.py", *BENCH_TRAIN_ARGS], out
-    )
-    report = summary(
-        torch.cuda.get_device_name(),
-        _test_rows(junit),
-        _norm_rows(out / "norm" / "norm_bench.csv"),
-        _train_rows(train_out),
-        parts,
-    )
+    python, norm_dir = sys.executable, out / "norm"
+    commands = {
+        "tests": [python, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", f"--junitxml={junit}"],
+        "bench_norm": [python, "tools/bench_norm.py", "--out-dir", str(norm_dir), *BENCH_NORM_ARGS],
+        "bench_train": [python, "tools/bench_train.py", *BENCH_TRAIN_ARGS],
+    }
+    results = {name: _run(name, command, out) for name, command in commands.items()}
+    parts = {name: ok for name, (ok, _) in results.items()}
+    norms = _norm_rows(norm_dir / "norm_bench.csv")
+    train = _train_rows(results["bench_train"][1])
+    report = summary(torch.cuda.get_device_name(), _test_rows(junit), norms, train, parts)
     (out / "gpu_check.md").write_text(report)
     print(f"wrote {out / 'gpu_check.md'}")
     return 0 if all(parts.values()) else 1

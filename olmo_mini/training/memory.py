@@ -52,13 +52,6 @@ class MemoryPlan:
         return self.params + self.grads + self.optimizer
 
 
-def model_sizes(model: OLMo2) -> tuple[int, int, int]:
-    """Parameter count, parameters of the root module (outside blocks), and of one block."""
-    total = model.num_params()
-    block = sum(p.numel() for p in model.blocks[0].parameters()) if len(model.blocks) else 0
-    return total, total - block * len(model.blocks), block
-
-
 def plan_memory(config: TrainConfig, device_type: str = "cuda") -> MemoryPlan:
     """Per-device memory of training ``config`` (see the module docstring for each term)."""
     trainer, data, arch = config.trainer, config.data, config.model
@@ -67,16 +60,16 @@ def plan_memory(config: TrainConfig, device_type: str = "cuda") -> MemoryPlan:
         precision = "bf16-mixed" if device_type == "cuda" else default_precision(device_type)
     with torch.device("meta"):
         model = OLMo2(arch)
-    count, root, block = model_sizes(model)
+    count = model.num_params()
+    block = sum(p.numel() for p in model.blocks[0].parameters()) if len(model.blocks) else 0
+    root = count - block * len(model.blocks)  # embedding, final norm, LM head
     state_bytes = 2 if precision == "bf16-true" else 4
     compute_bytes = 4 if precision == "32-true" else 2
     shards = trainer.world_size if trainer.strategy == "fsdp" else 1
     params = -(-count * state_bytes // shards)
     optimizer = -(-count * ADAM_STATE_BYTES // shards)
-    working = 0
-    if trainer.strategy == "fsdp" and shards > 1:
-        unsharded = (root + 2 * block) * compute_bytes
-        working = 2 * unsharded  # the parameters and their gradients before reduce-scatter
+    # The root and two blocks unsharded: their parameters, and gradients before reduce-scatter.
+    working = 2 * (root + 2 * block) * compute_bytes if shards > 1 else 0
     tokens = data.micro_batch_size * data.seq_len
     per_block = tokens * (13 * arch.d_model + 4 * arch.mlp_hidden_size) * compute_bytes
     residual = tokens * arch.d_model * compute_bytes
@@ -121,9 +114,8 @@ def format_plan(plan: MemoryPlan, activation_checkpointing: bool) -> str:
 
 def plan_main(argv: list[str] | None = None) -> int:
     """``tools/plan_memory.py``: Hydra-style overrides in, the per-device table out."""
-    parser = argparse.ArgumentParser(
-        description="Per-device memory of a training config (python train.py's overrides).",
-    )
+    description = "Per-device memory of a training config (python train.py's overrides)."
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--device",
         choices=("cuda", "cpu"),
