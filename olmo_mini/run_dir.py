@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError
+from olmo_mini.integrity import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
         shutil.rmtree(run_dir / "checkpoints")
     run_id = uuid.uuid4().hex[:12]
     record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
-    _write_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
     return run_id
 
 
@@ -248,12 +249,6 @@ def _describe(holder: dict | None) -> str:
         return "holder unknown"
     job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def resume_command(run_dir: Path) -> str:

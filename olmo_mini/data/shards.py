@@ -31,10 +31,9 @@ import numpy as np
 import xxhash
 from tokenizers import Tokenizer
 
-from olmo_mini.data.cache import write_text_atomic
 from olmo_mini.data.corpus import is_val
 from olmo_mini.data.tokenizer import tokenizer_hash
-from olmo_mini.integrity import ALGORITHM, file_digest
+from olmo_mini.integrity import ALGORITHM, file_digest, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from olmo_mini.integrity import write_text_atomic
 from olmo_mini.run_dir import try_lock, unlock
 from olmo_mini.stability.compare import final_loss, init_loss, max_attention_logit, save_figure
 from olmo_mini.stability.runs import Run, load_run_dir
@@ -296,9 +297,7 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
                     shutil.rmtree(run_dir)
                 log.info("%s", tag)
                 row = train_run(spec, plan.name, run_dir)
-                tmp = run_dir / f"{RESULT_FILE}.tmp"  # written whole, then renamed: atomic
-                tmp.write_text(json.dumps(row, indent=1))
-                os.replace(tmp, run_dir / RESULT_FILE)
+                write_text_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
                 ran += 1
                 done = "%s: final loss %.4f, diverged %s, %.0f s CPU"
                 log.info(done, tag, row["final_loss"], row["diverged"], row["cpu_s"])

@@ -20,8 +20,8 @@ import lightning as L
 from tokenizers import Tokenizer
 
 from olmo_mini.config import ConfigError
-from olmo_mini.data.cache import write_text_atomic
 from olmo_mini.data.tokenizer import tokenizer_hash
+from olmo_mini.integrity import write_text_atomic
 from olmo_mini.run_dir import TOKENIZER_FILE
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
