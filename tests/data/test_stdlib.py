@@ -12,10 +12,19 @@ from olmo_mini.data.corpus import stdlib_files
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuses every network connection; local IPC (Unix sockets: the tokenizer workers'
+    forkserver) still works."""
+    connect = socket.socket.connect
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError("network disabled in this test")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    def local_only(sock: socket.socket, address: object) -> None:
+        if sock.family != socket.AF_UNIX:
+            refuse()
+        connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
