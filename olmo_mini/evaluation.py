@@ -111,9 +111,7 @@ def evaluate(loaded: Loaded, config: TrainConfig, device: str = "cpu") -> EvalRe
     batches = list(datamodule.val_dataloader())
     world = config.trainer.world_size
     batches = batches[: len(batches) // world * world]
-    result = evaluate_batches(
-        loaded.model, batches, token_byte_lengths(datamodule.tokenizer), device
-    )
+    result = evaluate_batches(loaded.model, batches, token_byte_lengths(loaded.tokenizer), device)
     windows = sum(len(b["input_ids"]) for b in batches)
     text = (
         f"{windows} held-out windows of {data.seq_len + 1} tokens "

@@ -236,14 +236,10 @@ def _model(kind: str, where: Path) -> OLMo2:
     architecture = _architecture(kind, where)
     if kind == "hf":
         return OLMo2.from_hf(where).eval()
-    if kind == "checkpoint":
-        return _build(architecture, checkpoint_state(where), where)
-    from safetensors.torch import load_file
-
     weights = where / WEIGHTS_FILE
-    if not weights.is_file():
+    if kind == "weights" and not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
-    return _build(architecture, load_file(str(weights)), where)
+    return _build(architecture, dict(_source_tensors(kind, where)), where)
 
 
 def _architecture(kind: str, where: Path) -> OLMo2Config:

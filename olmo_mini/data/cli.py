@@ -38,8 +38,5 @@ def corpus_documents(args: argparse.Namespace) -> tuple[Iterator[tuple[str, str]
         return hf_documents(source, args.hf_split, args.max_docs), source.describe(args.hf_split)
     if args.input:
         paths = expand_files(args.input)
-        return (
-            file_documents(paths, args.text_field, args.max_docs),
-            " ".join(str(p) for p in paths),
-        )
+        return file_documents(paths, args.text_field, args.max_docs), " ".join(map(str, paths))
     return stdlib_documents(args.max_docs), "python stdlib"

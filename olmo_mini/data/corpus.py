@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -78,13 +79,9 @@ def file_documents(
 ) -> Iterator[tuple[str, str]]:
     """Documents of local files, keyed by their text: a ``.txt`` file is one document, a
     ``.jsonl`` line or ``.parquet`` row is one document (its ``text_field``)."""
-    count = 0
-    for path in paths:
-        for text in _read_file(path, text_field):
-            if max_docs is not None and count >= max_docs:
-                return
-            count += 1
-            yield text, text
+    texts = (text for path in paths for text in _read_file(path, text_field))
+    for text in itertools.islice(texts, max_docs):
+        yield text, text
 
 
 def files_hash(paths: list[Path], text_field: str, max_docs: int | None) -> str:
@@ -110,7 +107,11 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                yield _field(row, text_field, f"{path}:{lineno}")
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise KeyError(
+                        f"{path}:{lineno}: expected an object with a string field {text_field!r}"
+                    )
+                yield row[text_field]
     else:
         import pyarrow.parquet as pq
 
@@ -124,9 +125,3 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
                 if not isinstance(text, str):
                     raise ValueError(f"{path}: a {text_field!r} value is not a string: {text!r}")
                 yield text
-
-
-def _field(row: object, text_field: str, where: str) -> str:
-    if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-        raise KeyError(f"{where}: expected an object with a string field {text_field!r}")
-    return row[text_field]

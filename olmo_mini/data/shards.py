@@ -16,6 +16,7 @@ count. Reading uses ``np.memmap`` locally and fsspec byte ranges for URLs, never
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -54,24 +55,18 @@ class _ShardWriter:
     """Appends documents of one split to numbered ``.bin`` files, rolling over at doc boundaries."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.dtype, self.shard_tokens = (
-            out_dir,
-            split,
-            dtype,
-            shard_tokens,
-        )
+        self.out_dir, self.split = out_dir, split
+        self.dtype, self.shard_tokens = dtype, shard_tokens
         self.records: list[dict] = []
         self._file = None
-        self._ends: list[int] = []
-        self._tokens = 0
-        self._max_id = 0
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        if self._file is None:
-            name = f"{self.split}-{len(self.records):05d}"
-            self._name = name
-            self._file = open(self.out_dir / f"{name}.bin", "wb")
+        if self._file is None:  # a new shard
+            self._name = f"{self.split}-{len(self.records):05d}"
+            self._file = open(self.out_dir / f"{self._name}.bin", "wb")
             self._digest = xxhash.xxh3_128()
+            self._ends: list[int] = []
+            self._tokens = self._max_id = 0
         data = tokens.astype(self.dtype, copy=False).tobytes()
         self._file.write(data)
         self._digest.update(data)
@@ -97,7 +92,7 @@ class _ShardWriter:
                 "max_token_id": self._max_id,
             }
         )
-        self._file, self._ends, self._tokens, self._max_id = None, [], 0, 0
+        self._file = None
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -134,16 +129,10 @@ def _tasks(
     documents: Iterable[tuple[str, str]], val_fraction: float
 ) -> Iterator[tuple[list[str], list[str]]]:
     """Documents grouped for the workers, each tagged with its split."""
-    texts: list[str] = []
-    splits: list[str] = []
-    for key, text in documents:
-        texts.append(text)
-        splits.append("val" if is_val(key, val_fraction) else "train")
-        if len(texts) == DOCS_PER_TASK:
-            yield texts, splits
-            texts, splits = [], []
-    if texts:
-        yield texts, splits
+    documents = iter(documents)
+    while batch := list(itertools.islice(documents, DOCS_PER_TASK)):
+        splits = ["val" if is_val(key, val_fraction) else "train" for key, _ in batch]
+        yield [text for _, text in batch], splits
 
 
 def _encoded(
@@ -192,19 +181,11 @@ def write_shards(
     encoded = _encoded(
         _tasks(documents, val_fraction), tokenizer, eos, procs or os.cpu_count() or 1
     )
-    progress = _Progress()
-    for splits, tokens, lengths in encoded:
-        progress.update(len(lengths), len(tokens))
-        ends = np.cumsum(lengths)
+    for splits, tokens, lengths in _logged(encoded):
         for split in SPLITS:
             keep = np.fromiter((s == split for s in splits), dtype=bool, count=len(splits))
-            if keep.all():
-                writers[split].write(tokens, lengths)
-            elif keep.any():
-                pieces = [
-                    tokens[e - n : e] for e, n, k in zip(ends, lengths, keep, strict=True) if k
-                ]
-                writers[split].write(np.concatenate(pieces), lengths[keep])
+            if keep.any():  # the split's documents, in order
+                writers[split].write(tokens[np.repeat(keep, lengths)], lengths[keep])
     for writer in writers.values():
         writer.close()
     if not writers["train"].records:
@@ -226,22 +207,22 @@ def write_shards(
     return manifest
 
 
-class _Progress:
-    """A log line every ``every_s`` seconds while a corpus is tokenized."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s, self.docs, self.tokens = every_s, 0, 0
-        self.started = self.last = time.perf_counter()
-
-    def update(self, docs: int, tokens: int) -> None:
-        self.docs, self.tokens = self.docs + docs, self.tokens + tokens
+def _logged(
+    encoded: Iterator[tuple[list[str], np.ndarray, np.ndarray]], every_s: float = 10.0
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """``encoded`` as it is, with a log line every ``every_s`` seconds while it is tokenized."""
+    docs = tokens = 0
+    started = last = time.perf_counter()
+    for splits, flat, lengths in encoded:
+        docs, tokens = docs + len(lengths), tokens + len(flat)
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
+        if now - last >= every_s:
+            last = now
             log.info(
-                f"tokenized {self.docs:,} documents, {self.tokens / 1e6:.1f}M tokens "
-                f"({self.tokens / (now - self.started) / 1e3:.0f}k tokens/s)"
+                f"tokenized {docs:,} documents, {tokens / 1e6:.1f}M tokens "
+                f"({tokens / (now - started) / 1e3:.0f}k tokens/s)"
             )
+        yield splits, flat, lengths
 
 
 # ---------------------------------------------------------------- reading
@@ -282,15 +263,9 @@ class TokenFile:
     local file's digest (``xxh3_128`` in the manifest) on its first read, in each process that
     reads it (URLs: by ``prepare_data.py --verify``, which would otherwise download them)."""
 
-    def __init__(
-        self, url: str, dtype: np.dtype, num_tokens: int, digest: str | None = None
-    ) -> None:
-        self.url, self.dtype, self.num_tokens, self.digest = (
-            url,
-            np.dtype(dtype),
-            num_tokens,
-            digest,
-        )
+    def __init__(self, url: str, dtype: np.dtype, num_tokens: int, digest: str | None) -> None:
+        self.url, self.dtype = url, np.dtype(dtype)
+        self.num_tokens, self.digest = num_tokens, digest
         self._fs, self._path = fsspec.core.url_to_fs(url)
         try:
             size = self._fs.size(self._path)
@@ -305,14 +280,20 @@ class TokenFile:
         self._local = isinstance(self._fs, fsspec.implementations.local.LocalFileSystem)
         self._memmap: np.memmap | None = None
 
+    @classmethod
+    def of(cls, root: str, manifest: dict, rec: dict) -> TokenFile:
+        """The shard of ``manifest`` (of the directory or URL ``root``) that ``rec`` describes."""
+        return cls(
+            _join(str(root), rec["file"]), manifest["dtype"], rec["num_tokens"], rec.get(ALGORITHM)
+        )
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_memmap": None}  # each loader worker maps the file itself
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if self._local:
             if self._memmap is None:
-                if self.digest is not None:
-                    self.verify()
+                self.verify()
                 self._memmap = np.memmap(self._path, self.dtype, "r", shape=(self.num_tokens,))
             return self._memmap[start:stop]
         size = self.dtype.itemsize
@@ -339,12 +320,7 @@ def verify_shards(root: str) -> list[str]:
     problems = []
     for rec in manifest["shards"]:
         try:
-            shard = TokenFile(
-                _join(str(root), rec["file"]),
-                manifest["dtype"],
-                rec["num_tokens"],
-                rec.get(ALGORITHM),
-            )
+            shard = TokenFile.of(root, manifest, rec)
             if shard.digest is None:
                 problems.append(
                     f"{shard.url}: no digest in the manifest (written by an older "
@@ -371,16 +347,7 @@ class ShardInstances:
 
     @classmethod
     def open(cls, root: str, split: str, seq_len: int, manifest: dict) -> ShardInstances:
-        files = [
-            TokenFile(
-                _join(str(root), rec["file"]),
-                manifest["dtype"],
-                rec["num_tokens"],
-                rec.get(ALGORITHM),
-            )
-            for rec in manifest["shards"]
-            if rec["split"] == split
-        ]
+        files = [TokenFile.of(root, manifest, r) for r in manifest["shards"] if r["split"] == split]
         return cls(files, seq_len + 1, manifest["vocab_size"])
 
     @property

@@ -44,19 +44,15 @@ class HFSource:
         files = f", data_files={self.data_files}" if self.data_files else ""
         return f"HF dataset {self.path!r} (name={self.name!r}, split={split!r}{files})"
 
-    def load(self, split: str, streaming: bool = True) -> datasets.IterableDataset:
-        for pattern in self.data_files:
-            if "://" in pattern:
-                continue
+    def load(self, split: str) -> datasets.IterableDataset:
+        for pattern in (p for p in self.data_files if "://" not in p):  # local files
             matches = glob.glob(pattern)
             if not matches:
                 raise FileNotFoundError(f"data file not found: {pattern}")
             if all(os.path.getsize(m) == 0 for m in matches):  # datasets fails obscurely on these
                 raise ValueError(f"empty corpus: {pattern} has no data")
         kwargs = {"data_files": list(self.data_files)} if self.data_files else {}
-        return datasets.load_dataset(
-            self.path, self.name, split=split, streaming=streaming, **kwargs
-        )
+        return datasets.load_dataset(self.path, self.name, split=split, streaming=True, **kwargs)
 
     def texts(self, split: str, slot: int = 0, num_slots: int = 1) -> Iterator[list[str]]:
         """One pass over the documents of ``split`` that fall to ``slot``, in batches."""
@@ -133,15 +129,10 @@ class StreamingTrainStream(IterableDataset):
         # which the uninterrupted run gave to worker `consumed_micro mod W`: act as that one.
         virtual = (self.consumed_micro + worker) % num_workers
         served = max(0, -(-(self.consumed_micro - virtual) // num_workers))
+        tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        slot, num_slots = self.at.rank * num_workers + virtual, self.at.world_size * num_workers
         windows = packed_windows(
-            self.source,
-            self.split,
-            self._keep,
-            Tokenizer.from_str(self.tokenizer_json),
-            self.eos,
-            self.window,
-            slot=self.at.rank * num_workers + virtual,
-            num_slots=self.at.world_size * num_workers,
+            self.source, self.split, self._keep, tokenizer, self.eos, self.window, slot, num_slots
         )
         micro = self.at.micro_batch_size
         windows = itertools.islice(windows, served * micro, None)
