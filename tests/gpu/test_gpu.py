@@ -22,10 +22,9 @@ from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model.model import softcapped_attention
 from tests.kernels.test_norm_kernels import (
     assert_within,
-    leaves,
+    compare,
     norm_weight,
     qk_inputs,
-    run,
     scaled_rows,
 )
 from tests.training.helpers import check, run_train, series
@@ -34,7 +33,6 @@ CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 
 EPS = 1e-6
-ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
@@ -79,20 +77,7 @@ def test_compiled_triton_norms_match_the_fp32_reference(op: str, d: int, dtype) 
     """Forward and every gradient, on the GPU, against torch in fp32 on the same values."""
     torch.manual_seed(0)
     inputs, triton_fn, torch_fn = _norm_case(op, d)
-    low = [(t if t.dim() == 1 else t.to(dtype)).cuda() for t in inputs]
-    ref = [t.float() for t in low]
-    outs = torch_fn(*low)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.randn(o.shape, device="cuda").to(dtype) for o in outs]
-    got_out, got_grad = run(triton_fn, leaves(*low), grads)
-    same_out, same_grad = run(torch_fn, leaves(*low), grads)
-    ref_out, ref_grad = run(torch_fn, leaves(*ref), grads)
-    for kind, got, same, want in (
-        ("output", got_out, same_out, ref_out),
-        ("grad", got_grad, same_grad, ref_grad),
-    ):
-        for i, (g, s, r) in enumerate(zip(got, same, want, strict=True)):
-            assert_within(f"{op} {kind} {i}", g, s, r, ATOL[dtype])
+    compare(triton_fn, torch_fn, inputs, dtype, device="cuda", name=f"{op} ")
 
 
 def test_custom_ops_pass_opcheck() -> None:

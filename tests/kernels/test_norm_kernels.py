@@ -50,18 +50,25 @@ def run(fn, inputs: list[torch.Tensor | None], grads: list[torch.Tensor]):
     return list(outs), [t.grad for t in inputs if t is not None]
 
 
-def compare(triton_fn, torch_fn, inputs: list[torch.Tensor | None], dtype: torch.dtype) -> None:
+def compare(
+    triton_fn,
+    torch_fn,
+    inputs: list[torch.Tensor | None],
+    dtype: torch.dtype,
+    device: str = "cpu",
+    name: str = "",
+) -> None:
     """Triton and torch in ``dtype`` against torch in fp32 on the same values: outputs, grads.
 
     Activations are rounded to ``dtype`` first and the fp32 reference gets them upcast (as in
     flash-attn's tests), so only the computation differs; weights (1-D) stay fp32 as in the model.
     """
-    low = [None if t is None or t.dim() == 1 else t.to(dtype) for t in inputs]
-    low = [t if lo is None else lo for t, lo in zip(inputs, low, strict=True)]
+    low = [None if t is None else (t if t.dim() == 1 else t.to(dtype)).to(device) for t in inputs]
     ref = [None if t is None else t.float() for t in low]
     outs = torch_fn(*low)
     torch.manual_seed(1)
-    grads = [torch.randn(o.shape).to(dtype) for o in (outs if isinstance(outs, tuple) else (outs,))]
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn(o.shape, device=device).to(dtype) for o in outs]
 
     got_out, got_grad = run(triton_fn, leaves(*low), grads)
     same_out, same_grad = run(torch_fn, leaves(*low), grads)
@@ -71,7 +78,7 @@ def compare(triton_fn, torch_fn, inputs: list[torch.Tensor | None], dtype: torch
         ("grad", got_grad, same_grad, ref_grad),
     ):
         for i, (g, s, r) in enumerate(zip(got, same, want, strict=True)):
-            assert_within(f"{kind} {i}", g, s, r, ATOL[dtype])
+            assert_within(f"{name}{kind} {i}", g, s, r, ATOL[dtype])
 
 
 def activation(layout: str, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
