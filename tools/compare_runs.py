@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from olmo_mini.stability.compare import compare_runs
-from olmo_mini.stability.runs import run_tool
+from olmo_mini.analysis.compare import compare_runs
+from olmo_mini.analysis.runs import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from olmo_mini.stability.runs import run_tool
-from olmo_mini.stability.sensitivity import write_report
+from olmo_mini.analysis.runs import run_tool
+from olmo_mini.analysis.sensitivity import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from olmo_mini.stability.study import (
+from olmo_mini.analysis.study import (
     StudyError,
     completed_rows,
     load_plan,

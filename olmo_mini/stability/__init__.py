@@ -1,1 +1,2 @@
-"""Training-stability observatory: metric math, the monitor callback and run readers."""
+"""Training-stability observatory: the metric math and the monitor callback that training
+plugs in; it sits below ``training`` (what reads or drives runs is ``olmo_mini.analysis``)."""

@@ -17,8 +17,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
+from olmo_mini.analysis.runs import find_runs, load_run, read_wandb_records
 from olmo_mini.config import load_config
-from olmo_mini.stability.runs import find_runs, load_run, read_wandb_records
 from olmo_mini.training.parallel import build_strategy
 from tests.training.helpers import REPO, check, compose_config, series, train_command
 

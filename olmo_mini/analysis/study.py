@@ -31,11 +31,11 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from olmo_mini.analysis.compare import final_loss, init_loss, max_attention_logit, save_figure
+from olmo_mini.analysis.runs import Run, load_run_dir
+from olmo_mini.analysis.sensitivity import capped_loss, lr_sensitivity
 from olmo_mini.integrity import write_text_atomic
 from olmo_mini.run_dir import try_lock, unlock
-from olmo_mini.stability.compare import final_loss, init_loss, max_attention_logit, save_figure
-from olmo_mini.stability.runs import Run, load_run_dir
-from olmo_mini.stability.sensitivity import capped_loss, lr_sensitivity
 
 log = logging.getLogger(__name__)
 

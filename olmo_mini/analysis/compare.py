@@ -18,7 +18,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from olmo_mini.stability.runs import Run, experiment_keys
+from olmo_mini.analysis.runs import Run, experiment_keys
 
 LR_KEY = "optim.lr"
 # (group, name) of the per-layer metrics drawn, one panel each when any run logged them.

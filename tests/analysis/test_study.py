@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from olmo_mini.stability.study import (
+from olmo_mini.analysis.study import (
     FIELDS,
     RESULT_FILE,
     StudyError,

@@ -13,7 +13,7 @@ import wandb
 import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from olmo_mini.stability.runs import RunReadError, find_runs, load_run, read_wandb_records
+from olmo_mini.analysis.runs import RunReadError, find_runs, load_run, read_wandb_records
 
 CONFIG = {
     "optim": {"lr": 1e-3, "betas": [0.9, 0.95]},

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from olmo_mini.stability.runs import Run
-from olmo_mini.stability.sensitivity import analyze, lr_sensitivity, write_report
-from tests.stability.test_runs import write_csv_run
+from olmo_mini.analysis.runs import Run
+from olmo_mini.analysis.sensitivity import analyze, lr_sensitivity, write_report
+from tests.analysis.test_runs import write_csv_run
 
 TOOL = Path(__file__).parents[2] / "tools" / "lr_sensitivity.py"
 GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)

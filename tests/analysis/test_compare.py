@@ -13,9 +13,9 @@ import wandb
 import yaml
 from lightning.pytorch.loggers import WandbLogger
 
-from olmo_mini.stability.compare import final_loss, init_loss, run_labels
-from olmo_mini.stability.runs import Run, load_run
-from tests.stability.test_runs import write_csv_run
+from olmo_mini.analysis.compare import final_loss, init_loss, run_labels
+from olmo_mini.analysis.runs import Run, load_run
+from tests.analysis.test_runs import write_csv_run
 
 TOOL = Path(__file__).parents[2] / "tools" / "compare_runs.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

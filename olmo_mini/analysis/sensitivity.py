@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from olmo_mini.stability.compare import (
+from olmo_mini.analysis.compare import (
     LR_KEY,
     LossValue,
     final_loss,
@@ -27,7 +27,7 @@ from olmo_mini.stability.compare import (
     save_figure,
     set_growth_scale,
 )
-from olmo_mini.stability.runs import Run
+from olmo_mini.analysis.runs import Run
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,38 @@
+"""What reads finished runs or drives training, above ``training``: run readers, comparisons,
+LR sensitivity and the study runner."""
+
+from typing import TYPE_CHECKING
+
+from olmo_mini._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from olmo_mini.analysis.compare import compare_runs
+    from olmo_mini.analysis.runs import Run, find_runs, load_run
+    from olmo_mini.analysis.sensitivity import lr_sensitivity, write_report
+    from olmo_mini.analysis.study import load_plan, render, run_plan
+
+__all__ = [
+    "Run",
+    "compare_runs",
+    "find_runs",
+    "load_plan",
+    "load_run",
+    "lr_sensitivity",
+    "render",
+    "run_plan",
+    "write_report",
+]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "compare_runs": ".compare",
+        "Run": ".runs",
+        "find_runs": ".runs",
+        "load_run": ".runs",
+        "lr_sensitivity": ".sensitivity",
+        "write_report": ".sensitivity",
+        "load_plan": ".study",
+        "render": ".study",
+        "run_plan": ".study",
+    },
+)
