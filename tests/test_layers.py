@@ -4,6 +4,11 @@ The cycle check reads every ``import`` of ``olmo_mini/`` with ``ast``, also thos
 functions: a late import hides a cycle from a plain import but not from the graph. Importing a
 module also runs its packages' ``__init__``; a lazy package export (``olmo_mini._lazy``) counts
 as an import of the submodule that defines the name. ``if TYPE_CHECKING:`` blocks never run.
+
+The package graph collapses that module graph to ``olmo_mini.<package>`` nodes: a top-level
+module (``olmo_mini.config``, ``olmo_mini.run_dir``, ``olmo_mini._lazy``) is a node of its own.
+Two modules can import each other's packages without a module cycle (``training.callbacks`` ->
+``stability.monitor`` and ``stability.x`` -> ``training.run``): only the package graph sees it.
 """
 
 from __future__ import annotations
@@ -152,6 +157,65 @@ def test_the_import_rules_of_the_architecture_hold(layer, forbidden):
         ours, others = _closure(module)
         hits = {m for m in ours | others for f in forbidden if m == f or m.startswith(f + ".")}
         assert not hits, f"importing {module} can load {sorted(hits)}"
+
+
+def _package(module: str) -> str:
+    """A module's node in the package graph: its ``olmo_mini.<package>``, or itself when it is
+    a top-level module."""
+    return ".".join(module.split(".")[:2])
+
+
+def _package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for name, (ours, _) in GRAPH.items():
+        here = _package(name)
+        graph.setdefault(here, set()).update(_package(m) for m in ours if _package(m) != here)
+    return graph
+
+
+PACKAGE_GRAPH = _package_graph()
+# Above training: what drives it or reads its finished runs, and the benchmarks. Every other
+# package (the model, data, kernels, the stability observatory, the config schema, ...) is
+# below it: training plugs them in, none of them may reach training.
+ABOVE_TRAINING = {"olmo_mini.analysis", "olmo_mini.bench"}
+BELOW_TRAINING = sorted(set(PACKAGE_GRAPH) - ABOVE_TRAINING - {"olmo_mini.training"})
+
+
+def _package_closure(package: str) -> set[str]:
+    seen, stack = set(), [package]
+    while stack:
+        for above in PACKAGE_GRAPH[stack.pop()] - seen:
+            seen.add(above)
+            stack.append(above)
+    return seen
+
+
+def test_the_packages_have_no_import_cycle():
+    sorter = TopologicalSorter(PACKAGE_GRAPH)
+    try:
+        sorter.prepare()
+    except CycleError as e:
+        # graphlib lists a cycle against the arrows: reversed, each package imports the next
+        pytest.fail(f"package import cycle: {' -> '.join(reversed(e.args[1]))}")
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        *[
+            (p, {"olmo_mini.training", "olmo_mini.analysis", "olmo_mini.bench"})
+            for p in BELOW_TRAINING
+        ],
+        ("olmo_mini.training", {"olmo_mini.analysis", "olmo_mini.bench"}),
+        ("olmo_mini.analysis", {"olmo_mini.bench"}),
+    ],
+)
+def test_every_package_imports_only_packages_below_it(package, forbidden):
+    """The stability observatory (metrics, monitor) is below training, which plugs it in;
+    analysis (run readers, LR sensitivity, the study runner) is above it and may drive it."""
+    assert "olmo_mini.stability" in BELOW_TRAINING and "olmo_mini.model" in BELOW_TRAINING
+    hits = _package_closure(package) & forbidden
+    assert not hits, f"importing {package} can load {sorted(hits)}"
 
 
 def test_nothing_in_the_package_imports_the_benchmarks():
