@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from olmo_mini.analysis.runs import run_tool
-from olmo_mini.analysis.sensitivity import write_report
+from olmo_mini.analysis.sweep import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

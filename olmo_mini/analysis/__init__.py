@@ -8,8 +8,9 @@ from olmo_mini._lazy import lazy_exports
 if TYPE_CHECKING:
     from olmo_mini.analysis.compare import compare_runs
     from olmo_mini.analysis.runs import Run, find_runs, load_run
-    from olmo_mini.analysis.sensitivity import lr_sensitivity, write_report
+    from olmo_mini.analysis.sensitivity import lr_sensitivity, score_arms
     from olmo_mini.analysis.study import load_plan, render, run_plan
+    from olmo_mini.analysis.sweep import write_report
 
 __all__ = [
     "Run",
@@ -20,6 +21,7 @@ __all__ = [
     "lr_sensitivity",
     "render",
     "run_plan",
+    "score_arms",
     "write_report",
 ]
 __getattr__ = lazy_exports(
@@ -30,9 +32,10 @@ __getattr__ = lazy_exports(
         "find_runs": ".runs",
         "load_run": ".runs",
         "lr_sensitivity": ".sensitivity",
-        "write_report": ".sensitivity",
+        "score_arms": ".sensitivity",
         "load_plan": ".study",
         "render": ".study",
         "run_plan": ".study",
+        "write_report": ".sweep",
     },
 )

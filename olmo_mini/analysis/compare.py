@@ -1,5 +1,7 @@
 """Compare runs side by side: loss curves, per-layer q/k RMS and attention logits, final loss
-against learning rate, and a Markdown table, so an ablation reads at a glance."""
+against learning rate, and a Markdown table, so an ablation reads at a glance. Also what a run
+gives LR sensitivity (its loss at init and final loss), an LR sweep's runs grouped into scored
+arms, and the one final-loss-vs-LR figure of both sensitivity front ends."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from olmo_mini.analysis.runs import Run, experiment_keys
+from olmo_mini.analysis.sensitivity import Arm, GridRun, capped_loss, is_diverged, score_arms
 
 LR_KEY = "optim.lr"
 # (group, name) of the per-layer metrics drawn, one panel each when any run logged them.
@@ -145,6 +147,22 @@ def max_attention_logit(run: Run) -> tuple[float, int, int] | None:
     return best
 
 
+def analyze(runs: Sequence[Run]) -> list[Arm[Run]]:
+    """Group ``runs`` into arms by their config differences other than the LR; score each."""
+    missing = [run.source for run in runs if LR_KEY not in run.config]
+    if missing:
+        raise ValueError(f"runs without {LR_KEY} in their config: {', '.join(missing)}")
+    grid = []
+    for label, members in group_runs(runs).items():
+        for run in members:
+            init, final = init_loss(run).value, final_loss(run).value
+            diverged = is_diverged(final, init, stopped_early=False)
+            grid.append(
+                GridRun(label, float(run.config[LR_KEY]), init, final, diverged, run.source, run)
+            )
+    return score_arms(grid)
+
+
 def plot_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path:
     """train/loss, and val/loss when any run has it, over steps: one line per run."""
     keys = ["train/loss"] + (["val/loss"] if any("val/loss" in r.keys() for r in runs) else [])
@@ -214,34 +232,33 @@ def set_growth_scale(ax: Axes, arrays: Sequence[np.ndarray]) -> None:
     ax.set_yscale("log" if values.size and values.min() > 0 else "symlog")
 
 
-def plot_final_loss_vs_lr(groups: dict[str, list[Run]], path: Path) -> Path:
-    """Final loss against peak LR (log axis), one line per group.
+def line_style(i: int) -> dict[str, str]:
+    """Line ``i``'s color and line style: ten colors, then the next style."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
 
-    Non-finite final losses (diverged runs) are drawn as crosses at the run's loss at init,
-    the value LR sensitivity counts for them.
-    """
-    fig = Figure(figsize=(6.5, 4.5))
+
+def plot_final_loss_vs_lr(arms: Sequence[Arm], path: Path) -> Path:
+    """Final loss against peak LR (log axis), a line per arm, at the values LR sensitivity
+    counts: capped at the arm's loss at init; diverged runs are also marked with a cross."""
+    fig = Figure(figsize=(8, 5.5))
     ax = fig.subplots()
-    for i, (label, runs) in enumerate(groups.items()):
-        points = sorted((float(run.config[LR_KEY]), run) for run in runs if LR_KEY in run.config)
-        lrs = np.array([lr for lr, _ in points])
-        finals = np.array([final_loss(run).value for _, run in points])
-        ok = np.isfinite(finals)
-        if ok.any():
-            ax.plot(lrs[ok], finals[ok], marker="o", color=f"C{i % 10}", label=label)
-        if not ok.all():
-            at_init = [init_loss(run).value for _, run in compress(points, ~ok)]
-            cross = {"linestyle": "none", "marker": "x", "markersize": 9, "color": f"C{i % 10}"}
-            ax.plot(lrs[~ok], at_init, **cross, label=f"{label}: diverged (at loss at init)")
+    for i, arm in enumerate(arms):
+        lrs = np.array(list(arm.finals))
+        capped = np.array([capped_loss(v, arm.init_loss) for v in arm.finals.values()])
+        ax.plot(lrs, capped, **line_style(i), marker="o", markersize=4, label=arm.label)
+        bad = np.isin(lrs, arm.diverged_lrs)
+        if bad.any():
+            cross = {"linestyle": "none", "marker": "x", "markersize": 10}
+            ax.plot(lrs[bad], capped[bad], **cross, color=line_style(i)["color"])
     ax.set(
         xscale="log",
         xlabel=f"peak learning rate ({LR_KEY})",
-        ylabel="final loss",
-        title="final loss vs learning rate",
+        ylabel="final loss (capped at the loss at init)",
+        title="final loss vs learning rate (x: diverged)",
     )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=100)
 
 
 def summary_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
@@ -291,7 +308,7 @@ def compare_runs(
     if layers is not None:
         written.append(layers)
     if LR_KEY in differing_keys(runs):
-        written.append(plot_final_loss_vs_lr(group_runs(runs), out / "final_loss_vs_lr.png"))
+        written.append(plot_final_loss_vs_lr(analyze(runs), out / "final_loss_vs_lr.png"))
     lines = ["# Run comparison", "", summary_table(runs, labels)]
     lines += [
         "Final losses are the last logged values; spike scores the last logged "

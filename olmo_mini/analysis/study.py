@@ -31,9 +31,16 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
-from olmo_mini.analysis.compare import final_loss, init_loss, max_attention_logit, save_figure
+from olmo_mini.analysis.compare import (
+    final_loss,
+    init_loss,
+    line_style,
+    max_attention_logit,
+    plot_final_loss_vs_lr,
+    save_figure,
+)
 from olmo_mini.analysis.runs import Run, load_run_dir
-from olmo_mini.analysis.sensitivity import capped_loss, lr_sensitivity
+from olmo_mini.analysis.sensitivity import Arm, GridRun, is_diverged, lr_sensitivity, score_arms
 from olmo_mini.integrity import write_text_atomic
 from olmo_mini.run_dir import try_lock, unlock
 
@@ -187,12 +194,6 @@ def load_plan(name: str | Path) -> Plan:
 # --- one run ----------------------------------------------------------------------------------
 
 
-def is_diverged(final: float, init: float, stopped_early: bool) -> bool:
-    """Diverged: stopped on non-finite steps, a non-finite final loss, or one above the loss at
-    init (the run ended worse than it started)."""
-    return stopped_early or not math.isfinite(final) or final > init
-
-
 def summarize(
     spec: RunSpec, plan: str, run: Run, max_steps: int, stopped_early: bool, cost: dict[str, float]
 ) -> dict[str, Any]:
@@ -338,22 +339,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 @dataclass
-class ArmResult:
-    """One arm over its LR grid (one seed): the Wortsman et al. numbers and the worst metrics."""
+class ArmResult(Arm[Mapping[str, Any]]):
+    """One arm over its LR grid (one seed): the Wortsman et al. numbers (``Arm``, whose runs
+    are the summary rows) and the worst metrics over its runs."""
 
     arm: str
     seed: int
-    init_loss: float
-    finals: dict[float, float]
-    best_lr: float
-    best_loss: float
-    sensitivity: float
     peak_attn_logit: float
     min_attn_entropy: float
     peak_abs_logsumexp: float
     max_spike_score_loss: float
     max_spike_score_grad: float
-    diverged_lrs: list[float]
 
 
 def _nanmax(values: Iterable[float]) -> float:
@@ -363,36 +359,36 @@ def _nanmax(values: Iterable[float]) -> float:
 
 def arm_results(rows: Sequence[Mapping[str, Any]]) -> list[ArmResult]:
     """Rows grouped by (arm, seed), scored, ranked by LR sensitivity (lowest first)."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["arm"], row["seed"]), []).append(row)
+    multi_seed = len({r["seed"] for r in rows}) > 1
+    grid = [
+        GridRun(
+            f"{r['arm']} (seed {r['seed']})" if multi_seed else r["arm"],
+            r["lr"],
+            r["init_loss"],
+            r["final_loss"],
+            r["diverged"],
+            r["run_id"],
+            r,
+        )
+        for r in rows
+    ]
+    try:
+        arms = score_arms(grid)
+    except ValueError as err:
+        raise StudyError(str(err)) from None
     results = []
-    for (arm, seed), members in groups.items():
-        members = sorted(members, key=lambda r: r["lr"])
-        inits = [r["init_loss"] for r in members if math.isfinite(r["init_loss"])]
-        if not inits:
-            raise StudyError(f"arm {arm!r} (seed {seed}): no run has a finite loss at init")
-        init = float(np.mean(inits))
-        finals = {r["lr"]: r["final_loss"] for r in members}
-        if len(finals) != len(members):
-            raise StudyError(f"arm {arm!r} (seed {seed}) has two runs at one LR")
-        usable = {lr: v for lr, v in finals.items() if math.isfinite(v)}
-        best_lr = min(usable, key=usable.__getitem__) if usable else math.nan
+    for scored in arms:
+        members = list(scored.runs.values())
         results.append(
             ArmResult(
-                arm=arm,
-                seed=seed,
-                init_loss=init,
-                finals=finals,
-                best_lr=best_lr,
-                best_loss=usable.get(best_lr, math.nan),
-                sensitivity=lr_sensitivity(finals, init),
+                **vars(scored),
+                arm=members[0]["arm"],
+                seed=members[0]["seed"],
                 peak_attn_logit=_nanmax(r["peak_attn_logit"] for r in members),
                 min_attn_entropy=-_nanmax(-r["min_attn_entropy"] for r in members),
                 peak_abs_logsumexp=_nanmax(r["peak_abs_logsumexp"] for r in members),
                 max_spike_score_loss=_nanmax(r["spike_score_loss"] for r in members),
                 max_spike_score_grad=_nanmax(r["spike_score_grad"] for r in members),
-                diverged_lrs=[r["lr"] for r in members if r["diverged"]],
             )
         )
     return sorted(results, key=lambda a: (a.sensitivity, a.arm, a.seed))
@@ -528,36 +524,6 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
-def _style(i: int) -> dict[str, str]:
-    """Line ``i``'s color and line style: ten colors, then the next style."""
-    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
-
-
-def plot_loss_vs_lr(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Final loss against peak LR, a line per (arm, seed); diverged runs as crosses at their
-    capped value (the loss at init), as LR sensitivity counts them."""
-    fig = Figure(figsize=(8, 5.5))
-    ax = fig.subplots()
-    for i, a in enumerate(arm_results(sorted(rows, key=lambda r: r["arm"]))):
-        lrs = np.array(sorted(a.finals))
-        capped = np.array([capped_loss(a.finals[lr], a.init_loss) for lr in lrs])
-        bad = np.array([lr in a.diverged_lrs for lr in lrs])
-        label = a.arm if len({r["seed"] for r in rows}) == 1 else f"{a.arm} (seed {a.seed})"
-        ax.plot(lrs, capped, **_style(i), marker="o", markersize=4, label=label)
-        if bad.any():
-            color = _style(i)["color"]
-            ax.plot(lrs[bad], capped[bad], linestyle="none", marker="x", markersize=10, color=color)
-    ax.set(
-        xscale="log",
-        xlabel="peak learning rate",
-        ylabel="final val loss (capped at init)",
-        title="final loss vs LR (x: diverged)",
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path, dpi=100)
-
-
 def plot_series(
     key: str, runs: Mapping[str, Run], rows: Sequence[Mapping[str, Any]], path: Path
 ) -> Path | None:
@@ -570,7 +536,7 @@ def plot_series(
     if not by_lr:
         return None
     arms = sorted({label for members in by_lr.values() for label, _ in members})
-    style = {label: _style(i) for i, label in enumerate(arms)}
+    style = {label: line_style(i) for i, label in enumerate(arms)}
     cols = min(4, len(by_lr))
     rows_n = math.ceil(len(by_lr) / cols)
     legend_rows = math.ceil(len(arms) / 4)
@@ -608,7 +574,7 @@ def render(
         raise StudyError(f"plan {plan.name!r}: no completed runs to report")
     report_dir.mkdir(parents=True, exist_ok=True)
     written = [write_rows(rows, report_dir / SUMMARY_FILE)]
-    figures = [plot_loss_vs_lr(rows, report_dir / "final_loss_vs_lr.png")]
+    figures = [plot_final_loss_vs_lr(arm_results(rows), report_dir / "final_loss_vs_lr.png")]
     if runs_dir is not None and plan.series:
         runs = {r["run_id"]: load_run_dir(runs_dir / r["run_id"]) for r in rows}
         for key in plan.series:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from olmo_mini.analysis.compare import analyze
 from olmo_mini.analysis.runs import Run
-from olmo_mini.analysis.sensitivity import analyze, lr_sensitivity, write_report
+from olmo_mini.analysis.sensitivity import lr_sensitivity
+from olmo_mini.analysis.sweep import write_report
 from tests.analysis.test_runs import write_csv_run
 
 TOOL = Path(__file__).parents[2] / "tools" / "lr_sensitivity.py"

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from olmo_mini.analysis.compare import plot_final_loss_vs_lr
+from olmo_mini.analysis.sensitivity import is_diverged
 from olmo_mini.analysis.study import (
     FIELDS,
     RESULT_FILE,
     StudyError,
     arm_results,
-    is_diverged,
     load_plan,
-    plot_loss_vs_lr,
     pooled_std,
     read_rows,
     report_markdown,
@@ -156,7 +156,7 @@ def test_report_renders_fixed_rows(tmp_path) -> None:
     assert report_markdown("fixed", "Two arms.", back) == report_markdown(
         "fixed", "Two arms.", FIXED
     )
-    assert plot_loss_vs_lr(back, tmp_path / "loss.png").stat().st_size > 10_000
+    assert plot_final_loss_vs_lr(arm_results(back), tmp_path / "loss.png").stat().st_size > 10_000
     with_noise = report_markdown("fixed", "", FIXED, sigma=0.1)
     assert "seed noise of 0.100 nats" in with_noise
     assert "| **0.550** ± 0.0" in with_noise
