@@ -169,6 +169,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_size, bias=False)
         self.v_proj = nn.Linear(config.d_model, kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.d_model, bias=False)
+        # QK-norm weights: over the whole projection (full, qkv) or one of head_dim for every head.
         self.norm_per_head = config.qk_norm == QKNorm.head
         q_width, kv_width = (self.head_dim,) * 2 if self.norm_per_head else (q_size, kv_size)
         has_qk_norm = config.qk_norm in (QKNorm.full, QKNorm.head, QKNorm.qkv)
@@ -189,11 +190,11 @@ class Attention(nn.Module):
         k = self.k_proj(x)  # (B, T, nkv * hs)
         v = self.v_proj(x)  # (B, T, nkv * hs)
         q, k = self.pre_norm_probe(q, k)
-        q, k, v = self.normalize_projections(q, k, v)
+        q, k, v = self.normalize_projections(q, k, v)  # full, qkv: all heads at once
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = self.normalize_heads(q, k)
+        q, k = self.normalize_heads(q, k)  # head, l2: each head on its own
         q, k = self.rotate(q, k, cos, sin)
         q, k = self.logit_probe(q, k)
         mask = None
