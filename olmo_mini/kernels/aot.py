@@ -308,5 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(markdown_table(rows))
     seconds = time.perf_counter() - start
-    print(f"\n{len(rows)} compiled kernels for {', '.join(args.targets)} in {seconds:.0f} s")
+    targets = ", ".join(args.targets)
+    print(f"\n{len(rows)} rows, {len(_CACHE)} compiles for {targets} in {seconds:.0f} s")
     return 0
