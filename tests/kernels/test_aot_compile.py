@@ -34,7 +34,11 @@ def compile_kernels(*args: str) -> list[aot.Row]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     tool = [sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--json"]
     proc = subprocess.run(
-        [*tool, "--configs", str(CONFIGS), *args], capture_output=True, text=True, env=env
+        [*tool, "--configs", str(CONFIGS), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,  # a cold Triton cache on a loaded machine
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return [
