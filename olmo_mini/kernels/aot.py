@@ -6,7 +6,8 @@ kernel the compiler rejects, or one that spills at a real shape, fails here inst
 first GPU. The launches are not described a second time: the host functions of
 ``triton_norm`` run on ``meta`` tensors of a model's real shapes under ``recorded_launches``,
 which yields each kernel's exact arguments, block sizes and ``num_warps``; Triton's own binder
-then turns them into the signature, specializations and options a GPU launch would compile.
+then turns them into the signature, specializations and options a GPU launch would compile
+(its internal ``create_function_from_signature`` and ``_pack_args``, as of Triton 3.9).
 
 Resources per compiled kernel: registers and local memory (where spills go) from the cubin
 (``cuobjdump -res-usage``, shipped with Triton) or the AMDGCN metadata; shared memory from the
@@ -133,9 +134,7 @@ class Compiled:
     block_n: int
     num_warps: int
     registers: int  # per thread (NVIDIA) or VGPRs per lane (AMD)
-    spill_bytes: (
-        int  # local memory per thread (NVIDIA: where ptxas spills go) or spilled VGPRs+SGPRs
-    )
+    spill_bytes: int  # local memory per thread, where ptxas spills (AMD: spilled registers)
     shared_bytes: int  # shared memory (LDS on AMD) the launch requests
 
 
@@ -208,7 +207,7 @@ def _resources(asm: dict, backend: str) -> tuple[int, int]:
             capture_output=True,
             text=True,
         ).stdout
-    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", usage))
     return int(found["REG"]), int(found["LOCAL"])
 
 
@@ -221,14 +220,12 @@ class Row:
     uses: list[str]
 
 
-def compile_models(
-    shapes: Iterable[ModelShape], targets: Iterable[str], dtypes: Iterable[str] = tuple(DTYPES)
-) -> list[Row]:
+def compile_models(shapes: Iterable[ModelShape], targets: Iterable[str]) -> list[Row]:
     """Compile every norm launch of ``shapes`` (training steps and decoding, every QK-norm mode,
-    every dtype class) for ``targets``; one row per distinct compiled kernel."""
+    every dtype class) for ``targets``; one row per compiled kernel and dtype class."""
     rows: dict[tuple[Compiled, str], Row] = {}
     for shape in shapes:
-        for dtype in dtypes:
+        for dtype in DTYPES:
             for qk_norm in QK_NORMS:
                 for decode in (False, True):
                     use = f"{shape.name} {qk_norm}{' decode' if decode else ''}"
