@@ -241,8 +241,6 @@ def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> 
 def _model(kind: str, where: Path) -> OLMo2:
     """The fp32 CPU model of a located source."""
     architecture = _architecture(kind, where)
-    if kind == "hf":
-        return hf.load(where).eval()
     weights = where / WEIGHTS_FILE
     if kind == "weights" and not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")

@@ -1,5 +1,6 @@
 """Hugging Face ``Olmo2ForCausalLM`` folders <-> olmo-mini, both directions: the key map, the
-config translation, reading folders (whole, or one tensor at a time) and writing them.
+config translation, reading folders one tensor at a time and writing them. ``OLMo2.from_hf``
+builds a model from what this reads; ``OLMo2.save_hf`` is :func:`save`.
 
 Written without transformers: a folder is ``config.json`` plus safetensors files (one, or shards
 with an index), so conversion works wherever safetensors does. ``rms_norm_eps`` and
@@ -212,19 +213,6 @@ def tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in stream_safetensors(weight_files(path)):
         if not name.endswith("rotary_emb.inv_freq"):  # old exports carry this buffer
             yield from_hf_key(name), tensor
-
-
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> OLMo2:
-    """The model of an HF Olmo2 folder, on the CPU, built without a throwaway random init."""
-    from olmo_mini.model.model import OLMo2  # model.py imports this module
-
-    path = Path(path)
-    with torch.device("meta"):
-        model = OLMo2(read_config(path))
-    state = {name: tensor.to(dtype) for name, tensor in tensors(path)}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.rope.inv_freq = model.rope.frequencies()
-    return model
 
 
 def save(

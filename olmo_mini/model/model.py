@@ -402,8 +402,14 @@ class OLMo2(nn.Module):
 
     @classmethod
     def from_hf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> OLMo2:
-        """Build from a Hugging Face Olmo2 folder on CPU (:func:`olmo_mini.model.hf.load`)."""
-        return hf.load(path, dtype)
+        """Build from a Hugging Face Olmo2 folder (``config.json`` + safetensors) on CPU."""
+        path = Path(path)
+        with torch.device("meta"):
+            model = cls(hf.read_config(path))
+        state = {name: tensor.to(dtype) for name, tensor in hf.tensors(path)}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rope.inv_freq = model.rope.frequencies()
+        return model
 
     def save_hf(
         self,
