@@ -262,7 +262,7 @@ def _architecture(kind: str, where: Path) -> OLMo2Config:
 def load_init_weights(model: OLMo2, source: str) -> None:
     """Copy ``model.init_from``'s weights into a freshly built ``model``, one tensor at a time.
 
-    Safetensors sources (a Hugging Face folder, an olmo-mini weights folder) are read lazily
+    Safetensors sources (a Hugging Face folder, an old olmo-mini weights folder) are read lazily
     (``safe_open``): one whole tensor exists at a time and an FSDP2-sharded ``model`` keeps only
     its part on each rank (``model.shards.write_full_``), so no process ever holds the model.
     A sharded (DCP) checkpoint is read by DCP straight into the parameters, each rank reading
