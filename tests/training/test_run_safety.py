@@ -25,7 +25,13 @@ from olmo_mini.data.config import DataError
 from olmo_mini.interop import run_config
 from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release
 from olmo_mini.training import TrainingDiverged, train
-from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, CheckpointError, resolve_resume
+from olmo_mini.training.checkpoint import (
+    COMPLETE,
+    STATE_FILE,
+    CheckpointError,
+    resolve_resume,
+    verify,
+)
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
 from tests.training.helpers import (
     CHECKPOINTS,
@@ -322,6 +328,57 @@ def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
     check(run_train(tmp_path, *LONG, "trainer.stop_at_step=8", "resume=auto"))
     resumed = series(tmp_path, "train/loss")
     assert [resumed[s] for s in range(1, 9)] == [uninterrupted[s] for s in range(1, 9)]
+
+
+def _write_shards(out: Path) -> Path:
+    """A few thousand tokens of shards with their own 300-token tokenizer."""
+    from olmo_mini.data import load_tokenizer, train_bpe, write_shards
+    from olmo_mini.data.corpus import file_documents
+    from tests.data.conftest import make_docs, write_jsonl
+
+    out.mkdir()
+    corpus = write_jsonl(out.parent / "docs.jsonl", make_docs(300))
+    train_bpe(make_docs(200, seed=1), vocab_size=300).save(str(out.parent / "tokenizer.json"))
+    tokenizer = load_tokenizer(out.parent / "tokenizer.json")
+    write_shards(file_documents([corpus]), tokenizer, 0, out, str(corpus), 0.1, procs=1)
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_path):
+    """What SLURM and Ctrl-C do: the signal reaches the loader workers too, which must leave
+    stopping to the main process (issue 25, item 1)."""
+    run_dir = tmp_path / "run"
+    shards = [
+        *LONG,
+        "data=shards",
+        f"data.shards={_write_shards(tmp_path / 'shards')}",
+        "data.num_workers=2",
+        "trainer.cpu_threads=1",
+    ]
+    process = subprocess.Popen(
+        train_command(run_dir, *shards),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: train.py and its loader workers
+    )
+    _wait_for_step(run_dir, 2, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    found = re.search(
+        rf"^stopped: SIGTERM at step (\d+): saved (\S+); resume with: python train.py .* "
+        rf"resume=auto hydra.run.dir={run_dir}$",
+        err,
+        re.M,
+    )
+    assert found, err[-3000:]
+    assert verify(Path(found.group(2))) is None
+    check(run_train(run_dir, *shards, "trainer.stop_at_step=8", "resume=auto"))
+    assert max(series(run_dir, "train/loss")) == 8
 
 
 @pytest.mark.slow
