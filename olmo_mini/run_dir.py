@@ -112,16 +112,54 @@ def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
         return read_run_id(run_dir)
     check(run_dir, resume, overwrite)
     if continues(run_dir, resume):
-        run_id = read_run_id(run_dir)
+        run_id = read_run_id(run_dir) or _adopt(run_dir)
         if run_id is not None:
             return run_id
     elif step_dirs(run_dir / "checkpoints"):  # check() let it through: overwrite=true
         log.warning("checkpoint.overwrite=true: deleting %s", run_dir / "checkpoints")
         shutil.rmtree(run_dir / "checkpoints")
-    run_id = uuid.uuid4().hex[:12]
+    return _record(run_dir, uuid.uuid4().hex[:12])
+
+
+def _record(run_dir: Path, run_id: str) -> str:
+    """Write ``run.json`` naming ``run_id`` as the run that owns ``run_dir``; return the id."""
     record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
     write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
     return run_id
+
+
+def _adopt(run_dir: Path) -> str | None:
+    """The run id of a run dir whose ``run.json`` is gone, from its checkpoints' markers, written
+    back to ``run.json`` (None: no checkpoints). Checkpoints whose owner this cannot establish
+    (markers naming several runs, or none) are never resumed over: ``ConfigError``."""
+    checkpoints = step_dirs(run_dir / "checkpoints")
+    if not checkpoints:
+        return None
+    owners = {p.name: _owner(p) for p in checkpoints}
+    if len(set(owners.values())) != 1 or None in owners.values():
+        named = ", ".join(
+            f"{name}: {owner or 'no readable marker'}" for name, owner in owners.items()
+        )
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} has no {RUN_FILE}, and its checkpoints do not all name one "
+            f"run ({named}); move the ones that are not this run's out of {run_dir / 'checkpoints'}, "
+            "or start this run in another hydra.run.dir"
+        )
+    run_id = next(iter(owners.values()))
+    log.warning(
+        "%s is missing: continuing run %s, which every checkpoint's marker names",
+        run_dir / RUN_FILE,
+        run_id,
+    )
+    return _record(run_dir, run_id)
+
+
+def _owner(path: Path) -> str | None:
+    """The run id in a ``step_<N>`` dir's marker; None when it has no readable one."""
+    try:
+        return read_marker(path).get("run_id")
+    except ValueError:
+        return None
 
 
 def check(run_dir: Path, resume: str | None, overwrite: bool) -> None:

@@ -4,6 +4,7 @@ failed saves that clean up, strict config keys."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import logging
@@ -137,6 +138,34 @@ def test_a_refused_launch_keeps_hydra_config_and_tools_read_the_checkpoints_own(
     assert result.returncode == 1 and "error: hydra.run.dir=" in result.stderr, result.stderr
     assert hydra_config.read_text() == before
     assert run_config(tmp_path / "checkpoints" / "step_2").model.block == "reordered"
+
+
+def test_a_run_dir_without_its_run_record_never_loses_its_checkpoints(tmp_path):
+    """Issue 25, item 3: resume=auto continues the run every marker names, and stops with one
+    line, touching nothing, when the markers do not establish one owner."""
+    steps = ("trainer.max_steps=1000", "checkpoint.every_n_steps=1", "checkpoint.keep_last=10")
+    train(_config(*steps, "trainer.stop_at_step=2"), tmp_path)
+    run_id = read_run_id(tmp_path)
+    step1 = tmp_path / "checkpoints" / "step_1"
+    marker = (step1 / COMPLETE).read_text()
+    (tmp_path / "run.json").unlink()
+    (step1 / COMPLETE).write_text(marker.replace(run_id, "otherrun"))
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(
+        ConfigError,
+        match=f"^hydra.run.dir={re.escape(str(tmp_path))} has no run.json, and its checkpoints do "
+        f"not all name one run \\(step_1: otherrun, step_2: {run_id}\\); move the ones",
+    ):
+        train(_config(*steps, "trainer.stop_at_step=3", "resume=auto"), tmp_path)
+    after = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before and not (tmp_path / "run.json").exists()
+    (step1 / COMPLETE).write_text(marker)
+    train(_config(*steps, "trainer.stop_at_step=3", "resume=auto"), tmp_path)
+    assert read_run_id(tmp_path) == run_id
+    assert _steps(tmp_path) == ["step_1", "step_2", "step_3"]
+    assert (step1 / COMPLETE).read_text() == marker
+    resumed = (tmp_path / "csv" / "version_1" / "metrics.csv").read_text()
+    assert [r["step"] for r in csv.DictReader(resumed.splitlines()) if r["train/loss"]] == ["3"]
 
 
 def test_resume_with_another_architecture_or_data_names_the_fields(tmp_path):
