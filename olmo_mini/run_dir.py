@@ -195,9 +195,15 @@ def read_run_id(run_dir: Path) -> str | None:
 
 
 def lock(run_dir: Path) -> None:
-    """Hold ``<run_dir>/run.lock`` until this process exits; a live holder raises ``ConfigError``."""
+    """Hold ``<run_dir>/run.lock`` until this process exits; a live holder, or a lock that cannot
+    be written or read (a full or read-only disk), raises ``ConfigError``."""
     path = Path(run_dir) / LOCK_FILE
-    holder = try_lock(path)
+    try:
+        holder = try_lock(path)
+    except OSError as e:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir}: cannot take {LOCK_FILE}: {e.strerror or e}"
+        ) from None
     if holder is not None:
         raise ConfigError(
             f"hydra.run.dir={run_dir} is in use by another job ({_describe(holder)}, see {path}); "
@@ -208,25 +214,33 @@ def lock(run_dir: Path) -> None:
 
 def try_lock(path: Path) -> dict | None:
     """Create the lock file ``path`` for this process: None once held (also when this process
-    held it already), else the live holder's record. A stale lock is taken over."""
+    held it already), else the live holder's record. A stale lock is taken over.
+
+    The holder's record is written to a temp file first and hard-linked to ``path`` (which,
+    like ``O_EXCL``, fails if ``path`` exists): the lock file is never empty, so a launch that
+    fails while writing it (a full disk) leaves no lock behind, only its temp file's removal.
+    An empty or unreadable lock (left by an olmo-mini that wrote it in place) counts as stale."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = _holder()
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                return None
-            if attempt == 0 and _stale(holder):
-                log.warning("taking over the stale lock %s (%s)", path, holder)
-                path.unlink(missing_ok=True)
-                continue
-            return holder or {}
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return None
-    raise AssertionError("unreachable: the second attempt returns")
+    temp = path.with_name(f".{path.name}.{me['pid']}.tmp")
+    try:
+        temp.write_text(json.dumps(me))
+        for attempt in range(2):
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return None
+                if attempt == 0 and _stale(holder):
+                    log.warning("taking over the stale lock %s (%s)", path, holder or "empty")
+                    path.unlink(missing_ok=True)
+                    continue
+                return holder or {}
+            return None
+        raise AssertionError("unreachable: the second attempt returns")
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def release(run_dir: Path) -> None:
@@ -236,7 +250,10 @@ def release(run_dir: Path) -> None:
 
 def unlock(path: Path) -> None:
     """Remove the lock file ``path`` if this process holds it."""
-    holder = _read_lock(path)
+    try:
+        holder = _read_lock(path)
+    except OSError:  # not one this process could have written
+        return
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
 
@@ -253,19 +270,22 @@ def _holder() -> dict:
 
 
 def _read_lock(path: Path) -> dict | None:
+    """The lock's holder record; None when there is no lock, ``{}`` when it is empty or damaged
+    (an unreadable one raises ``OSError``)."""
     try:
         holder = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {}  # being written, or damaged: treated as held unless proven stale
+    except ValueError:
+        return {}
     return holder if isinstance(holder, dict) else {}
 
 
 def _stale(holder: dict | None) -> bool:
-    """A holder known to be gone: a dead pid on this host, or an earlier run of this SLURM job
-    (before a requeue)."""
-    if holder is None:
+    """A holder known to be gone: a dead pid on this host, an earlier run of this SLURM job
+    (before a requeue), or none recorded (an empty or damaged lock: never one a live launch
+    holds, as ``try_lock`` links a complete file into place)."""
+    if not holder:
         return True
     me = _holder()
     if me["slurm_job_id"] is not None and holder.get("slurm_job_id") == me["slurm_job_id"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import logging
 import os
@@ -514,3 +515,51 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path, monkeyp
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     release(tmp_path)
     assert not lock_file.exists()
+
+
+class FullDiskFile:
+    """A file open for writing on a full disk: every write fails."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def test_a_lock_that_a_full_disk_kept_from_being_written_blocks_no_later_launch(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 25, item 5: the failed launch stops with one line and leaves nothing; an empty lock
+    (left by a launch that wrote it in place) is taken over."""
+    real_open = io.open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        return FullDiskFile(opened) if "w" in mode else opened
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "open", full_disk_open)
+        with pytest.raises(
+            ConfigError,
+            match=f"^hydra.run.dir={re.escape(str(tmp_path))}: cannot take run.lock: "
+            "No space left on device$",
+        ):
+            lock(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    lock(tmp_path)
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    release(tmp_path)
+    (tmp_path / LOCK_FILE).write_text("")
+    with caplog.at_level(logging.WARNING):
+        lock(tmp_path)
+    assert f"taking over the stale lock {tmp_path / LOCK_FILE} (empty)" in caplog.text
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    release(tmp_path)
+    assert list(tmp_path.iterdir()) == []
