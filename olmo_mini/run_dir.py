@@ -313,7 +313,26 @@ def resume_command(run_dir: Path) -> str:
     """This launch's command line, set to continue the run in ``run_dir``."""
     kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "train.py"
-    return shlex.join(["python", script, *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
+    run_dir_override = f"hydra.run.dir={hydra_value(str(run_dir))}"
+    return shlex.join(["python", script, *kept, "resume=auto", run_dir_override])
+
+
+def hydra_value(value: str) -> str:
+    """``value`` written so that Hydra's override grammar reads it back as this string: as is
+    where it parses to itself, else single-quoted (commas, ``=``, quotes, brackets, non-ASCII
+    letters, edge spaces), with Hydra's escapes: backslashes doubled before a quote or the end,
+    ``\\'`` for a quote, ``\\${`` so that OmegaConf does not interpolate."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if "${" not in value:
+        try:
+            if OverridesParser.create().parse_override(f"key={value}").value() == value:
+                return value
+        except HydraException:  # not a plain value
+            pass
+    escaped = re.sub(r"(\\*)('|$)", lambda m: 2 * m.group(1) + ("\\'" if m.group(2) else ""), value)
+    return "'" + escaped.replace("${", "\\${") + "'"
 
 
 class ClaimBeforeHydraWrites(Callback):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import pytest
 from olmo_mini.config import ConfigError
 from olmo_mini.data.config import DataError
 from olmo_mini.interop import run_config
-from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release
+from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release, resume_command
 from olmo_mini.training import TrainingDiverged, train
 from olmo_mini.training.checkpoint import (
     COMPLETE,
@@ -563,3 +564,35 @@ def test_a_lock_that_a_full_disk_kept_from_being_written_blocks_no_later_launch(
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     release(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain-dir_1.x",
+        "with space",
+        "it's",
+        'say "hi"',
+        "naïve ünïcödé",
+        "a,b",
+        "lr=1e-3",
+        "[x]{y}(z)",
+        " edges ",
+        "back\\slash\\",
+        "quote\\'d",
+        "${oc.env:HOME}",
+    ],
+)
+def test_the_printed_resume_command_reads_back_the_run_dir(tmp_path, monkeypatch, name):
+    """Issue 25, item 8: pasted into a shell, the command gives Hydra the run dir as it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / name
+    monkeypatch.setattr(sys, "argv", ["/src/train.py", "debug=smoke", f"hydra.run.dir={run_dir}"])
+    words = shlex.split(resume_command(run_dir))
+    assert words[:3] == ["python", "train.py", "debug=smoke"] and words[3] == "resume=auto"
+    override = OverridesParser.create().parse_override(words[4])
+    assert override.key_or_group == "hydra.run.dir"
+    assert OmegaConf.create({"dir": override.value()}).dir == str(run_dir)  # as Hydra resolves it
+    assert len(words) == 5
