@@ -27,7 +27,7 @@ from olmo_mini.config import ConfigError
 from olmo_mini.data.config import DataError
 from olmo_mini.interop import run_config
 from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release, resume_command
-from olmo_mini.training import TrainingDiverged, train
+from olmo_mini.training import TrainingDiverged, interrupt, train
 from olmo_mini.training.checkpoint import (
     COMPLETE,
     STATE_FILE,
@@ -596,3 +596,21 @@ def test_the_printed_resume_command_reads_back_the_run_dir(tmp_path, monkeypatch
     assert override.key_or_group == "hydra.run.dir"
     assert OmegaConf.create({"dir": override.value()}).dir == str(run_dir)  # as Hydra resolves it
     assert len(words) == 5
+
+
+def test_a_hanging_scontrol_requeue_is_stopped_and_said(tmp_path, monkeypatch, caplog):
+    """Issue 25, item 9: the exit waits at most REQUEUE_TIMEOUT_S for scontrol."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\nexec sleep 60\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(interrupt, "REQUEUE_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert interrupt._requeue() is False
+    assert time.monotonic() - started < 5
+    assert caplog.messages == [
+        "could not requeue SLURM job 4242: scontrol requeue gave no answer in 0.5 s (stopped it; "
+        "requeue by hand with: scontrol requeue 4242)"
+    ]
