@@ -103,32 +103,37 @@ def saved_config(checkpoint: Path) -> Any:
     return OmegaConf.load(path)
 
 
-def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+def claim(run_dir: Path, resume: str | None, overwrite: bool, cpu_threads: int) -> str | None:
     """Take ``run_dir`` for this launch and return the run id (None on other ranks before rank
     zero wrote one); a launch that may not use the dir raises ``ConfigError``, having written
-    nothing there."""
+    nothing there. A new run records the CPU threads per process it trains with."""
     run_dir = Path(run_dir).resolve()
     if not is_rank_zero():
         return read_run_id(run_dir)
     check(run_dir, resume, overwrite)
     if continues(run_dir, resume):
-        run_id = read_run_id(run_dir) or _adopt(run_dir)
+        run_id = read_run_id(run_dir) or _adopt(run_dir, cpu_threads)
         if run_id is not None:
             return run_id
     elif step_dirs(run_dir / "checkpoints"):  # check() let it through: overwrite=true
         log.warning("checkpoint.overwrite=true: deleting %s", run_dir / "checkpoints")
         shutil.rmtree(run_dir / "checkpoints")
-    return _record(run_dir, uuid.uuid4().hex[:12])
+    return _record(run_dir, uuid.uuid4().hex[:12], cpu_threads)
 
 
-def _record(run_dir: Path, run_id: str) -> str:
+def _record(run_dir: Path, run_id: str, cpu_threads: int) -> str:
     """Write ``run.json`` naming ``run_id`` as the run that owns ``run_dir``; return the id."""
-    record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
+    record = {
+        "run_id": run_id,
+        "started": datetime.now(timezone.utc).isoformat(),
+        **_holder(),
+        "cpu_threads": cpu_threads,  # per process: a resume trains with the same count
+    }
     write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
     return run_id
 
 
-def _adopt(run_dir: Path) -> str | None:
+def _adopt(run_dir: Path, cpu_threads: int) -> str | None:
     """The run id of a run dir whose ``run.json`` is gone, from its checkpoints' markers, written
     back to ``run.json`` (None: no checkpoints). Checkpoints whose owner this cannot establish
     (markers naming several runs, or none) are never resumed over: ``ConfigError``."""
@@ -151,7 +156,7 @@ def _adopt(run_dir: Path) -> str | None:
         run_dir / RUN_FILE,
         run_id,
     )
-    return _record(run_dir, run_id)
+    return _record(run_dir, run_id, cpu_threads)
 
 
 def _owner(path: Path) -> str | None:
@@ -192,6 +197,16 @@ def read_run_id(run_dir: Path) -> str | None:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{Path(run_dir) / RUN_FILE}: unreadable run record ({e})") from None
+
+
+def trained_threads(run_dir: Path) -> int | None:
+    """The CPU threads per process that ``run.json`` says the run in ``run_dir`` trained with
+    (None: no record, or one written before runs recorded it)."""
+    try:
+        threads = json.loads((Path(run_dir) / RUN_FILE).read_text()).get("cpu_threads")
+    except (OSError, ValueError, AttributeError):
+        return None  # resuming reports an unreadable record
+    return threads if isinstance(threads, int) and threads > 0 else None
 
 
 def lock(run_dir: Path) -> None:

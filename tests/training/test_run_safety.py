@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from olmo_mini.config import ConfigError
 from olmo_mini.data.config import DataError
@@ -344,7 +345,9 @@ def _signal_at_step_2(run_dir: Path, overrides: list[str], signum: int) -> tuple
 def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
     tmp_path, uninterrupted, signum
 ):
-    returncode, err = _signal_at_step_2(tmp_path, LONG, signum)
+    # The thread count of the in-process run it is compared with, bit for bit.
+    pinned = [*LONG, f"trainer.cpu_threads={torch.get_num_threads()}"]
+    returncode, err = _signal_at_step_2(tmp_path, pinned, signum)
     assert returncode == 128 + signum, err[-3000:]
     name = signal.Signals(signum).name
     found = re.search(
@@ -356,7 +359,7 @@ def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
     assert found, err[-3000:]
     step = int(found.group(1))
     assert found.group(2) == str(tmp_path / "checkpoints" / f"step_{step}") and step < 8
-    check(run_train(tmp_path, *LONG, "trainer.stop_at_step=8", "resume=auto"))
+    check(run_train(tmp_path, *pinned, "trainer.stop_at_step=8", "resume=auto"))
     resumed = series(tmp_path, "train/loss")
     assert [resumed[s] for s in range(1, 9)] == [uninterrupted[s] for s in range(1, 9)]
 
@@ -614,3 +617,28 @@ def test_a_hanging_scontrol_requeue_is_stopped_and_said(tmp_path, monkeypatch, c
         "could not requeue SLURM job 4242: scontrol requeue gave no answer in 0.5 s (stopped it; "
         "requeue by hand with: scontrol requeue 4242)"
     ]
+
+
+@pytest.mark.slow
+def test_a_resume_trains_with_the_threads_its_run_recorded(tmp_path):
+    """Issue 25, item 6: the count in run.json, not the load of the machine it resumes on."""
+    train(_config(*LONG[len(COMMON) :], "trainer.stop_at_step=2"), tmp_path)
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["cpu_threads"] == torch.get_num_threads()
+    (tmp_path / "run.json").write_text(json.dumps({**record, "cpu_threads": 3}))
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    resumed = subprocess.run(
+        train_command(tmp_path, *LONG, "trainer.stop_at_step=3", "resume=auto"),
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    check(resumed)
+    assert re.search(
+        r"^.*CPU threads: 3 per process, as the run trained with \(its run.json; "
+        r"trainer.cpu_threads=N sets another\)$",
+        resumed.stdout,
+        re.M,
+    ), resumed.stdout[-3000:]
