@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> RunResult:
 def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """Train as ``config`` says, writing metrics and checkpoints under ``run_dir``."""
     trainer_cfg = config.trainer
-    run_id = claim(run_dir, config.resume, config.checkpoint.overwrite)
+    run_id = claim(run_dir, config.resume, config.checkpoint.overwrite, torch.get_num_threads())
     sharded = trainer_cfg.strategy == "fsdp"
     ckpt_path = resolve_resume(config.resume, run_dir, sharded, run_id, config.model)
     device = torch.device("cuda" if _uses_gpu(trainer_cfg.accelerator) else "cpu")
