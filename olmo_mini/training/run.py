@@ -23,7 +23,7 @@ from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy
 from olmo_mini.training.perf import default_precision, peak_flops
 from olmo_mini.training.recorder import log_config
-from olmo_mini.training.wandb_run import LazyWandbLogger, hydra_labels
+from olmo_mini.training.wandb_run import LazyWandbLogger, StartWandbRun, hydra_labels
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
     )
     peak = trainer_cfg.peak_flops or peak_flops(device, precision)
     callbacks = build_callbacks(config, run_dir, precision, peak, checkpoint, callbacks)
+    loggers = _loggers(config, run_dir, run_id)
+    starts = [StartWandbRun(logger) for logger in loggers if isinstance(logger, LazyWandbLogger)]
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=trainer_cfg.devices,
@@ -101,8 +103,8 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
-        logger=_loggers(config, run_dir, run_id),
-        callbacks=callbacks,
+        logger=loggers,
+        callbacks=[*starts, *callbacks],
         enable_checkpointing=False,
         enable_progress_bar=False,  # ConsoleProgress counts optimizer steps instead
         enable_model_summary=False,

@@ -10,7 +10,7 @@ wandb's own conventions for going online.
 - Mode: as wandb decides (``WANDB_MODE``, ``wandb offline``), online where wandb finds
   credentials (``wandb login``'s netrc, ``WANDB_API_KEY``, a settings file), else offline. A server
   out of reach costs ``INIT_TIMEOUT_S`` seconds, then the run goes on offline under the same id.
-  The run starts at the first metrics logged, so a run refused before its first step leaves none.
+  The run starts as training starts, so a launch refused before its first step leaves none.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -82,10 +83,11 @@ def hydra_labels(logger: LoggerConfig, hydra_cfg: DictConfig, run_dir: Path) -> 
 
 
 class LazyWandbLogger(Logger):
-    """A Lightning logger for one wandb run, started (``start_run``) with the first metrics it
-    logs: Lightning's ``WandbLogger`` starts its run at setup, so a run refused before its first
-    step would leave a crashed one behind. Metrics carry the optimizer step as
-    ``trainer/global_step``, the run's x-axis (as in ``WandbLogger``). Rank zero only."""
+    """A Lightning logger for one wandb run, started (``start_run``) when training starts
+    (``StartWandbRun``) or else with the first metrics logged: Lightning's ``WandbLogger`` starts
+    its run at setup, so a launch refused there (the data's rules, the checkpoint's restore) would
+    leave a crashed one behind. Metrics carry the optimizer step as ``trainer/global_step``, the
+    run's x-axis (as in ``WandbLogger``). Rank zero only."""
 
     def __init__(self, config: LoggerConfig, run_dir: Path, run_id: str | None) -> None:
         super().__init__()
@@ -113,6 +115,13 @@ class LazyWandbLogger(Logger):
         return self._init["id"]
 
     @rank_zero_only
+    def start(self) -> None:
+        if self._run is None:
+            self._run = start_run(self._init, self._mode)
+            self._run.define_metric("trainer/global_step")
+            self._run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+
+    @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any]) -> None:  # type: ignore[override]
         self._init["config"] = params  # the run starts with them
         if self._run is not None:
@@ -120,10 +129,7 @@ class LazyWandbLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self._run is None:
-            self._run = start_run(self._init, self._mode)
-            self._run.define_metric("trainer/global_step")
-            self._run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        self.start()
         self._run.log({**metrics, "trainer/global_step": step} if step is not None else metrics)
 
     def finish(self) -> None:
@@ -135,6 +141,17 @@ class LazyWandbLogger(Logger):
         if self._run is not None:
             self._run.finish()
             wandb.teardown()
+
+
+class StartWandbRun(L.Callback):
+    """Starts the wandb run as training starts, once setup and the checkpoint's restore have
+    passed; first among the callbacks, so that no step's timing includes wandb's start-up."""
+
+    def __init__(self, logger: LazyWandbLogger) -> None:
+        self.logger = logger
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.logger.start()
 
 
 def start_run(init: dict[str, Any], requested_mode: str | None) -> Any:

@@ -159,9 +159,9 @@ def test_a_resumed_run_continues_its_wandb_run_and_step_axis(tmp_path):
 
 
 class RefuseAtStart(L.Callback):
-    """A rule found wrong once training starts, before its first step."""
+    """A rule found wrong after setup and the checkpoint's restore, before training starts."""
 
-    def on_train_start(self, trainer, module):
+    def on_fit_start(self, trainer, module):
         raise ConfigError("refused")
 
 
