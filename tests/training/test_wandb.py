@@ -195,7 +195,8 @@ def test_an_unreachable_server_leaves_a_run_finished_offline_with_one_line(tmp_p
     assert f"wandb sync {run_dir}/wandb/offline-run-*-" in lines[0]
     (launch,) = wandb_launches(run_dir)
     assert launch["exit_code"] == 0 and launch["steps"] == [1, 2]
-    assert launch["name"] == "run" and launch["tags"] == ["debug=smoke", "max_steps=2"]
+    assert launch["name"] == "run" and launch["group"] == ""  # no experiment: no group
+    assert launch["tags"] == ["debug=smoke", "max_steps=2"]
     assert not list((run_dir / "wandb").glob("run-*"))  # nothing left of the failed start
 
 
