@@ -3,7 +3,7 @@ wandb's own conventions for going online.
 
 - Labels: ``label`` fills ``logger.name``/``logger.group`` where the user left them unset and
   adds tags made from the overrides; ``hydra_labels`` takes them from the launch (the run dir, the
-  sweep, ``+experiment=``), and a study passes its own (``<plan>/<arm>/lr<LR>/s<seed>``, the plan).
+  sweep, ``+experiment=``); a study can pass its own (``<plan>/<arm>/lr<LR>/s<seed>``, the plan).
 - One run: the wandb run id is the run dir's run id (``run.json``, ``olmo_mini.run_dir``), so a
   resume, a requeue or a relaunch after a crash continues the same wandb run (``resume="allow"``);
   metrics carry the optimizer step as ``trainer/global_step``, the run's x-axis.

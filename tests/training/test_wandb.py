@@ -200,6 +200,7 @@ def test_an_unreachable_server_leaves_a_run_finished_offline_with_one_line(tmp_p
     assert not list((run_dir / "wandb").glob("run-*"))  # nothing left of the failed start
 
 
+@pytest.mark.slow
 def test_sweep_runs_are_named_grouped_and_tagged_by_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
