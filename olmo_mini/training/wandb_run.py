@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # wandb waits 90 s for its server by default; without a route to it a run should go on offline
 # within seconds. WANDB_INIT_TIMEOUT, when set, wins.
 INIT_TIMEOUT_S = 15.0
-# Override keys that say where or how a run is logged or saved, not what is trained: no tags.
-_NOT_SETTINGS = ("hydra", "logger", "checkpoint", "resume")
+# Override keys that say where or how a run is launched, logged or saved, not what is trained:
+# no tags.
+_NOT_SETTINGS = ("hydra", "cluster", "logger", "checkpoint", "resume")
 
 
 def override_tags(overrides: Sequence[str]) -> list[str]:

@@ -57,7 +57,8 @@ def test_tags_are_the_overrides_settings_in_short_form():
         "+experiment=qk_lr_sweep_cpu",
         "model=olmo2_small",
         "debug=smoke",
-        "logger=wandb",  # where and how a run is logged or saved: not a setting
+        "logger=wandb",  # where and how a run is launched, logged or saved: not a setting
+        "cluster=slurm",
         "logger.tags=[a]",
         "checkpoint.every_n_steps=2",
         "resume=auto",
