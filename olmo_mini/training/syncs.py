@@ -24,7 +24,7 @@ The proxy cannot tell a tensor meant to stay on the host from one meant for the 
 on code that runs on the device. On CUDA the real boundary is checked and the proxy is off.
 
 Each record carries the caller's ``label`` at the time (the test sets it to the optimizer step,
-or ``"flush"``) and the first frame outside torch and Lightning, to find the line.
+or ``"flush"``) and the line that called it.
 """
 
 from __future__ import annotations
@@ -66,12 +66,17 @@ _LIBRARIES = (*(str(Path(module.__file__).parent) for module in (torch, lightnin
 
 @dataclass(frozen=True)
 class HostSync:
-    """One operation that makes the host wait: what, why, in which labelled window, from where."""
+    """One operation that makes the host wait: what, why, in which labelled window, and the
+    calling line (the innermost frame outside torch, Lightning and this file)."""
 
     op: str
     reason: str
     label: Any
-    where: str
+    caller: traceback.FrameSummary
+
+    def __str__(self) -> str:
+        where = f"{self.caller.filename}:{self.caller.lineno} in {self.caller.name}"
+        return f"{self.op} ({self.reason}) at {where}"
 
 
 class HostSyncDetector:
@@ -175,9 +180,6 @@ def _repeats_without_size(func: torch._ops.OpOverload, args: tuple, kwargs: dict
     return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
 
 
-def _caller() -> str:
-    """The innermost frame outside torch, Lightning and this file: ``path:line in function``."""
-    for frame in reversed(traceback.extract_stack()):
-        if not frame.filename.startswith(_LIBRARIES):
-            return f"{frame.filename}:{frame.lineno} in {frame.name}"
-    return "?"
+def _caller() -> traceback.FrameSummary:
+    stack = traceback.extract_stack()
+    return next((f for f in reversed(stack) if not f.filename.startswith(_LIBRARIES)), stack[0])
