@@ -130,8 +130,8 @@ class HostSyncDetector:
             source = args[1] if packet is aten.copy_ else args[0]
             target = args[0].device if packet is aten.copy_ else out.device
             if source.device.type == "cpu" and target.type != "cpu":
-                pinned = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
-                if not (pinned and source.is_pinned()):
+                non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+                if not (non_blocking and source.is_pinned()):
                     self.record(str(func), "host-to-device copy (blocking or from pageable memory)")
             elif source.device.type != "cpu" and target.type == "cpu":
                 self.record(str(func), "device-to-host copy")
