@@ -30,8 +30,7 @@ or ``"flush"``) and the line that called it.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,8 @@ class HostSyncDetector:
     """Context manager recording :class:`HostSync` entries in ``records`` while active.
 
     ``device``: where the step's tensors live (``torch.device("cpu")``: the proxy above).
-    ``label`` tags what is recorded; :meth:`labelled` sets it for a block.
+    ``label`` tags what is recorded: set it as the watched code moves from part to part (a
+    step, a flush).
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -103,14 +103,6 @@ class HostSyncDetector:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
         self._stack = None
-
-    @contextmanager
-    def labelled(self, label: Any) -> Iterator[None]:
-        previous, self.label = self.label, label
-        try:
-            yield
-        finally:
-            self.label = previous
 
     def record(self, op: str, reason: str) -> None:
         self.records.append(HostSync(op, reason, self.label, _caller()))
