@@ -94,7 +94,7 @@ class SyncWindows(L.Callback):
     (``torch.cuda.set_sync_debug_mode("error")``) is on inside the steps and off elsewhere."""
 
     def __init__(
-        self, detector: HostSyncDetector, monkeypatch: pytest.MonkeyPatch, cuda_errors=False
+        self, detector: HostSyncDetector, monkeypatch: pytest.MonkeyPatch, cuda_errors: bool = False
     ) -> None:
         self.detector = detector
         self.cuda_errors = cuda_errors
