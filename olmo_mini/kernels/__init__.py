@@ -46,11 +46,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        residual: torch.Tensor | None,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        eps: float,
+        ctx, residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None, eps: float
     ) -> torch.Tensor:
         out, rstd = triton_norm.rms_norm_fwd(x, weight, residual, eps)
         ctx.save_for_backward(x, weight, rstd)
