@@ -132,12 +132,9 @@ def _corpus(data: DataConfig) -> str:
 
 
 def eval_config(loaded: Loaded, overrides: list[str]) -> TrainConfig:
-    """The run's config with ``key=value`` overrides that keep its held-out text and token ids.
-
-    Any other data override would evaluate other text, or other token ids than the weights
-    learned (the default tokenizer is derived from data settings): an error naming the setting.
-    The data is read with the tokenizer file the run recorded.
-    """
+    """The run's config with ``key=value`` overrides that keep its held-out text and token ids
+    (others would evaluate other text, or ids the weights did not learn: the default tokenizer is
+    derived from data settings), reading the data with the tokenizer file the run recorded."""
     if loaded.config is None:
         raise ValueError(
             f"{loaded.path}: a model folder has no held-out split of its own; name the text to "
