@@ -272,9 +272,8 @@ def load_run_dir(run_dir: str | Path) -> Run:
     if not csv_files:
         raise RunReadError(f"{run_dir}: no wandb/offline-run-* folder and no csv/**/metrics.csv")
     histories = [list(_read_csv(f)) for f in csv_files]
-    return Run(
-        str(config.get("logger.name") or ""), config, _join_launches(histories), str(run_dir)
-    )
+    name = str(config.get("logger.name") or "")
+    return Run(name, config, _join_launches(histories), str(run_dir))
 
 
 def _read_csv(path: Path) -> Iterator[dict[str, float]]:
