@@ -248,8 +248,7 @@ def plot_final_loss_vs_lr(arms: Sequence[Arm], path: Path) -> Path:
         ax.plot(lrs, capped, **line_style(i), marker="o", markersize=4, label=arm.label)
         bad = np.isin(lrs, arm.diverged_lrs)
         if bad.any():
-            cross = {"linestyle": "none", "marker": "x", "markersize": 10}
-            ax.plot(lrs[bad], capped[bad], **cross, color=line_style(i)["color"])
+            ax.plot(lrs[bad], capped[bad], "x", markersize=10, color=line_style(i)["color"])
     ax.set(
         xscale="log",
         xlabel=f"peak learning rate ({LR_KEY})",
