@@ -14,7 +14,7 @@ from olmo_mini import startup  # light: registers the config schema with Hydra
 def main(cfg: DictConfig) -> None:
     with startup.no_run_dir_on_bad_input():
         startup.prepare(cfg)
-        from olmo_mini.training import run  # the heavy stack: torch, Lightning, the model
+        from olmo_mini.training.run import run  # the heavy stack: torch, Lightning, the model
 
         run(cfg)
 

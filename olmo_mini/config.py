@@ -296,6 +296,16 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         return load_config(compose("train", overrides=list(overrides)))
 
 
+def compose_or_exit(overrides: list[str]) -> TrainConfig:
+    """The config of ``train.py`` ``overrides``, or exit with one ``error:`` line (for tools)."""
+    try:
+        return compose_config(overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:  # Hydra's own errors (an unknown group or key): their first line
+        raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
+
+
 def register_configs() -> None:
     """Make ``train_schema`` (the ``TrainConfig`` tree) available to ``configs/train.yaml``."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

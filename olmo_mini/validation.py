@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import functools
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 class ConfigError(ValueError):
     """A config value breaks a rule; the message names the field."""
 
 
-def one_of(group: str, config: object, name: str, choices: Sequence[object]) -> None:
-    value = getattr(config, name)
+def one_of(group: str, config: object, name: str, choices: Iterable[object]) -> None:
+    """``choices`` may be an ``Enum`` class: a value matches a member equal to it."""
+    value, choices = getattr(config, name), list(choices)
     if value not in choices and not (value is None and type(None) in _types(type(config), name)):
         raise ConfigError(f"{group}.{name} must be one of {list(choices)}, got {value!r}")
 

@@ -147,13 +147,17 @@ def test_the_package_has_no_import_cycle():
         ("olmo_mini.config", {"lightning", "torch", "olmo_mini.training"}),
         ("olmo_mini.interop", {"lightning", "olmo_mini.training"}),
         ("olmo_mini.run_dir", {"torch", "lightning", "olmo_mini.training"}),
+        ("olmo_mini.sizing", {"lightning", "olmo_mini.training"}),
     ],
 )
 def test_the_import_rules_of_the_architecture_hold(layer, forbidden):
     """docs/architecture.md: the model knows nothing of Lightning, Hydra, wandb or the layers
     above it; kernels nothing of the model; data nothing of the model. The config schema, the
-    run-dir names and interop (which the trainer reads) load no training stack."""
-    for module in (m for m in MODULES if m == layer or m.startswith(layer + ".")):
+    run-dir names, interop (which the trainer reads) and sizing (which training, benchmarks and
+    tools use) load no training stack."""
+    modules = [m for m in MODULES if m == layer or m.startswith(layer + ".")]
+    assert modules, f"no module {layer}"
+    for module in modules:
         ours, others = _closure(module)
         hits = {m for m in ours | others for f in forbidden if m == f or m.startswith(f + ".")}
         assert not hits, f"importing {module} can load {sorted(hits)}"
@@ -227,7 +231,16 @@ def test_nothing_in_the_package_imports_the_benchmarks():
 
 def test_every_module_imports_and_the_light_ones_load_no_lightning():
     """In a fresh interpreter: the light modules first (each checked for Lightning), then all."""
-    light = ["olmo_mini.config", "olmo_mini.model", "olmo_mini.run_dir", "olmo_mini.interop"]
+    light = [
+        "olmo_mini.config",
+        "olmo_mini.model",
+        "olmo_mini.run_dir",
+        "olmo_mini.interop",
+        "olmo_mini.sizing",
+        "olmo_mini.sizing.flops",
+        "olmo_mini.sizing.memory",
+        "olmo_mini.training",
+    ]
     script = f"""
 import importlib, json, sys
 OPTIONAL = {OPTIONAL!r}

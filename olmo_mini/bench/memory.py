@@ -1,5 +1,5 @@
 """Measured per-rank memory of building (and one step of) a training config: what
-``olmo_mini.training.memory``'s planner predicts.
+``olmo_mini.sizing.memory``'s planner predicts.
 
     python tools/bench_memory.py --nproc 2 --stop-after init model=olmo2_1b trainer=fsdp
     python tools/bench_memory.py --nproc 2 --stop-after backward model=olmo2_1b trainer=fsdp \\
@@ -24,13 +24,12 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from olmo_mini.bench.harness import json_line, parser, peak_bytes, reset_peak, rss_bytes
-from olmo_mini.config import TrainConfig, compose_config
+from olmo_mini.config import TrainConfig, compose_config, compose_or_exit
 from olmo_mini.model import OLMo2
 from olmo_mini.model.shards import release_freed_memory
-from olmo_mini.training.memory import compose_or_exit
+from olmo_mini.sizing.flops import default_precision
 from olmo_mini.training.optim import build_optimizer
 from olmo_mini.training.parallel import build_model
-from olmo_mini.training.perf import default_precision
 
 STAGES = ("init", "backward", "step")
 

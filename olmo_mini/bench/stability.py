@@ -25,8 +25,7 @@ from olmo_mini.bench.harness import (
     quiet_run,
     time_trainer,
 )
-from olmo_mini.config import compose_config
-from olmo_mini.training.memory import compose_or_exit
+from olmo_mini.config import compose_config, compose_or_exit
 
 
 @dataclass

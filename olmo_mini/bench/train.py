@@ -41,12 +41,8 @@ from olmo_mini.config import compose_config
 from olmo_mini.kernels.linear_cross_entropy import linear_cross_entropy_reference
 from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model import hf as hf_keys
-from olmo_mini.training.perf import (
-    datasheet_bf16_peak,
-    flops_per_token,
-    measure_matmul_flops,
-    peak_flops,
-)
+from olmo_mini.sizing.flops import datasheet_bf16_peak, flops_per_token, measure_matmul_flops
+from olmo_mini.training.run import peak_flops
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``fn(input_ids, labels) -> loss``: a loss, or a whole training step (forward, loss, backward,

@@ -10,6 +10,7 @@ the whole loader state;
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 import fsspec
 import lightning as L
@@ -45,8 +46,17 @@ class OLMoDataModule(L.LightningDataModule):
         self.vocab_size = 0
         self.eos_id = 0
         self.fingerprint: dict | None = None
-        self._manifest: dict | None = None
         self._pending_state: dict | None = None
+        # Set by ``setup``: where batches come from (a shard root or a streamed Hugging Face
+        # dataset), what it opened there, and the fixed validation windows.
+        self.source: Literal["shards", "stream"] | None = None
+        self._manifest: dict | None = None  # shards
+        self._shard_root: str | None = None  # shards
+        self._train: ShardInstances | None = None  # shards: the training split
+        self._what = ""  # shards: the training split as errors name it
+        self._stream: HFSource | None = None  # stream
+        self._held_out: float | None = None  # stream: val_fraction of hf_split, unless hf_val_split
+        self._val_windows: np.ndarray | None = None
 
     # ------------------------------------------------------------ layout
 
@@ -71,7 +81,8 @@ class OLMoDataModule(L.LightningDataModule):
         config.grad_accum_steps(self.world_size)
         tokenizer_path, shards = resolve_tokenizer_and_shards(self.config)
         self.tokenizer_path = tokenizer_path
-        if shards is not None:
+        self.source = "stream" if shards is None else "shards"
+        if self.source == "shards":
             self._setup_shards(shards, tokenizer_path)
         else:
             self._setup_stream(tokenizer_path)
@@ -105,7 +116,7 @@ class OLMoDataModule(L.LightningDataModule):
         config = self.config
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.eos_id = eos_id(self.tokenizer, config.eos_token, tokenizer_path)
-        self._source = HFSource(
+        self._stream = HFSource(
             config.hf_path, config.hf_name, list(config.hf_data_files), config.text_field
         )
         if config.hf_val_split is None:
@@ -116,7 +127,7 @@ class OLMoDataModule(L.LightningDataModule):
             keep_val = lambda text: True  # noqa: E731
         n_val = config.val_batches * config.global_batch_size
         windows = packed_windows(
-            self._source,
+            self._stream,
             val_split,
             keep_val,
             self.tokenizer,
@@ -128,7 +139,7 @@ class OLMoDataModule(L.LightningDataModule):
         self._val_windows = np.stack(collected) if collected else np.empty((0, config.seq_len + 1))
         identity = content_key(
             {
-                "source": repr(self._source),
+                "source": repr(self._stream),
                 "split": config.hf_split,
                 "val_split": config.hf_val_split,
                 "val_fraction": self._held_out,
@@ -164,11 +175,11 @@ class OLMoDataModule(L.LightningDataModule):
             self.world_size,
             self.consumed_global_batches,
         )
-        if self._manifest is not None:
+        if self.source == "shards":
             dataset = ShuffledTrainStream(self._train, self._what, self.seed, at)
         else:
             dataset = StreamingTrainStream(
-                self._source,
+                self._stream,
                 config.hf_split,
                 self._held_out,
                 self.tokenizer.to_str(),

@@ -5,13 +5,36 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from olmo_mini.validation import ConfigError, one_of, positive
 
+
+class QKNorm(str, Enum):
+    """``model.qk_norm``: how attention normalizes q and k (see ``OLMo2Config``).
+
+    The one list of allowed values: Hydra's schema checks the YAML against it, ``one_of`` a
+    value given in Python. Members are named by their values because OmegaConf reads a YAML
+    value as a member name; they print as that value, the spelling the user writes.
+    """
+
+    full = "full"
+    head = "head"
+    none = "none"
+    l2 = "l2"
+    qkv = "qkv"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 CHOICES = {
-    "qk_norm": ("full", "head", "none", "l2", "qkv"),
+    "qk_norm": QKNorm,
     "block": ("reordered", "pre"),
     "norm_type": ("rms", "layer"),
     "norm_backend": ("auto", "torch", "triton"),
@@ -55,7 +78,7 @@ class OLMo2Config:
     max_seq_len: int = 1024
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-6
-    qk_norm: str = "full"
+    qk_norm: QKNorm = QKNorm.full
     block: str = "reordered"
     init_std: float = 0.02
     norm_backend: str = "auto"
@@ -83,6 +106,7 @@ class OLMo2Config:
             )
         for name, choices in CHOICES.items():
             one_of("model", self, name, choices)
+        self.qk_norm = QKNorm(self.qk_norm)
         if self.norm_backend == "triton" and self.norm_type != "rms":
             raise ConfigError("model.norm_backend 'triton' has kernels for norm_type 'rms' only")
 
@@ -91,7 +115,7 @@ class OLMo2Config:
         """True when the architecture is exactly OLMo 2 (what HF ``Olmo2ForCausalLM`` expresses)."""
         return (
             self.block == "reordered"
-            and self.qk_norm == "full"
+            and self.qk_norm == QKNorm.full
             and self.norm_type == "rms"
             and self.norm_affine
             and self.mlp == "swiglu"

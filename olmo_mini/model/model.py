@@ -23,7 +23,7 @@ from olmo_mini.kernels import add_rms_norm, qk_rms_norm, rms_norm
 from olmo_mini.kernels.linear_cross_entropy import LinearCrossEntropyOutput as LossOutput
 from olmo_mini.kernels.linear_cross_entropy import linear_cross_entropy
 from olmo_mini.model import hf
-from olmo_mini.model.config import OLMo2Config
+from olmo_mini.model.config import OLMo2Config, QKNorm
 from olmo_mini.model.shards import init_
 
 # The std of a standard normal truncated to [-2, 2] (JAX's truncated_normal initializers divide
@@ -95,6 +95,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled to unit L2 norm over its last dim, computed in fp32."""
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
 def softcapped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,65 +154,60 @@ def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with optional GQA, QK-norm before RoPE, and SDPA."""
+    """Causal multi-head attention with optional GQA, QK-norm before RoPE, and SDPA.
+
+    QK-norm (``model.qk_norm``) here: ``full`` (one norm over all heads, before the split into
+    heads; OLMo 2), ``head`` (one norm of ``head_dim`` shared by the heads, after the split) or
+    ``none``. ``qkv`` and ``l2`` change the computation: :class:`QKVNormAttention` and
+    :class:`L2NormAttention` override one step each; :func:`attention` picks the class.
+    """
 
     def __init__(self, config: OLMo2Config) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.qk_norm = config.qk_norm
         self.softcap = config.attn_logit_softcap
         q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.d_model, q_size, bias=False)
         self.k_proj = nn.Linear(config.d_model, kv_size, bias=False)
         self.v_proj = nn.Linear(config.d_model, kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.d_model, bias=False)
-        if config.qk_norm in ("full", "qkv"):  # one norm over all heads (OLMo 2)
-            self.q_norm, self.k_norm = Norm(q_size, config), Norm(kv_size, config)
-        elif config.qk_norm == "head":  # one norm of head_dim, shared by the heads
-            self.q_norm, self.k_norm = Norm(config.head_dim, config), Norm(config.head_dim, config)
-        if config.qk_norm == "qkv":
-            self.v_norm = Norm(kv_size, config)
-        if config.qk_norm == "l2":
-            # Henry et al. 2020 initialize the scale to log2(L^2 - L) for sequence length L.
-            length = config.max_seq_len
-            self.initial_qk_scale = math.log2(max(length * length - length, 2))
-            self.qk_scale = nn.Parameter(torch.tensor(self.initial_qk_scale))
+        # QK-norm weights: over the whole projection (full, qkv) or one of head_dim for every head.
+        self.norm_per_head = config.qk_norm == QKNorm.head
+        q_width, kv_width = (self.head_dim,) * 2 if self.norm_per_head else (q_size, kv_size)
+        has_qk_norm = config.qk_norm in (QKNorm.full, QKNorm.head, QKNorm.qkv)
+        self.q_norm: Norm | None = Norm(q_width, config) if has_qk_norm else None
+        self.k_norm: Norm | None = Norm(kv_width, config) if has_qk_norm else None
+        self.v_norm: Norm | None = None  # QKVNormAttention's
+        self.qk_scale: nn.Parameter | None = None  # L2NormAttention's
         # logits = (q . k) * softmax_scale for the q, k that logit_probe sees.
-        self.softmax_scale = 1.0 if config.qk_norm == "l2" else config.head_dim**-0.5
+        self.softmax_scale = config.head_dim**-0.5
         self.pre_norm_probe = Probe()
         self.logit_probe = Probe()
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        B, T, _ = x.shape  # batch size, sequence length, d_model; nh heads of size hs, nkv for k, v
+        q = self.q_proj(x)  # (B, T, nh * hs)
+        k = self.k_proj(x)  # (B, T, nkv * hs)
+        v = self.v_proj(x)  # (B, T, nkv * hs)
         q, k = self.pre_norm_probe(q, k)
-        if self.qk_norm in ("full", "qkv"):
-            q, k = self.normalize_qk(q, k)
-        if self.qk_norm == "qkv":
-            v = self.v_norm(v)
-        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "head":
-            q, k = self.normalize_qk(q, k)
-        elif self.qk_norm == "l2":
-            q = F.normalize(q.float(), dim=-1).to(q.dtype)
-            k = F.normalize(k.float(), dim=-1).to(k.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.qk_norm == "l2":
-            q = q * self.qk_scale.to(q.dtype)
+        q, k, v = self.normalize_projections(q, k, v)  # full, qkv: all heads at once
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = self.normalize_heads(q, k)  # head, l2: each head on its own
+        q, k = self.rotate(q, k, cos, sin)
         q, k = self.logit_probe(q, k)
         mask = None
-        if cache is not None:
+        if cache is not None:  # k, v (B, nkv, S, hs) for all S positions so far; mask (T, S)
             k, v, mask = cache.update(k, v)
         if self.softcap is not None:
-            out = softcapped_attention(q, k, v, self.softcap, self.softmax_scale, mask)
+            y = softcapped_attention(q, k, v, self.softcap, self.softmax_scale, mask)
         else:
-            out = F.scaled_dot_product_attention(
+            y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
@@ -215,8 +215,28 @@ class Attention(nn.Module):
                 is_causal=mask is None,
                 scale=self.softmax_scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
-            )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+            )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs): the heads side by side
+        return self.o_proj(y)
+
+    def normalize_projections(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-width QK-norm, over all heads at once, on ``(B, T, heads * hs)``."""
+        if self.q_norm is None or self.norm_per_head:
+            return q, k, v
+        return *self.normalize_qk(q, k), v
+
+    def normalize_heads(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head QK-norm on ``(B, heads, T, hs)``."""
+        return self.normalize_qk(q, k) if self.norm_per_head else (q, k)
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """QK-norm; RMSNorm on q and k runs as one fused launch on the Triton backend."""
@@ -224,6 +244,50 @@ class Attention(nn.Module):
             return self.q_norm(q), self.k_norm(k)
         norm = self.q_norm
         return qk_rms_norm(q, k, norm.weight, self.k_norm.weight, norm.eps, norm.backend)
+
+
+class QKVNormAttention(Attention):
+    """``qk_norm=qkv`` (QKV-norm, Rybakov et al. 2024): the full-width QK-norm, and v too."""
+
+    def __init__(self, config: OLMo2Config) -> None:
+        super().__init__(config)
+        self.v_norm = Norm(config.n_kv_heads * config.head_dim, config)
+
+    def normalize_projections(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().normalize_projections(q, k, v)
+        return q, k, self.v_norm(v)
+
+
+class L2NormAttention(Attention):
+    """``qk_norm=l2`` (QKNorm, Henry et al. 2020): unit q and k per head, and after RoPE q times
+    a learnable ``qk_scale`` that replaces 1/sqrt(head_dim), so the scale bounds the logits."""
+
+    def __init__(self, config: OLMo2Config) -> None:
+        super().__init__(config)
+        # Henry et al. 2020 initialize the scale to log2(L^2 - L) for sequence length L.
+        length = config.max_seq_len
+        self.initial_qk_scale = math.log2(max(length * length - length, 2))
+        self.qk_scale = nn.Parameter(torch.tensor(self.initial_qk_scale))
+        self.softmax_scale = 1.0
+
+    def normalize_heads(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return unit(q), unit(k)
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = super().rotate(q, k, cos, sin)
+        return q * self.qk_scale.to(q.dtype), k
+
+
+def attention(config: OLMo2Config) -> Attention:
+    """The attention class for ``config.qk_norm``."""
+    variants = {QKNorm.qkv: QKVNormAttention, QKNorm.l2: L2NormAttention}
+    return variants.get(config.qk_norm, Attention)(config)
 
 
 class LayerCache:
@@ -283,7 +347,7 @@ class Block(nn.Module):
     def __init__(self, config: OLMo2Config) -> None:
         super().__init__()
         self.reordered = config.block == "reordered"
-        self.attention = Attention(config)
+        self.attention = attention(config)
         self.mlp = MLP(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.attention_norm = Norm(config.d_model, config)
         self.mlp_norm = Norm(config.d_model, config)
@@ -331,7 +395,7 @@ class OLMo2(nn.Module):
                 init_(module.weight, self._weight_init(module, generator))
             elif isinstance(module, Norm) and module.weight is not None:
                 nn.init.ones_(module.weight)
-            elif isinstance(module, Attention) and module.qk_norm == "l2":
+            elif isinstance(module, L2NormAttention):
                 module.qk_scale.data.fill_(module.initial_qk_scale)
         # Recomputed so that a model materialized from the meta device gets real tables.
         self.rope.inv_freq.copy_(self.rope.frequencies(self.rope.inv_freq.device))

@@ -138,8 +138,7 @@ class StabilityMonitor(L.Callback):
             self._before_step.append([_local(p).detach().clone() for p in params])
             self._stats.add(f"{i}/weight_sumsq", _block_sumsq(params))
             attn = block.attention
-            for name in ("q", "k"):
-                norm = getattr(attn, f"{name}_norm", None)
+            for name, norm in (("q", attn.q_norm), ("k", attn.k_norm)):
                 if norm is not None and norm.weight is not None:
                     w = _local(norm.weight).detach().float()
                     self._stats.add(f"{i}/{name}_gain_sum", w.abs().sum())

@@ -1,6 +1,21 @@
-"""Training: the LightningModule, optimizer, parallelism, checkpoints and ``run(cfg)``."""
+"""Training: the LightningModule, optimizer, parallelism, checkpoints and ``run.run(cfg)``.
+(``run`` is not exported: the name is the submodule's, which the import system sets here.)"""
 
-from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
-from olmo_mini.training.run import RunResult, run, train
+from typing import TYPE_CHECKING
 
-__all__ = ["LanguageModelModule", "RunResult", "TrainingDiverged", "run", "train"]
+from olmo_mini._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
+    from olmo_mini.training.run import RunResult, train
+
+__all__ = ["LanguageModelModule", "RunResult", "TrainingDiverged", "train"]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "LanguageModelModule": ".module",
+        "TrainingDiverged": ".module",
+        "RunResult": ".run",
+        "train": ".run",
+    },
+)

@@ -25,12 +25,12 @@ import torch
 
 from olmo_mini.config import TrainConfig
 from olmo_mini.model.generation import generate
+from olmo_mini.sizing.flops import flops_per_token
 from olmo_mini.stability.monitor import StabilityMonitor
 from olmo_mini.training.checkpoint import StepCheckpoint
 from olmo_mini.training.console import ConsoleProgress
 from olmo_mini.training.interrupt import StopOnSignal
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
-from olmo_mini.training.perf import flops_per_token
 from olmo_mini.training.qk_clip import QKClip
 from olmo_mini.training.recorder import Rows
 from olmo_mini.training.tokenizer_record import RecordTokenizer

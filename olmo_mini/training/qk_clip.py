@@ -35,14 +35,14 @@ import torch
 from torch import nn
 
 from olmo_mini.config import ConfigError
-from olmo_mini.model.config import OLMo2Config
+from olmo_mini.model.config import OLMo2Config, QKNorm
 from olmo_mini.model.model import Attention, OLMo2
 from olmo_mini.stability.metrics import max_attention_logit
 
 
 def check_supported(config: OLMo2Config) -> None:
     """QK-Clip needs a weight to scale after the projections' normalization, if there is one."""
-    if config.qk_norm in ("full", "qkv", "head") and not config.norm_affine:
+    if config.qk_norm in (QKNorm.full, QKNorm.qkv, QKNorm.head) and not config.norm_affine:
         raise ConfigError(
             f"optim.qk_clip_tau needs model.norm_affine=true with model.qk_norm="
             f"{config.qk_norm}: the q/k norms normalize away any scaling of the projections, "
@@ -57,10 +57,10 @@ def clip_attention(attn: Attention, gamma: torch.Tensor) -> None:
     Exact per head for ``qk_norm`` none/full/qkv; by ``min(gamma)`` for head/l2 (see the
     module docstring).
     """
-    if attn.qk_norm == "l2":
+    if attn.qk_scale is not None:  # l2
         _scale(attn.qk_scale, gamma.min())
         return
-    if attn.qk_norm == "head":
+    if attn.norm_per_head:
         factor = gamma.min().sqrt()
         _scale(attn.q_norm.weight, factor)
         _scale(attn.k_norm.weight, factor)
@@ -68,7 +68,7 @@ def clip_attention(attn: Attention, gamma: torch.Tensor) -> None:
     group = attn.n_heads // attn.n_kv_heads
     k_factor = gamma.view(attn.n_kv_heads, group).amin(dim=1).sqrt()  # [KV]
     q_factor = gamma / k_factor.repeat_interleave(group)  # [H]: q·k scales by gamma
-    if attn.qk_norm in ("full", "qkv"):
+    if attn.q_norm is not None:  # full, qkv
         q_param, k_param = attn.q_norm.weight, attn.k_norm.weight
     else:
         q_param, k_param = attn.q_proj.weight, attn.k_proj.weight

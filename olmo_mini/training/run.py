@@ -11,18 +11,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
 from olmo_mini.run_dir import claim, release, resume_command
+from olmo_mini.sizing.flops import datasheet_bf16_peak, default_precision, measure_matmul_flops
 from olmo_mini.training.callbacks import EndOfRunSample, build_callbacks
 from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
 from olmo_mini.training.interrupt import Interrupted
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy
-from olmo_mini.training.perf import default_precision, peak_flops
 from olmo_mini.training.recorder import log_config
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,20 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
         release(run_dir)
     sample = next((c.text for c in callbacks if isinstance(c, EndOfRunSample)), None)
     return RunResult(module.val_loss, sample, trainer.global_step)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for ``precision``: the dense datasheet figure for bf16 on a
+    known GPU (Lightning's table otherwise), a measured matmul rate on a CPU."""
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    if device.type == "cuda":
+        datasheet = datasheet_bf16_peak(torch.cuda.get_device_name(device))
+        if dtype == torch.bfloat16 and datasheet is not None:
+            return datasheet
+        return get_available_flops(device, dtype)
+    if device.type == "cpu":
+        return measure_matmul_flops(dtype)
+    return None
 
 
 def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from olmo_mini.training.gpu_check import NO_GPU, summary
+from olmo_mini.bench.gpu_check import NO_GPU, summary
 from tests.training.helpers import REPO
 
 

@@ -54,7 +54,7 @@ def test_qk_norm_weight_sizes() -> None:
     head = OLMo2(OLMo2Config(qk_norm="head", **SMALL)).blocks[0].attention
     assert head.q_norm.weight.shape == (16,) and head.k_norm.weight.shape == (16,)
     none = OLMo2(OLMo2Config(qk_norm="none", **SMALL)).blocks[0].attention
-    assert not hasattr(none, "q_norm")
+    assert none.q_norm is None and none.k_norm is None
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
+from olmo_mini.sizing.flops import flops_per_token
 from olmo_mini.training.optim import build_optimizer, lr_lambda, param_groups
-from olmo_mini.training.perf import flops_per_token
 from tests.training.helpers import compose_config
 
 
@@ -76,7 +76,7 @@ def test_flops_per_token_formula():
 
 
 def test_datasheet_peaks_match_whole_gpu_names():
-    from olmo_mini.training.perf import datasheet_bf16_peak
+    from olmo_mini.sizing.flops import datasheet_bf16_peak
 
     assert datasheet_bf16_peak("NVIDIA H100 80GB HBM3") == 989.5e12  # the SXM part's name
     assert datasheet_bf16_peak("NVIDIA H100 PCIe") == 756.5e12

@@ -1,4 +1,5 @@
-"""Throughput accounting: FLOPs per token, the device's peak FLOP/s, the default precision.
+"""Throughput accounting: FLOPs per token, datasheet and measured peak FLOP/s, the default
+precision. (``olmo_mini.training.run.peak_flops`` adds Lightning's table for other GPUs.)
 
 FLOPs per token (forward + backward), as in PaLM's appendix B and nanoGPT:
 
@@ -63,22 +64,6 @@ def datasheet_bf16_peak(device_name: str) -> float | None:
     for part, flops in GPU_BF16_PEAK.items():
         if re.search(rf"\b{re.escape(part)}\b", device_name):  # "L4" is not "L40"
             return flops
-    return None
-
-
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one device for ``precision``: the dense datasheet figure for bf16 on a
-    known GPU (Lightning's table otherwise), a measured matmul rate on a CPU."""
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
-    if device.type == "cuda":
-        datasheet = datasheet_bf16_peak(torch.cuda.get_device_name(device))
-        if dtype == torch.bfloat16 and datasheet is not None:
-            return datasheet
-        from lightning.fabric.utilities.throughput import get_available_flops
-
-        return get_available_flops(device, dtype)
-    if device.type == "cpu":
-        return measure_matmul_flops(dtype)
     return None
 
 

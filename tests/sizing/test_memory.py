@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from olmo_mini.training.memory import plan_memory
+from olmo_mini.sizing.memory import plan_memory
 from tests.training.helpers import REPO, compose_config
 
 # debug=smoke's architecture: vocab 4096 (olmo2_tiny), width 64, 2 blocks, SwiGLU hidden 128.

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from olmo_mini.config import ConfigError, TrainConfig, compose_config
+from olmo_mini.config import TrainConfig, compose_or_exit
 from olmo_mini.model import OLMo2
-from olmo_mini.training.perf import default_precision
+from olmo_mini.sizing.flops import default_precision
 
 ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 
@@ -132,13 +132,3 @@ def plan_main(argv: list[str] | None = None) -> int:
     else:
         print(format_plan(plan, config.trainer.activation_checkpointing))
     return 0
-
-
-def compose_or_exit(overrides: list[str]) -> TrainConfig:
-    """The config of ``train.py`` ``overrides``, or exit with one ``error:`` line."""
-    try:
-        return compose_config(overrides)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    except Exception as e:  # Hydra's own errors (an unknown group or key): their first line
-        raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
