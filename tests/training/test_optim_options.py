@@ -163,3 +163,38 @@ def test_bad_optimizer_options_name_the_field():
         compose_config("optim.lr=1e-3", "optim.min_lr=0.01")
     with pytest.raises(ConfigError, match="optim.grad_clip must be a positive number"):
         compose_config("optim.grad_clip=0")
+
+
+def test_wortsman_presets_compose_and_train_a_few_steps(tmp_path):
+    from olmo_mini.model.model import GeluMLP, OLMo2
+    from olmo_mini.training.run import train
+
+    presets = ("model=wortsman", "optim=wortsman")
+    config = compose_config(*presets)
+    model, optim = config.model, config.optim
+    assert (model.block, model.norm_type, model.qk_norm, model.mlp, model.init) == (
+        "pre",
+        "layer",
+        "head",
+        "gelu",
+        "wortsman",
+    )
+    assert model.mlp_hidden_size == 4 * model.d_model and model.norm_affine
+    assert (optim.beta1, optim.beta2, optim.eps, optim.grad_clip) == (0.9, 0.95, 1e-8, 1.0)
+    assert (optim.weight_decay, optim.weight_decay_mode, optim.z_loss) == (
+        1e-4,
+        "independent",
+        1e-4,
+    )
+    assert optim.embedding_weight_decay and optim.min_lr == 1e-5 and optim.schedule == "cosine"
+    block = OLMo2(model).blocks[0]
+    assert isinstance(block.mlp, GeluMLP) and not block.reordered
+    assert block.attention.q_norm.kind == "layer" and block.attention.q_norm.weight.shape == (64,)
+    # debug=smoke's shape (d_model 64), their MLP width 4·64; four steps (warmup 2) train.
+    run = (*presets, "debug=smoke", "model.mlp_hidden_size=256", "trainer.max_steps=4")
+    train(compose_config(*run, "trainer.accelerator=cpu"), tmp_path)
+    losses = series(tmp_path, "train/ce_loss")
+    assert len(losses) == 4 and all(map(math.isfinite, losses.values()))
+    assert series(tmp_path, "val/loss")[4] < losses[1]
+    # Halfway down the cosine from the peak 3e-3 to the absolute 1e-5.
+    assert series(tmp_path, "train/lr")[4] == pytest.approx((3e-3 + 1e-5) / 2)
