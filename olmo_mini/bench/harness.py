@@ -14,12 +14,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 
 from olmo_mini.config import TrainConfig
+from olmo_mini.stepping import StepCallback
 from olmo_mini.training import train
 
 
@@ -97,24 +97,22 @@ def quiet_run(steps: int, overrides: Sequence[str] = ()) -> list[str]:
     return [*debug, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps + 1}"]
 
 
-class StepTimes(L.Callback):
+class StepTimes(StepCallback):
     """Seconds of each optimizer step, from the previous one's end: data loading and Lightning's
     loop included, the first step (which has no such start) left out. ``between`` runs after
     every step, outside the timing: e.g. an interleaved model-level step, so that machine noise
     hits both alike."""
 
     def __init__(self, between: Callable[[], object] = lambda: None) -> None:
+        super().__init__()
         self.seconds: list[float] = []
         self.between = between
-        self._step, self._resumed = 0, 0.0
+        self._resumed: float | None = None  # when the step being timed started
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
-        if trainer.global_step == self._step:  # a micro-batch before the step's last one
-            return
+    def post_optim_step(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
         sync(module.device)
-        if self._step > 0:
+        if self._resumed is not None:
             self.seconds.append(time.perf_counter() - self._resumed)
-        self._step = trainer.global_step
         self.between()
         self._resumed = time.perf_counter()
 

@@ -27,6 +27,7 @@ from olmo_mini.stability.metrics import (
     logit_statistics,
     rms_statistics,
 )
+from olmo_mini.stepping import StepCallback
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def _block_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_local(t).detach().float().square().sum() for t in tensors]).sum()
 
 
-class StabilityMonitor(L.Callback):
+class StabilityMonitor(StepCallback):
     """Records ``qk/``, ``attn/``, ``act/``, ``grad/``, ``update/``, ``logits/`` and
     ``stability/`` metrics through the module's ``recorder``.
 
@@ -49,6 +50,7 @@ class StabilityMonitor(L.Callback):
     """
 
     def __init__(self, config: StabilityConfig) -> None:
+        super().__init__()
         self.config = config
         spikes = (config.spike_window, config.spike_sigma, config.spike_min_history)
         self.loss_spikes, self.grad_spikes = SpikeScore(*spikes), SpikeScore(*spikes)
@@ -123,7 +125,7 @@ class StabilityMonitor(L.Callback):
         return handles
 
     # -- gradients before clipping, weights before the update ------------------------------
-    def on_before_optimizer_step(
+    def pre_optim_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._stats is None:
@@ -155,14 +157,16 @@ class StabilityMonitor(L.Callback):
         batch: dict[str, torch.Tensor],
         batch_idx: int,
     ) -> None:
+        if self._stats is not None:
+            tokens = batch["labels"].numel()
+            logit_statistics(self._stats, outputs["max_logit"], outputs["lse_sum"], tokens)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if self._stats is None:
             return
-        tokens = batch["labels"].numel()
-        logit_statistics(self._stats, outputs["max_logit"], outputs["lse_sum"], tokens)
-        if self._before_step is None:
-            return  # mid-accumulation
         for name, value in self._finish_measurement(pl_module.model).items():
-            pl_module.recorder.record(trainer.global_step, name, value)
+            pl_module.recorder.record(step, name, value)
         self._stats, self._before_step = None, None
 
     def _finish_measurement(self, model: OLMo2) -> dict[str, torch.Tensor]:

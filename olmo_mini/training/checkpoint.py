@@ -45,6 +45,7 @@ from olmo_mini.run_dir import (
     saved_config,
     step_dirs,
 )
+from olmo_mini.stepping import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, no permission); its temp dir is removed."""
 
 
-class StepCheckpoint(L.Callback):
+class StepCheckpoint(StepCallback):
     """Save every ``every_n_steps`` optimizer steps (and at the last step if ``save_final``)."""
 
     def __init__(
@@ -69,18 +70,17 @@ class StepCheckpoint(L.Callback):
         run_id: str,
         config_yaml: str,
     ) -> None:
+        super().__init__()
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.save_final = save_final
         self.run_id = run_id
         self.config_yaml = config_yaml
-        self._seen_step = -1
         # The newest checkpoint this run saved or resumed from (named when a run diverges).
         self.last_saved: Path | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seen_step = trainer.global_step  # after a resume: do not re-save the loaded step
         # Rank 0's id names the temp dir every rank writes into (ranks that SLURM or torchrun
         # started together may have read the run record before rank 0 wrote it).
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
@@ -88,13 +88,7 @@ class StepCheckpoint(L.Callback):
             path = Path(trainer.ckpt_path)
             self.last_saved = path.parent if path.name == STATE_FILE else path
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
-    ) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # mid-accumulation: no optimizer step in this batch
-            return
-        self._seen_step = step
+    def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
         final = self.save_final and step >= trainer.max_steps
         if periodic or final:

@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any
 
 import lightning as L
 import torch
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from olmo_mini.config import TrainConfig
+from olmo_mini.stepping import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,18 @@ _TINY_PARAMS = 6_000_000
 _LONG_RUN_S = 15 * 60
 
 
-class ConsoleProgress(L.Callback):
+class ConsoleProgress(StepCallback):
     """Logs the run's story on rank zero (a progress line about every tenth of the run, on a
     logging step); with ``bar``, a tqdm bar in optimizer steps when stdout is a terminal."""
 
     def __init__(self, config: TrainConfig, precision: str, bar: bool) -> None:
+        super().__init__()
         self.config = config
         self.precision = precision
         self.bar_enabled = bar and sys.stdout.isatty()
         self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
         self._bar: tqdm | None = None
         self._exit = ExitStack()
-        self._seen_step = -1
         self._start_step = 0
         self._max_steps = 0
         self._first_step_end = 0.0
@@ -60,7 +60,7 @@ class ConsoleProgress(L.Callback):
         log.info(summary(self.config, self.precision, trainer, self._params))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seen_step = self._start_step = trainer.global_step
+        self._start_step = trainer.global_step
         self._max_steps = trainer.max_steps
         every = self.config.trainer.log_every_n_steps
         self._line_every = every * max(1, -(-self._max_steps // (_LINES_PER_RUN * every)))
@@ -76,11 +76,9 @@ class ConsoleProgress(L.Callback):
                 )
             )
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        step = trainer.global_step
-        if step == self._seen_step or not trainer.is_global_zero:
-            return  # mid-accumulation, or another rank
-        self._seen_step = step
+    def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        if not trainer.is_global_zero:
+            return
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
         if step == self._start_step + 1:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
+from olmo_mini.stepping import StepCallback
 from olmo_mini.training.checkpoint import StepCheckpoint
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,12 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-class StopOnSignal(L.Callback):
+class StopOnSignal(StepCallback):
     """Installs the handlers when training starts (after Lightning's own, which would exit 0
     without saving) and restores the previous ones when it ends."""
 
     def __init__(self, checkpoint: StepCheckpoint, requeue_signal: str | None) -> None:
+        super().__init__()
         self.checkpoint = checkpoint
         self.requeue = signal.Signals[requeue_signal] if requeue_signal else None
         self.signals = [signal.SIGTERM, signal.SIGINT, *([self.requeue] if self.requeue else [])]
@@ -59,10 +61,8 @@ class StopOnSignal(L.Callback):
         self._previous: dict[int, object] = {}
         self._distributed = False
         self._group: dist.ProcessGroup | None = None  # None: the default (gloo) group
-        self._seen_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seen_step = trainer.global_step
         self._distributed = dist.is_available() and dist.is_initialized() and trainer.world_size > 1
         if self._distributed and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
@@ -81,13 +81,7 @@ class StopOnSignal(L.Callback):
                 " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
             )
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
-    ) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # mid-accumulation: not a step boundary
-            return
-        self._seen_step = step
+    def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         signum = self._agreed()
         if signum is None:
             return

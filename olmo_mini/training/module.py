@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2
+from olmo_mini.stepping import StepBoundary, recount_micro_batches
 from olmo_mini.training.optim import build_optimizer, build_scheduler
 from olmo_mini.training.parallel import build_model
 from olmo_mini.training.recorder import MetricRecorder, Rows
@@ -48,7 +49,7 @@ class LanguageModelModule(L.LightningModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._diverged_at: int | None = None
-        self._completed_step: int | None = None  # set by an optimizer step, until its flush check
+        self._steps = StepBoundary()  # which optimizer step ends, for the flush check
         # Per-global-batch loss sums (device tensors: no sync per micro-batch).
         self._ce_sum: torch.Tensor | None = None
         self._z_sum: torch.Tensor | None = None
@@ -90,7 +91,7 @@ class LanguageModelModule(L.LightningModule):
         return {"loss": out.loss, "max_logit": out.max_logit, "lse_sum": out.lse_sum}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        step = self.global_step + 1  # the step this update completes
+        step = self._steps.starting(self.trainer)  # the step this update completes
         clip = self.config.optim.grad_clip  # null: no clipping (an infinite norm scales by 1)
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), math.inf if clip is None else clip, foreach=True
@@ -109,7 +110,6 @@ class LanguageModelModule(L.LightningModule):
             self.recorder.record(step, f"train/{name}", value)
         self.recorder.record(step, "train/lr", optimizer.param_groups[0]["lr"])
         self.tokens_seen += self.tokens_per_step
-        self._completed_step = step
 
     def flush_metrics(self, collective: bool = True) -> Rows:
         """Log everything recorded so far (one host sync): this module's hook first, then the
@@ -148,7 +148,7 @@ class LanguageModelModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After a completed step (and after every callback has recorded its metrics of the
         step: Lightning calls the module's hook last), flush on logging steps and the last."""
-        step, self._completed_step = self._completed_step, None
+        step = self._steps.ended()
         if step is not None and (
             step % self.config.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps
         ):
@@ -185,13 +185,8 @@ class LanguageModelModule(L.LightningModule):
         self.tokens_seen = counters["tokens_seen"]
         self.skipped_steps = counters["skipped_steps"]
         self.consecutive_skips = counters["consecutive_skips"]
-        # Lightning counts micro-batches, and their number per step depends on the world size of
-        # the run that saved. Recount them for this run so that gradient accumulation and the
-        # validation cadence stay aligned with optimizer steps (saves happen at step boundaries).
-        micro = checkpoint["global_step"] * self.grad_accum
-        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-        for counts in (progress["total"], progress["current"]):
-            counts.update(ready=micro, started=micro, processed=micro, completed=micro - 1)
+        # The saving run may have had another world size, so another accumulation.
+        recount_micro_batches(checkpoint, self.grad_accum)
         states = checkpoint["rng_states"]
         # Same world size: each rank continues its own stream; otherwise all take rank 0's.
         rank = self.global_rank if len(states) == self.trainer.world_size else 0

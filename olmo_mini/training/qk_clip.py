@@ -38,6 +38,7 @@ from olmo_mini.config import ConfigError
 from olmo_mini.model.config import OLMo2Config, QKNorm
 from olmo_mini.model.model import Attention, OLMo2
 from olmo_mini.stability.metrics import max_attention_logit
+from olmo_mini.stepping import StepCallback
 
 
 def check_supported(config: OLMo2Config) -> None:
@@ -98,17 +99,17 @@ def _scale(param: nn.Parameter, factor: torch.Tensor) -> None:
     param.mul_(factor.view(-1, *[1] * (param.ndim - 1)) if factor.ndim else factor)
 
 
-class QKClip(L.Callback):
+class QKClip(StepCallback):
     """Applies QK-Clip after every optimizer step; records ``qk_clip/layer{i}/max_logit``
     (before the clip) and ``qk_clip/layer{i}/clipped_heads`` every ``trainer.log_every_n_steps``
     steps. Nothing here waits for the device."""
 
     def __init__(self, tau: float, model_config: OLMo2Config) -> None:
+        super().__init__()
         check_supported(model_config)
         self.tau = tau
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._capturing = False
-        self._stepped = False
         # Per layer, this step's per-head max logit so far (on this rank).
         self._max: list[torch.Tensor | None] = []
 
@@ -137,15 +138,7 @@ class QKClip(L.Callback):
     def on_before_backward(self, *args: Any) -> None:
         self._capturing = False
 
-    def on_before_optimizer_step(self, *args: Any) -> None:
-        self._stepped = True
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
-    ) -> None:
-        if not self._stepped:  # a micro-batch that only accumulated gradients
-            return
-        self._stepped = False
+    def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         max_logits = torch.stack(self._max)  # [n_layers, H]
         self._max = [None] * len(self._max)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -155,7 +148,6 @@ class QKClip(L.Callback):
         applied = trainer.optimizers[0].found_inf == 0
         clip_from = torch.where(applied, max_logits, 0.0)
         clip_model(pl_module.model, clip_from, self.tau)
-        step = trainer.global_step
         if step % trainer.log_every_n_steps:
             return
         clipped = (clip_from > self.tau).sum(dim=1)
