@@ -112,8 +112,8 @@ def format_plan(plan: MemoryPlan, activation_checkpointing: bool) -> str:
     return "\n".join(rows)
 
 
-def plan_main(argv: list[str] | None = None) -> int:
-    """``tools/plan_memory.py``: Hydra-style overrides in, the per-device table out."""
+def plan_parser() -> argparse.ArgumentParser:
+    """The arguments of ``tools/plan_memory.py`` (``olmo_mini.bench.trace`` adds ``--trace``)."""
     description = "Per-device memory of a training config (python train.py's overrides)."
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -124,7 +124,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", help="e.g. model=olmo2_7b trainer=fsdp")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def report_plan(args: argparse.Namespace) -> int:
+    """Print the plan of ``args.overrides`` as a table or, with ``--json``, one object."""
     config = compose_or_exit(args.overrides)
     plan = plan_memory(config, args.device)
     if args.json:
