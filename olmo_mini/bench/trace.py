@@ -13,10 +13,11 @@ What the trace is and is not:
 
 - Rank 0 of N; FSDP2 shards evenly, so every rank's figures are the same up to padding.
 - On the CPU device (a CPU build of torch cannot place a fake tensor on "cuda": ``fully_shard``
-  asks CUDA for the current device). The model's GPU-only paths, the Triton RMSNorm kernels,
-  run their torch reference on CPU; they save the same tensors for backward up to the
-  per-row fp32 statistics (``B*T*4`` bytes per norm). Attention takes the CPU flash path,
-  which saves the output and the log-sum-exp like the CUDA one.
+  asks CUDA for the current device), standing for the GPU: the RMSNorms take the Triton path
+  that ``norm_backend=auto`` takes on CUDA (its ``torch.library`` ops have fake
+  implementations; the torch reference would save fp32 copies the GPU never makes).
+  Attention takes the CPU flash path, which saves the output and the log-sum-exp as the
+  CUDA one does.
 - ``model.compile`` is off (no compiled graphs under fake tensors): a compiled block can
   save fewer tensors than the eager one traced here.
 - Tensor bytes, not the CUDA caching allocator's reserved memory: fragmentation and cuBLAS /
@@ -33,6 +34,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from olmo_mini import kernels
 from olmo_mini.bench.harness import load_average
 from olmo_mini.config import TrainConfig, compose_or_exit
 from olmo_mini.model import OLMo2
@@ -122,11 +125,13 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
         raise SystemExit("error: --trace does not trace trainer.precision=bf16-true")
     micro_batches = min(2, config.grad_accum_steps)
     start = time.perf_counter()
+    use_triton = kernels.triton_norm is not None and config.model.norm_backend != "torch"
+    gpu_norms = mock.patch.object(kernels, "_use_triton", lambda backend, x: use_triton)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=trainer.world_size)
     try:
         # The mesh outside the fake mode: its constructor reads real rank tensors.
         mesh = init_device_mesh("cpu", (trainer.world_size,))
-        with FakeTensorMode():
+        with FakeTensorMode(), gpu_norms:
             with torch.device("meta"):
                 model = OLMo2(config.model)
             wrap_model(model, trainer, precision, mesh)
