@@ -31,6 +31,7 @@ What the trace is and is not:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,12 +45,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from olmo_mini import kernels
-from olmo_mini.bench.harness import load_average
 from olmo_mini.config import TrainConfig, compose_or_exit
 from olmo_mini.model import OLMo2
 from olmo_mini.sizing.memory import MemoryPlan, plan_memory, plan_parser, report_plan
-from olmo_mini.training.optim import build_optimizer
-from olmo_mini.training.parallel import wrap_model
 
 # The tracker's categories (``_FSDPRefType`` values) under the planner's terms.
 PLANNED_AS = {
@@ -115,6 +113,10 @@ class MemoryTrace:
 
 def trace_memory(config: TrainConfig) -> MemoryTrace:
     """Trace one steady-state training step of ``config`` on rank 0 of a fake process group."""
+    # Here, not at the top: the plan alone (no --trace) should not pay for importing Lightning.
+    from olmo_mini.training.optim import build_optimizer
+    from olmo_mini.training.parallel import wrap_model
+
     trainer, data = config.trainer, config.data
     if trainer.strategy != "fsdp":
         raise SystemExit(
@@ -221,7 +223,7 @@ def shipped_table(jobs: tuple[Job, ...] = SHIPPED_JOBS) -> str:
         config = compose_or_exit(job.overrides())
         trace, plan = trace_memory(config), plan_memory(config)
         terms = " | ".join(_gib(trace.term(name)) for name in PLANNED_AS)
-        load = "/".join(f"{x:.1f}" for x in load_average() or ())
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         lines.append(
             f"| {job.model} | {job.world_size} | {job.micro_batch_size} x {job.seq_len} | "
             f"{'on' if job.activation_checkpointing else 'off'} | {terms} | {_gib(trace.peak)} | "
