@@ -22,8 +22,8 @@ What the trace is and is not:
   save fewer tensors than the eager one traced here.
 - Tensor bytes, not the CUDA caching allocator's reserved memory: fragmentation and cuBLAS /
   NCCL workspaces come on top (on a GPU, ``max_memory_reserved`` minus ``max_memory_allocated``).
-- The first step runs before the tracker: it creates AdamW's state (the traced step is a
-  steady-state one) and fills DTensor's sharding-propagation cache; on a cache miss DTensor
+- An optimizer update runs before the tracker, from zero gradients: it creates AdamW's state
+  (the traced step is a steady-state one) and fills DTensor's sharding-propagation cache; on a cache miss DTensor
   builds global-shape fake tensors to infer output shapes, which the tracker would count as
   the rank's memory (in ``FakeTensorMode`` they live in the same fake mode as the step).
 """
@@ -142,7 +142,14 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
             shape = (data.micro_batch_size, data.seq_len + 1)
             tokens = torch.randint(config.model.vocab_size, shape)
 
-            def step(after_backward: Callable[[], object] = lambda: None) -> None:
+            def update() -> None:
+                torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), config.optim.grad_clip, foreach=True
+                )
+                optimizer.step()
+                optimizer.zero_grad()
+
+            def step(after_backward: Callable[[], object]) -> None:
                 for _ in range(micro_batches):
                     with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
                         out = model(
@@ -151,13 +158,13 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
                     (out.loss / micro_batches).backward()
                     del out
                     after_backward()
-                torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), config.optim.grad_clip, foreach=True
-                )
-                optimizer.step()
-                optimizer.zero_grad()
+                update()
 
-            step()  # AdamW's state and DTensor's propagation cache (see the module docstring)
+            # AdamW's state and DTensor's propagation cache (see the module docstring): an update
+            # from gradients shaped as FSDP2's reduce-scatter leaves them, without a forward.
+            for param in model.parameters():
+                param.grad = torch.zeros_like(param)
+            update()
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs((tokens,))
             with tracker:
