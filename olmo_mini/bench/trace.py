@@ -3,9 +3,10 @@
 ``tools/plan_memory.py --trace`` builds the real model and FSDP2 wrapping
 (``training.parallel.wrap_model``) on torch's "fake" process group (``FakeStore``: every
 collective returns at once) with fake tensors (``FakeTensorMode``: shapes and dtypes, no
-storage), runs training steps as the trainer runs them (bf16 autocast under ``bf16-mixed``,
-activation checkpointing as configured, two micro-batches of gradient accumulation when the
-config accumulates, gradient clipping, the project's fused AdamW, ``zero_grad``), and reads the
+storage), runs a micro-batch and the optimizer update as the trainer runs them (bf16 autocast
+under ``bf16-mixed``, activation checkpointing as configured, gradient clipping, the project's
+fused AdamW, ``zero_grad``; where the config accumulates, the micro-batch finds the sharded
+gradients of the step's earlier ones, as from the second micro-batch on), and reads the
 per-rank memory by category from torch's ``FSDPMemTracker`` beside the analytic plan
 (``olmo_mini.sizing.memory``).
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from unittest import mock
 
@@ -101,7 +101,7 @@ class MemoryTrace:
     world_size: int
     precision: str
     activation_checkpointing: bool
-    micro_batches: int
+    accumulating: bool  # the traced micro-batch found the step's earlier gradients
     categories: dict[str, int]
     peak: int
     seconds: float
@@ -125,7 +125,7 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
     precision = "bf16-mixed" if trainer.precision == "auto" else trainer.precision
     if precision == "bf16-true":
         raise SystemExit("error: --trace does not trace trainer.precision=bf16-true")
-    micro_batches = min(2, config.grad_accum_steps)
+    accumulating = config.grad_accum_steps > 1
     start = time.perf_counter()
     use_triton = kernels.triton_norm is not None and config.model.norm_backend != "torch"
     gpu_norms = mock.patch.object(kernels, "_use_triton", lambda backend, x: use_triton)
@@ -149,27 +149,24 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
                 optimizer.step()
                 optimizer.zero_grad()
 
-            def step(after_backward: Callable[[], object]) -> None:
-                for _ in range(micro_batches):
-                    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
-                        out = model(
-                            tokens[:, :-1], labels=tokens[:, 1:], z_loss=config.optim.z_loss
-                        )
-                    (out.loss / micro_batches).backward()
-                    del out
-                    after_backward()
-                update()
+            def earlier_gradients() -> None:
+                """Sharded gradients as FSDP2's reduce-scatter leaves them."""
+                for param in model.parameters():
+                    param.grad = torch.zeros_like(param)
 
-            # AdamW's state and DTensor's propagation cache (see the module docstring): an update
-            # from gradients shaped as FSDP2's reduce-scatter leaves them, without a forward.
-            for param in model.parameters():
-                param.grad = torch.zeros_like(param)
+            # AdamW's state and DTensor's propagation cache (see the module docstring).
+            earlier_gradients()
             update()
+            if accumulating:  # the traced micro-batch adds to the step's earlier ones
+                earlier_gradients()
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs((tokens,))
             with tracker:
-                # The tracker keeps module stats per call: reset them per micro-batch.
-                step(tracker.reset_mod_stats)
+                with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
+                    out = model(tokens[:, :-1], labels=tokens[:, 1:], z_loss=config.optim.z_loss)
+                out.loss.backward()
+                del out
+                update()
             snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     finally:
         dist.destroy_process_group()
@@ -179,7 +176,7 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
         world_size=trainer.world_size,
         precision=precision,
         activation_checkpointing=trainer.activation_checkpointing,
-        micro_batches=micro_batches,
+        accumulating=accumulating,
         categories=categories,
         peak=peak,
         seconds=round(time.perf_counter() - start, 1),
@@ -201,7 +198,8 @@ def format_trace(trace: MemoryTrace, plan: MemoryPlan) -> str:
     rows = [
         f"traced {plan.param_count / 1e9:.3f} B parameters, {trace.precision}, rank 0 of "
         f"{trace.world_size}, activation checkpointing {'on' if trace.activation_checkpointing else 'off'}, "
-        f"{trace.micro_batches} micro-batch(es), {trace.seconds:.0f} s; GiB per rank at the peak:",
+        f"{'accumulating' if trace.accumulating else 'one micro-batch per step'}, "
+        f"{trace.seconds:.0f} s; GiB per rank at the peak:",
         f"  {'term':<26}{'traced':>9}{'planned':>9}  plan vs trace",
     ]
     for name in PLANNED_AS:
