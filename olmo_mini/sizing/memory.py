@@ -23,7 +23,11 @@ for every shipped job is the chunked LM-head loss at the end of a forward:
   softmax ``[rows, V]`` with its compute-dtype copy, and the ``[B*T, d]`` hidden-state gradient.
 
 Not counted: the CUDA caching allocator's slack and cuBLAS/NCCL workspaces (GPU memory reserved
-beyond the tensors), and ``model.compile`` (a compiled block may save less than eager).
+beyond the tensors), and ``model.compile`` (a compiled block may save less than eager). The terms
+are those of FSDP jobs (``tools/plan_memory.py --trace`` checks them); on one device under
+``bf16-mixed`` autocast also caches a bf16 copy of every weight during the forward and the
+residual stream stays fp32 (the embedding's output is fp32 without FSDP2's bf16 parameters),
+which the plan does not count.
 """
 
 from __future__ import annotations
