@@ -193,8 +193,9 @@ def _diff(traced: int, planned: int) -> str:
 
 def format_trace(trace: MemoryTrace, plan: MemoryPlan) -> str:
     """Traced and planned GiB per rank, term by term, and the tracker's own categories."""
-    used = plan.activations_checkpointed if trace.activation_checkpointing else plan.activations
-    planned = {**asdict(plan), "activations": used}
+    # The tracker counts the LM-head loss's working memory as activations and temporaries.
+    planned = {**asdict(plan), "activations": plan.total - plan.states - plan.fsdp_working_set}
+    labels = {"activations": "activations + LM-head loss"}
     rows = [
         f"traced {plan.param_count / 1e9:.3f} B parameters, {trace.precision}, rank 0 of "
         f"{trace.world_size}, activation checkpointing {'on' if trace.activation_checkpointing else 'off'}, "
@@ -204,11 +205,12 @@ def format_trace(trace: MemoryTrace, plan: MemoryPlan) -> str:
     ]
     for name in PLANNED_AS:
         rows.append(
-            f"  {name:<26}{_gib(trace.term(name)):>9}{_gib(planned[name]):>9}  "
+            f"  {labels.get(name, name):<26}{_gib(trace.term(name)):>9}{_gib(planned[name]):>9}  "
             f"{_diff(trace.term(name), planned[name])}"
         )
     rows.append(
-        f"  {'peak (total)':<26}{_gib(trace.peak):>9}{_gib(plan.total):>9}  {_diff(trace.peak, plan.total)}"
+        f"  {'peak (total)':<26}{_gib(trace.peak):>9}{_gib(plan.total):>9}  "
+        f"{_diff(trace.peak, plan.total)}"
     )
     rows.append(
         "  tracker categories: "
