@@ -265,12 +265,16 @@ def _summarize(uses: list[str]) -> str:
 
 
 def shipped_shapes(folder: Path) -> list[ModelShape]:
-    """The shapes of ``configs/model/*.yaml`` by width, GQA after MHA (read as plain YAML)."""
+    """The shapes of ``configs/model/*.yaml`` by width, GQA after MHA (read as plain YAML).
+    A LayerNorm model (``norm_type: layer``, the ``wortsman`` preset) launches no Triton norm
+    kernel: it has no shape here."""
     import yaml
 
     shapes = []
     for path in folder.glob("*.yaml"):
         values = yaml.safe_load(path.read_text())
+        if values.get("norm_type", "rms") != "rms":
+            continue
         heads = values["n_heads"]
         kv_heads = values.get("n_kv_heads") or heads
         shape = ModelShape(path.stem, values["d_model"], heads, kv_heads, values["max_seq_len"])
