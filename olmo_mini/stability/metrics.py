@@ -48,11 +48,8 @@ class Reduction:
             names = sorted(table)
             flat = torch.cat([table[n].reshape(-1) for n in names])
             torch.distributed.all_reduce(flat, op=op)
-            offset = 0
-            for n in names:
-                size = table[n].numel()
-                table[n] = flat[offset : offset + size].view_as(table[n])
-                offset += size
+            for n, part in zip(names, flat.split([table[n].numel() for n in names]), strict=True):
+                table[n] = part.view_as(table[n])
 
 
 def device_scalar(value: float, device: torch.device) -> torch.Tensor:
