@@ -179,16 +179,11 @@ def _compile(launch: Launch, target: str, pointers: str) -> Compiled:
             f"{kernel.fn.__name__} ({launch.name}) failed to compile for {target}: {error}"
         ) from error
     registers, spills = _resources(compiled.asm, gpu.backend)
+    meta = compiled.metadata
+    block_m, block_n = launch.meta["BLOCK_M"], launch.meta["BLOCK_N"]
+    name = kernel.fn.__name__
     return Compiled(
-        kernel.fn.__name__,
-        target,
-        pointers,
-        launch.meta["BLOCK_M"],
-        launch.meta["BLOCK_N"],
-        compiled.metadata.num_warps,
-        registers,
-        spills,
-        compiled.metadata.shared,
+        name, target, pointers, block_m, block_n, meta.num_warps, registers, spills, meta.shared
     )
 
 

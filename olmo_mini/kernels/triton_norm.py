@@ -187,9 +187,6 @@ def _qk_bwd_kernel(
 # fmt: on
 
 
-# --------------------------------------------------------------------------- launch config
-
-
 def _blocks(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows per program, several when rows are narrow."""
     block_n = triton.next_power_of_2(n_cols)
@@ -254,9 +251,6 @@ def recorded_launches() -> Iterator[list[Launch]]:
         _recording = previous
 
 
-# --------------------------------------------------------------------------- layout helpers
-
-
 def _row_order(x: torch.Tensor) -> list[int]:
     """Leading dims by decreasing stride: the order in which x's rows lie in memory.
 
@@ -315,9 +309,6 @@ def _dw_out(
     if weight is None or partial is None:
         return like.new_empty(0)
     return partial.sum(0).to(weight.dtype)
-
-
-# --------------------------------------------------------------------------- custom ops
 
 
 def _rms_norm_fwd(
@@ -449,12 +440,8 @@ def _qk_rms_norm_bwd(
     dk, dk2 = _empty_rows(k, k_order, k.dtype)
     rows_q, rows_k = _num_rows(q), _num_rows(k)
     if rows_q + rows_k == 0:
-        return (
-            dq,
-            dk,
-            _dw_out(_dw_partial(q_weight, 0), q_weight, q),
-            _dw_out(_dw_partial(k_weight, 0), k_weight, k),
-        )
+        dwq, dwk = (_dw_out(_dw_partial(w, 0), w, t) for w, t in ((q_weight, q), (k_weight, k)))
+        return dq, dk, dwq, dwk
     q2, k2 = _as_rows(q, q_order), _as_rows(k, k_order)
     dyq2, dyk2 = _as_rows(dq_out, q_order), _as_rows(dk_out, k_order)
     block_m, block_n, num_warps = _blocks(max(q.shape[-1], k.shape[-1]), max(rows_q, rows_k))
