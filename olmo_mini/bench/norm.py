@@ -133,11 +133,11 @@ def sweep(
                     times = time_passes(provider_fn(op, provider), inputs, timer)
                     for pass_, t in times.items():
                         gbps = units[pass_] * m * d * elem / (t * 1e-3) / 1e9
-                        r = NormRow(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
-                        results.append(r)
+                        pct = 100 * gbps / clone_gbps
+                        results.append(NormRow(op, pass_, provider, m, d, t, gbps, pct))
                         print(
                             f"{op:>13} {pass_:>7} {provider:>10} M={m:>6} D={d:>5} "
-                            f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {r.pct_clone:5.1f}% of clone"
+                            f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {pct:5.1f}% of clone"
                         )
                 del inputs
     return results
@@ -154,10 +154,9 @@ def write_report(
         (*dataclasses.astuple(r)[:5], f"{r.ms * 1e3:.1f}", round(r.gbps), round(r.pct_clone))
         for r in results
     ]
-    table = markdown_table(header, rows)
     (out_dir / "norm_bench.md").write_text(
         f"# Norm kernel benchmark on {device_name}\n\nbf16 activations, fp32 weights; "
-        f"torch.clone bandwidth {clone_gbps:.0f} GB/s.\n\n{table}\n"
+        f"torch.clone bandwidth {clone_gbps:.0f} GB/s.\n\n{markdown_table(header, rows)}\n"
     )
 
     from matplotlib.figure import Figure

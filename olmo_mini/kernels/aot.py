@@ -79,14 +79,6 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, 
         triton_norm._rms_norm_bwd(torch.empty_like(out), x, weight, rstd)
 
 
-def _qk_norm(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, backward: bool):
-    """The launches of one QK-norm forward, and its backward when ``backward``."""
-    q_out, k_out, rstd_q, rstd_k = triton_norm._qk_rms_norm_fwd(q, k, wq, wk, 1e-6)
-    if backward:
-        dq, dk = torch.empty_like(q_out), torch.empty_like(k_out)
-        triton_norm._qk_rms_norm_bwd(dq, dk, q, k, wq, wk, rstd_q, rstd_k)
-
-
 def model_launches(shape: ModelShape, dtype: str, qk_norm: str, decode: bool) -> list[Launch]:
     """Every norm launch of one training step (``decode=False``: one sequence of ``seq_len``
     tokens, forward and backward) or one generated token (forward only) of a decoder.
@@ -117,7 +109,10 @@ def model_launches(shape: ModelShape, dtype: str, qk_norm: str, decode: bool) ->
         else:
             q, k = _meta(1, tokens, q_size, dtype=act), _meta(1, tokens, kv_size, dtype=act)
             wq, wk = _meta(q_size, dtype=param), _meta(kv_size, dtype=param)
-        _qk_norm(q, k, wq, wk, backward)
+        q_out, k_out, rstd_q, rstd_k = triton_norm._qk_rms_norm_fwd(q, k, wq, wk, 1e-6)
+        if backward:
+            dq, dk = torch.empty_like(q_out), torch.empty_like(k_out)
+            triton_norm._qk_rms_norm_bwd(dq, dk, q, k, wq, wk, rstd_q, rstd_k)
         if qk_norm == "qkv":
             _norm(_meta(1, tokens, kv_size, dtype=act), wk, None, backward)
     return launches
