@@ -6,8 +6,7 @@ step whose update starts there ends at the next ``on_train_batch_end``. ``StepCa
 callbacks OLMo-core's two hooks on top of that: ``pre_optim_step`` and ``post_optim_step`` (its
 ``post_train_batch``).
 
-It imports nothing of ours, so both ``training`` and the stability monitor (below training) use
-it. ``recount_micro_batches`` is the one place that touches Lightning's private loop state.
+It imports nothing of ours, so both ``training`` and the stability monitor (below training) use it.
 """
 
 from __future__ import annotations

@@ -21,9 +21,6 @@ only ever loaded, stored or cast (all arithmetic after an fp32 cast), ``eps`` a 
 The host side is ``torch.library.custom_op``s with fake implementations, so the ops are
 opaque single nodes to ``torch.compile`` (no graph break, and Inductor never re-launches
 the kernels with fp64 scalars); ``autograd.Function``s in ``olmo_mini.kernels`` wire them.
-Their bodies (``_rms_norm_fwd`` ...) launch through ``_launch``; under ``recorded_launches``
-they run on ``meta`` tensors and record instead, which ``olmo_mini.kernels.aot`` compiles for
-real GPU targets without one.
 """
 
 from __future__ import annotations

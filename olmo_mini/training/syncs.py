@@ -22,9 +22,6 @@ a GPU), and reading a tensor into Python (``.tolist()``, ``.numpy()``, seen by a
 ``TorchFunctionMode`` since they dispatch no aten op on CPU) counts as a device-to-host copy.
 The proxy cannot tell a tensor meant to stay on the host from one meant for the device: use it
 on code that runs on the device. On CUDA the real boundary is checked and the proxy is off.
-
-Each record carries the caller's ``label`` at the time (the test sets it to the optimizer step,
-or ``"flush"``) and the line that called it.
 """
 
 from __future__ import annotations
