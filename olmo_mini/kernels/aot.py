@@ -8,10 +8,6 @@ first GPU. The launches are not described a second time: the host functions of
 which yields each kernel's exact arguments, block sizes and ``num_warps``; Triton's own binder
 then turns them into the signature, specializations and options a GPU launch would compile
 (its internal ``create_function_from_signature`` and ``_pack_args``, as of Triton 3.9).
-
-Resources per compiled kernel: registers and local memory (where spills go) from the cubin
-(``cuobjdump -res-usage``, shipped with Triton) or the AMDGCN metadata; shared memory from the
-kernel's metadata (what the launch requests).
 """
 
 from __future__ import annotations
@@ -183,7 +179,8 @@ def _compile(launch: Launch, target: str, pointers: str) -> Compiled:
 
 
 def _resources(asm: dict, backend: str) -> tuple[int, int]:
-    """``(registers, spill bytes)`` of a compiled kernel, from its binary or assembly."""
+    """``(registers, spill bytes)`` of a compiled kernel: from the cubin (``cuobjdump``, shipped
+    with Triton) or the AMDGCN metadata."""
     if backend == "hip":
         counts = dict(re.findall(r"\.(\w+_count):\s+(\d+)", asm["amdgcn"]))
         spills = int(counts["vgpr_spill_count"]) + int(counts["sgpr_spill_count"])
