@@ -146,17 +146,13 @@ def compile_launch(launch: Launch, target: str) -> Compiled:
             f"{launch.name}: the kernels were made for Triton's interpreter (TRITON_INTERPRET=1 "
             "when triton was imported); compile ahead of time in a process without it"
         )
+    name = kernel.fn.__name__
     pointers = ",".join(SHORT[a.dtype] for a in launch.args if torch.is_tensor(a))
-    key = (target, kernel.fn.__name__, pointers, tuple(sorted(launch.meta.items())))
-    if key not in _CACHE:
-        _CACHE[key] = _compile(launch, target, pointers)
-    return _CACHE[key]
-
-
-def _compile(launch: Launch, target: str, pointers: str) -> Compiled:
+    key = (target, name, pointers, tuple(sorted(launch.meta.items())))
+    if key in _CACHE:
+        return _CACHE[key]
     gpu = TARGETS[target]
     backend = make_backend(gpu)
-    kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.meta)
     options, signature, constants, attrs = kernel._pack_args(
@@ -167,15 +163,15 @@ def _compile(launch: Launch, target: str, pointers: str) -> Compiled:
         compiled = triton.compile(source, target=gpu, options=options.__dict__)
     except Exception as error:  # Triton's CompilationError, PTXASError, MLIR failures
         raise AOTCompileError(
-            f"{kernel.fn.__name__} ({launch.name}) failed to compile for {target}: {error}"
+            f"{name} ({launch.name}) failed to compile for {target}: {error}"
         ) from error
     registers, spills = _resources(compiled.asm, gpu.backend)
     meta = compiled.metadata
     block_m, block_n = launch.meta["BLOCK_M"], launch.meta["BLOCK_N"]
-    name = kernel.fn.__name__
-    return Compiled(
+    _CACHE[key] = Compiled(
         name, target, pointers, block_m, block_n, meta.num_warps, registers, spills, meta.shared
     )
+    return _CACHE[key]
 
 
 def _resources(asm: dict, backend: str) -> tuple[int, int]:

@@ -385,7 +385,12 @@ def _qk_rms_norm_fwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_out, k_out, rstd_q, rstd_k)``: both norms in one launch."""
-    _check_qk(q, k, q_weight, k_weight)
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_rms_norm: give both q_weight and k_weight, or neither")
+    if q.device != k.device:
+        raise ValueError(f"qk_rms_norm: q on {q.device} but k on {k.device}")
+    _check_weight(q, q_weight)
+    _check_weight(k, k_weight)
     q_order, k_order = _row_order(q), _row_order(k)
     q_out, yq2 = _empty_rows(q, q_order, q.dtype)
     k_out, yk2 = _empty_rows(k, k_order, k.dtype)
@@ -474,14 +479,3 @@ def _(dq_out, dk_out, q, k, q_weight, k_weight, rstd_q, rstd_k):
     dwq = q.new_empty(0) if q_weight is None else torch.empty_like(q_weight)
     dwk = k.new_empty(0) if k_weight is None else torch.empty_like(k_weight)
     return dq, dk, dwq, dwk
-
-
-def _check_qk(
-    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None
-) -> None:
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("qk_rms_norm: give both q_weight and k_weight, or neither")
-    if q.device != k.device:
-        raise ValueError(f"qk_rms_norm: q on {q.device} but k on {k.device}")
-    _check_weight(q, q_weight)
-    _check_weight(k, k_weight)
