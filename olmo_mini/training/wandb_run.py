@@ -9,7 +9,6 @@ wandb's own conventions for going online.
 - Mode: as wandb decides (``WANDB_MODE``, ``wandb offline``), online where wandb finds
   credentials (``wandb login``'s netrc, ``WANDB_API_KEY``, a settings file), else offline. A server
   out of reach costs ``INIT_TIMEOUT_S`` seconds, then the run goes on offline under the same id.
-  The run starts as training starts, so a launch refused before its first step leaves none.
 """
 
 from __future__ import annotations
