@@ -339,7 +339,7 @@ rms_norm_fwd = torch.library.custom_op("olmo_mini::rms_norm_fwd", _rms_norm_fwd,
 
 
 @rms_norm_fwd.register_fake
-def _(x, weight, residual, eps):
+def _rms_norm_fwd_fake(x, weight, residual, eps):
     out_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
     out, _ = _empty_rows(x, _row_order(x), out_dtype)
     return out, x.new_empty(_num_rows(x), dtype=torch.float32)
@@ -372,7 +372,7 @@ rms_norm_bwd = torch.library.custom_op("olmo_mini::rms_norm_bwd", _rms_norm_bwd,
 
 
 @rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd):
+def _rms_norm_bwd_fake(dy, x, weight, rstd):
     dx, _ = _empty_rows(x, _row_order(x), x.dtype)
     return dx, x.new_empty(0) if weight is None else torch.empty_like(weight)
 
@@ -420,10 +420,9 @@ qk_rms_norm_fwd = torch.library.custom_op(
 
 @qk_rms_norm_fwd.register_fake
 def _(q, k, q_weight, k_weight, eps):
-    q_out, _ = _empty_rows(q, _row_order(q), q.dtype)
-    k_out, _ = _empty_rows(k, _row_order(k), k.dtype)
-    f32 = torch.float32
-    return q_out, k_out, q.new_empty(_num_rows(q), dtype=f32), k.new_empty(_num_rows(k), dtype=f32)
+    q_out, rstd_q = _rms_norm_fwd_fake(q, q_weight, None, eps)
+    k_out, rstd_k = _rms_norm_fwd_fake(k, k_weight, None, eps)
+    return q_out, k_out, rstd_q, rstd_k
 
 
 def _qk_rms_norm_bwd(
@@ -474,8 +473,6 @@ qk_rms_norm_bwd = torch.library.custom_op(
 
 @qk_rms_norm_bwd.register_fake
 def _(dq_out, dk_out, q, k, q_weight, k_weight, rstd_q, rstd_k):
-    dq, _ = _empty_rows(q, _row_order(q), q.dtype)
-    dk, _ = _empty_rows(k, _row_order(k), k.dtype)
-    dwq = q.new_empty(0) if q_weight is None else torch.empty_like(q_weight)
-    dwk = k.new_empty(0) if k_weight is None else torch.empty_like(k_weight)
+    dq, dwq = _rms_norm_bwd_fake(dq_out, q, q_weight, rstd_q)
+    dk, dwk = _rms_norm_bwd_fake(dk_out, k, k_weight, rstd_k)
     return dq, dk, dwq, dwk
