@@ -13,6 +13,7 @@ then turns them into the signature, specializations and options a GPU launch wou
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import subprocess
 import tempfile
@@ -207,17 +208,14 @@ def compile_models(shapes: Iterable[ModelShape], targets: Iterable[str]) -> list
     """Compile every norm launch of ``shapes`` (training steps and decoding, every QK-norm mode,
     every dtype class) for ``targets``; one row per compiled kernel and dtype class."""
     rows: dict[tuple[Compiled, str], Row] = {}
-    for shape in shapes:
-        for dtype in DTYPES:
-            for qk_norm in QK_NORMS:
-                for decode in (False, True):
-                    use = f"{shape.name} {qk_norm}{' decode' if decode else ''}"
-                    for launch in model_launches(shape, dtype, qk_norm, decode):
-                        for target in targets:
-                            compiled = compile_launch(launch, target)
-                            row = rows.setdefault((compiled, dtype), Row(compiled, dtype, []))
-                            if use not in row.uses:
-                                row.uses.append(use)
+    for shape, dtype, qk_norm, decode in itertools.product(shapes, DTYPES, QK_NORMS, (False, True)):
+        use = f"{shape.name} {qk_norm}{' decode' if decode else ''}"
+        launches = model_launches(shape, dtype, qk_norm, decode)
+        for launch, target in itertools.product(launches, targets):
+            compiled = compile_launch(launch, target)
+            row = rows.setdefault((compiled, dtype), Row(compiled, dtype, []))
+            if use not in row.uses:
+                row.uses.append(use)
     return list(rows.values())
 
 

@@ -7,9 +7,6 @@ right away, the gradient of the loss with respect to those logits; it then multi
 gradient into the hidden-state and weight gradients and drops the logits. Backward only
 scales the stored gradients by the incoming scalar. Same three matmuls as the plain path;
 peak extra memory is one chunk of logits plus an fp32 ``[V, D]`` weight gradient.
-
-Numerics follow the plain path under autocast: the matmul runs in the compute dtype (bf16
-under bf16 autocast), logits are upcast to fp32 before soft-cap, logsumexp and CE.
 """
 
 from __future__ import annotations
