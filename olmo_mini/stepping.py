@@ -61,8 +61,7 @@ class StepCallback(L.Callback):
         """The step's gradients are complete (before clipping); its update is about to run."""
 
     def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        """Optimizer step ``step`` (1-based, ``== trainer.global_step``) and its last
-        micro-batch are done."""
+        """Step ``step`` (1-based, ``== trainer.global_step``) and its last micro-batch are done."""
 
 
 def recount_micro_batches(checkpoint: dict[str, Any], micro_batches_per_step: int) -> None:

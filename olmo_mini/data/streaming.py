@@ -102,8 +102,7 @@ def packed_windows(
 
 
 class StreamingTrainStream(IterableDataset):
-    """This rank's micro-batches from global batch ``at.start`` on, tokenized in the loader
-    workers."""
+    """This rank's micro-batches from global batch ``at.start`` on, tokenized in loader workers."""
 
     def __init__(
         self,

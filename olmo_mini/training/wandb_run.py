@@ -68,8 +68,7 @@ def label(
 
 def hydra_labels(logger: LoggerConfig, hydra_cfg: DictConfig, run_dir: Path) -> LoggerConfig:
     """``label`` from the Hydra launch: a single run is named by its run dir and grouped by its
-    experiment; a sweep job is named by its overrides (else ``<sweep dir name>/<job number>``)
-    and grouped by its sweep dir."""
+    experiment; a sweep job by its overrides (else ``<sweep dir name>/<job number>``) and sweep dir."""
     from hydra.types import RunMode
 
     if hydra_cfg.mode == RunMode.MULTIRUN:
