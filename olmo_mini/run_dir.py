@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (olmo_mini.training.tokenizer_record)
+# One JSON line per resume: from which checkpoint, and the settings it changed (training.checkpoint).
+HISTORY_FILE = "history.jsonl"
 STEP_DIR = re.compile(r"step_(\d+)")
 # In a step_<N> checkpoint: the marker of a finished save (its files' digests, step, run id),
 # the single-process state file (FSDP runs write DCP shards and meta.pt instead) and the config.
