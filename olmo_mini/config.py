@@ -32,8 +32,8 @@ class ModelConfig(OLMo2Config):
     # torch.compile for training: the whole model with its loss as one graph (one device or DDP);
     # each block under FSDP or activation checkpointing (the root's hooks break the graph there).
     compile: bool = False
-    # Start from these weights instead of a random init: a training checkpoint or run dir, a
-    # Hugging Face Olmo2 folder, or a folder from tools/convert_hf.py from-hf (olmo_mini.interop).
+    # Start from these weights instead of a random init: a training checkpoint or run dir or a
+    # Hugging Face Olmo2 folder (olmo_mini.interop).
     init_from: str | None = None
 
     def __post_init__(self) -> None:

@@ -7,12 +7,13 @@ A *source* is one of
   and data come from the run's config saved inside the checkpoint (``config.yaml``), the
   tokenizer from the run dir, checked against the hash in the checkpoint
   (:func:`checkpoint_tokenizer`). Sharded checkpoints are read without a process group.
-- a Hugging Face Olmo2 folder (``config.json``, safetensors, tokenizer files).
-- an olmo-mini weights folder written by :func:`import_hf` (``model.yaml``, ``model.safetensors``
-  in olmo-mini parameter names, tokenizer files).
+- a Hugging Face Olmo2 folder (``config.json``, safetensors, tokenizer files), read and written
+  by ``olmo_mini.model.hf``.
 
-All three load into a plain fp32 ``OLMo2``; any of them can initialize a new run
-(``model.init_from``, see :func:`load_init_weights`). None carries optimizer state into it.
+Both load into a plain fp32 ``OLMo2``; either can initialize a new run (``model.init_from``, see
+:func:`load_init_weights`). Neither carries optimizer state into it. Weights folders that older
+versions wrote (``model.yaml``, ``model.safetensors`` in olmo-mini names) still load, with a
+deprecation warning.
 Nothing here imports Lightning: the trainer (``training.parallel``) and the tools read it alike.
 Evaluation is ``olmo_mini.evaluation``.
 """
@@ -20,6 +21,7 @@ Evaluation is ``olmo_mini.evaluation``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -28,15 +30,13 @@ from pathlib import Path
 
 import fsspec
 import torch
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from olmo_mini.config import ConfigError, TrainConfig, load_config
 from olmo_mini.data import eos_id, load_tokenizer, read_manifest, resolve_tokenizer_and_shards
 from olmo_mini.data.tokenizer import tokenizer_hash
-from olmo_mini.model import OLMo2, OLMo2Config
+from olmo_mini.model import OLMo2, OLMo2Config, hf
 from olmo_mini.model.generation import generate
-from olmo_mini.model.hf import config_from_hf, from_hf_key, save_safetensors
 from olmo_mini.model.shards import write_full_
 from olmo_mini.run_dir import (
     COMPLETE,
@@ -47,11 +47,13 @@ from olmo_mini.run_dir import (
     saved_config,
 )
 
+# The weights folders older versions' import_hf wrote: read still, no longer written.
 WEIGHTS_FILE = "model.safetensors"
 MODEL_YAML = "model.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Fields that do not change what the weights compute: a run may differ from its init_from source.
 _FREE_FIELDS = {"max_seq_len", "init_std", "norm_backend"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,11 +98,16 @@ def locate(path: str | Path) -> tuple[str, Path]:
     if (path / "config.json").is_file():
         return "hf", path
     if (path / MODEL_YAML).is_file():
+        log.warning(
+            "%s: olmo-mini weights folders are deprecated; convert it once with "
+            "tools/convert_hf.py to-hf %s <hf folder>",
+            path,
+            path,
+        )
         return "weights", path
     raise ValueError(
         f"{path}: not a model source; expected a step_<N> checkpoint (with {COMPLETE}), a run dir "
-        f"(with checkpoints/), a Hugging Face folder (config.json) or an olmo-mini weights folder "
-        f"({MODEL_YAML})"
+        f"(with checkpoints/) or a Hugging Face folder (config.json)"
     )
 
 
@@ -234,8 +241,6 @@ def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> 
 def _model(kind: str, where: Path) -> OLMo2:
     """The fp32 CPU model of a located source."""
     architecture = _architecture(kind, where)
-    if kind == "hf":
-        return OLMo2.from_hf(where).eval()
     weights = where / WEIGHTS_FILE
     if kind == "weights" and not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (an olmo-mini weights folder holds it)")
@@ -248,13 +253,7 @@ def _architecture(kind: str, where: Path) -> OLMo2Config:
         return run_config(where).model
     if kind == "weights":
         return OLMo2Config.from_yaml(where / MODEL_YAML)
-    config_file = where / "config.json"
-    try:
-        return config_from_hf(json.loads(config_file.read_text()))
-    except (ValueError, KeyError) as e:
-        raise ValueError(
-            f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}"
-        ) from None
+    return hf.read_config(where)
 
 
 # ---------------------------------------------------------------- initializing a run
@@ -263,7 +262,7 @@ def _architecture(kind: str, where: Path) -> OLMo2Config:
 def load_init_weights(model: OLMo2, source: str) -> None:
     """Copy ``model.init_from``'s weights into a freshly built ``model``, one tensor at a time.
 
-    Safetensors sources (a Hugging Face folder, an olmo-mini weights folder) are read lazily
+    Safetensors sources (a Hugging Face folder, an old olmo-mini weights folder) are read lazily
     (``safe_open``): one whole tensor exists at a time and an FSDP2-sharded ``model`` keeps only
     its part on each rank (``model.shards.write_full_``), so no process ever holds the model.
     A sharded (DCP) checkpoint is read by DCP straight into the parameters, each rank reading
@@ -327,23 +326,10 @@ def _source_tensors(kind: str, where: Path) -> Iterator[tuple[str, torch.Tensor]
     """``(olmo-mini name, whole tensor)`` pairs of a located source, one at a time."""
     if kind == "checkpoint":
         yield from checkpoint_state(where).items()
-        return
-    from safetensors import safe_open
-
-    files = sorted(where.glob("*.safetensors")) if kind == "hf" else [where / WEIGHTS_FILE]
-    if not files or not files[0].is_file():
-        raise ValueError(f"{where} has no safetensors file")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-        for key in keys:
-            if kind == "hf" and key.endswith("rotary_emb.inv_freq"):
-                continue  # old exports carry this buffer
-            # Opened per tensor: the file is memory-mapped while open, and every page read
-            # stays resident until it is closed, which would add up to the whole file.
-            with safe_open(str(file), framework="pt") as f:
-                tensor = f.get_tensor(key)
-            yield (from_hf_key(key) if kind == "hf" else key), tensor
+    elif kind == "hf":
+        yield from hf.tensors(where)
+    else:
+        yield from hf.stream_safetensors([where / WEIGHTS_FILE])
 
 
 def model_overrides(config: OLMo2Config) -> list[str]:
@@ -387,22 +373,20 @@ def export_hf(source: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
 
 
 def import_hf(folder: str | Path, out: str | Path) -> OLMo2Config:
-    """An HF Olmo2 folder → an olmo-mini weights folder for ``model.init_from``.
-
-    ``model.yaml`` has the ``OLMo2Config`` fields (it also works as a ``configs/model/`` file),
-    ``model.safetensors`` the fp32 weights in olmo-mini names; tokenizer files are copied so that
-    ``data.tokenizer`` can point at the folder. Optimizer state does not exist in HF folders: a
-    run initialized from this starts AdamW's moments at zero.
+    """Check that an HF folder (from transformers, OLMo-core, ...) converts and write it again as
+    olmo-mini writes HF folders: fp32 weights, a complete ``config.json`` (OLMo 2's context where
+    the source gave none), ``generation_config.json``, the tokenizer files copied, so that
+    ``model.init_from`` and ``data.tokenizer`` can point at ``out``. Optimizer state does not
+    exist in HF folders: a run initialized from this starts AdamW's moments at zero.
     """
     kind, where = locate(folder)
     if kind != "hf":
         raise ValueError(f"{where}: not a Hugging Face folder (no config.json)")
+    source = json.loads((where / "config.json").read_text())
+    ids = {key: source.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model = _model(kind, where)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_safetensors(state, out / WEIGHTS_FILE)
-    (out / MODEL_YAML).write_text(OmegaConf.to_yaml(model.config.to_dict()))
+    model.save_hf(out, torch.float32, special_tokens=ids)
     for name in TOKENIZER_FILES:
         if (where / name).is_file():
             shutil.copy2(where / name, out / name)

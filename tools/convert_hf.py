@@ -6,9 +6,11 @@
 
 to-hf takes a single-file or sharded (FSDP) checkpoint and writes config.json, safetensors, the
 run's tokenizer and generation_config.json: transformers' AutoModelForCausalLM/AutoTokenizer load
-it. from-hf writes an olmo-mini weights folder (model.yaml, model.safetensors, tokenizer files)
-and prints the train.py overrides that continue pretraining from it. Only weights cross over:
-AdamW's moments start at zero, as HF folders hold no optimizer state.
+it. from-hf checks that an HF Olmo2 folder (from transformers, OLMo-core, ...) converts, writes it
+again as to-hf writes folders (fp32 weights, complete config.json, generation_config.json, its
+tokenizer files) and prints the train.py overrides that continue pretraining from it
+(model.init_from also takes the source folder itself). Only weights cross over: AdamW's moments
+start at zero, as HF folders hold no optimizer state.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR")
     to_hf.add_argument("out", type=Path, metavar="OUT")
     to_hf.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights dtype (fp32)")
-    from_hf = commands.add_parser("from-hf", help="HF Olmo2 folder -> olmo-mini weights folder")
+    from_hf = commands.add_parser("from-hf", help="HF Olmo2 folder -> checked fp32 HF folder")
     from_hf.add_argument("source", metavar="HF_FOLDER")
     from_hf.add_argument("out", type=Path, metavar="OUT")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Sample text from a training checkpoint, run dir, HF Olmo2 folder or olmo-mini weights folder.
+"""Sample text from a training checkpoint, run dir or HF Olmo2 folder.
 
     python tools/generate.py runs/tiny --prompt "def " --max-new-tokens 64 --temperature 0.8 --top-k 50
     python tools/generate.py hf/tiny --prompt "import " --temperature 0          # greedy

@@ -21,12 +21,18 @@ only ever loaded, stored or cast (all arithmetic after an fp32 cast), ``eps`` a 
 The host side is ``torch.library.custom_op``s with fake implementations, so the ops are
 opaque single nodes to ``torch.compile`` (no graph break, and Inductor never re-launches
 the kernels with fp64 scalars); ``autograd.Function``s in ``olmo_mini.kernels`` wire them.
+Their bodies (``_rms_norm_fwd`` ...) launch through ``_launch``; under ``recorded_launches``
+they run on ``meta`` tensors and record instead, which ``olmo_mini.kernels.aot`` compiles for
+real GPU targets without one.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -209,6 +215,45 @@ def _bwd_programs(device: torch.device, num_tiles: int, num_warps: int) -> int:
     return max(1, min(num_tiles, target))
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the host side makes it: the kernel and its exact arguments."""
+
+    name: str
+    kernel: triton.runtime.JITFunction
+    args: tuple
+    meta: dict
+
+
+_recording: list[Launch] | None = None
+"""Where launches go instead of the device while ``recorded_launches`` is active."""
+
+
+def _launch(name: str, kernel: triton.runtime.JITFunction, grid: tuple, *args, **meta) -> None:
+    """Run ``kernel`` on ``grid``, or record the launch (``recorded_launches``)."""
+    if _recording is not None:
+        _recording.append(Launch(name, kernel, args, meta))
+        return
+    LAUNCHES[name] += 1
+    kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Record the launches the host functions make instead of running them.
+
+    With ``meta`` tensors of a real model's shapes this gives every kernel's arguments,
+    block sizes and ``num_warps`` exactly as a GPU run would, with no GPU and no memory:
+    what ``olmo_mini.kernels.aot`` compiles ahead of time.
+    """
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
 # --------------------------------------------------------------------------- layout helpers
 
 
@@ -275,8 +320,7 @@ def _dw_out(
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("olmo_mini::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(
+def _rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(residual +) rms_norm(x, weight)`` and fp32 rstd per row (rows in x's memory order)."""
@@ -293,15 +337,17 @@ def rms_norm_fwd(
     x2 = _as_rows(x, order)
     r2 = x2 if residual is None else _as_rows(residual, order)
     block_m, block_n, num_warps = _blocks(n_cols, n_rows)
-    LAUNCHES["rms_norm_fwd"] += 1
     # fmt: off
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    _launch("rms_norm_fwd", _rms_norm_fwd_kernel, (triton.cdiv(n_rows, block_m),),
         x2, r2, _weight_arg(weight, x2), out2, rstd, x2.stride(0), r2.stride(0), out2.stride(0),
         n_rows, n_cols, float(eps), HAS_W=weight is not None, HAS_R=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     # fmt: on
     return out, rstd
+
+
+rms_norm_fwd = torch.library.custom_op("olmo_mini::rms_norm_fwd", _rms_norm_fwd, mutates_args=())
 
 
 @rms_norm_fwd.register_fake
@@ -311,8 +357,7 @@ def _(x, weight, residual, eps):
     return out, x.new_empty(_num_rows(x), dtype=torch.float32)
 
 
-@torch.library.custom_op("olmo_mini::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(
+def _rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dw)`` of the norm for upstream ``dy``; dw is empty when there is no weight."""
@@ -325,9 +370,8 @@ def rms_norm_bwd(
     block_m, block_n, num_warps = _blocks(n_cols, n_rows)
     programs = _bwd_programs(x.device, triton.cdiv(n_rows, block_m), num_warps)
     partial = _dw_partial(weight, programs)
-    LAUNCHES["rms_norm_bwd"] += 1
     # fmt: off
-    _rms_norm_bwd_kernel[(programs,)](
+    _launch("rms_norm_bwd", _rms_norm_bwd_kernel, (programs,),
         x2, _weight_arg(weight, x2), dy2, dx2, rstd, x2 if partial is None else partial,
         x2.stride(0), dy2.stride(0), dx2.stride(0), n_rows, n_cols,
         HAS_W=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -336,14 +380,16 @@ def rms_norm_bwd(
     return dx, _dw_out(partial, weight, x)
 
 
+rms_norm_bwd = torch.library.custom_op("olmo_mini::rms_norm_bwd", _rms_norm_bwd, mutates_args=())
+
+
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd):
     dx, _ = _empty_rows(x, _row_order(x), x.dtype)
     return dx, x.new_empty(0) if weight is None else torch.empty_like(weight)
 
 
-@torch.library.custom_op("olmo_mini::qk_rms_norm_fwd", mutates_args=())
-def qk_rms_norm_fwd(
+def _qk_rms_norm_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     q_weight: torch.Tensor | None,
@@ -363,9 +409,8 @@ def qk_rms_norm_fwd(
     q2, k2 = _as_rows(q, q_order), _as_rows(k, k_order)
     block_m, block_n, num_warps = _blocks(max(q.shape[-1], k.shape[-1]), max(rows_q, rows_k))
     tiles_q = triton.cdiv(rows_q, block_m)
-    LAUNCHES["qk_rms_norm_fwd"] += 1
     # fmt: off
-    _qk_fwd_kernel[(tiles_q + triton.cdiv(rows_k, block_m),)](
+    _launch("qk_rms_norm_fwd", _qk_fwd_kernel, (tiles_q + triton.cdiv(rows_k, block_m),),
         q2, k2, _weight_arg(q_weight, q2), _weight_arg(k_weight, k2), yq2, yk2, rstd_q, rstd_k,
         q2.stride(0), k2.stride(0), yq2.stride(0), yk2.stride(0),
         rows_q, rows_k, q.shape[-1], k.shape[-1], tiles_q, float(eps),
@@ -373,6 +418,11 @@ def qk_rms_norm_fwd(
     )
     # fmt: on
     return q_out, k_out, rstd_q, rstd_k
+
+
+qk_rms_norm_fwd = torch.library.custom_op(
+    "olmo_mini::qk_rms_norm_fwd", _qk_rms_norm_fwd, mutates_args=()
+)
 
 
 @qk_rms_norm_fwd.register_fake
@@ -383,8 +433,7 @@ def _(q, k, q_weight, k_weight, eps):
     return q_out, k_out, q.new_empty(_num_rows(q), dtype=f32), k.new_empty(_num_rows(k), dtype=f32)
 
 
-@torch.library.custom_op("olmo_mini::qk_rms_norm_bwd", mutates_args=())
-def qk_rms_norm_bwd(
+def _qk_rms_norm_bwd(
     dq_out: torch.Tensor,
     dk_out: torch.Tensor,
     q: torch.Tensor,
@@ -416,9 +465,8 @@ def qk_rms_norm_bwd(
     progs_q = min(tiles_q, max(1, round(programs * tiles_q / (tiles_q + tiles_k))))
     progs_k = min(tiles_k, max(1, programs - progs_q))
     partial_q, partial_k = _dw_partial(q_weight, progs_q), _dw_partial(k_weight, progs_k)
-    LAUNCHES["qk_rms_norm_bwd"] += 1
     # fmt: off
-    _qk_bwd_kernel[(progs_q + progs_k,)](
+    _launch("qk_rms_norm_bwd", _qk_bwd_kernel, (progs_q + progs_k,),
         q2, k2, _weight_arg(q_weight, q2), _weight_arg(k_weight, k2), dyq2, dyk2, dq2, dk2,
         rstd_q, rstd_k,
         q2 if partial_q is None else partial_q, k2 if partial_k is None else partial_k,
@@ -428,6 +476,11 @@ def qk_rms_norm_bwd(
     )
     # fmt: on
     return dq, dk, _dw_out(partial_q, q_weight, q), _dw_out(partial_k, k_weight, k)
+
+
+qk_rms_norm_bwd = torch.library.custom_op(
+    "olmo_mini::qk_rms_norm_bwd", _qk_rms_norm_bwd, mutates_args=()
+)
 
 
 @qk_rms_norm_bwd.register_fake

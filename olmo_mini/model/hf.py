@@ -1,9 +1,11 @@
-"""Hugging Face ``Olmo2ForCausalLM`` folders <-> olmo-mini: key map and config translation.
+"""Hugging Face ``Olmo2ForCausalLM`` folders <-> olmo-mini, both directions: the key map, the
+config translation, reading folders one tensor at a time and writing them. ``OLMo2.from_hf``
+builds a model from what this reads; ``OLMo2.save_hf`` is :func:`save`.
 
-Written without transformers: a folder is ``config.json`` plus safetensors files, so
-conversion works wherever safetensors does. ``rms_norm_eps`` and ``rope_theta`` are always
-written explicitly because transformers' Olmo2Config defaults (1e-5, 10000) differ from
-the released models (1e-6, 500000).
+Written without transformers: a folder is ``config.json`` plus safetensors files (one, or shards
+with an index), so conversion works wherever safetensors does. ``rms_norm_eps`` and
+``rope_theta`` are always written explicitly because transformers' Olmo2Config defaults (1e-5,
+10000) differ from the released models (1e-6, 500000).
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from olmo_mini.model.config import OLMo2Config
+
+if TYPE_CHECKING:
+    from olmo_mini.model.model import OLMo2
 
 # olmo-mini name (with {i} for the layer) -> HF Olmo2ForCausalLM name.
 _LAYER_KEYS = {
@@ -37,7 +44,6 @@ _TOP_KEYS = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_MAX_SHARD_BYTES = 4 * 1024**3
 # OLMo 2's context, for folders whose config gives none (OLMo-core writes -1).
 DEFAULT_CONTEXT = 4096
 log = logging.getLogger(__name__)
@@ -164,53 +170,77 @@ def config_to_hf(
     }
 
 
-def load_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder (one safetensors file or a sharded index), HF names."""
-    from safetensors.torch import load_file
+def read_config(path: Path) -> OLMo2Config:
+    """The architecture of an HF folder, from its ``config.json``; errors name that file."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; expected a Hugging Face Olmo2 folder")
+    try:
+        return config_from_hf(json.loads(config_file.read_text()))
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}"
+        ) from None
 
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF folder: the shards its index names, or the one file."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors.update(load_file(str(path / name)))
-    return tensors
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / name for name in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """``safetensors``' ``save_file``, with the permissions of any other file written here:
-    safetensors creates its files 0600, unreadable to the rest of a group sharing a folder."""
-    from safetensors.torch import save_file
+def stream_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of safetensors files, one whole tensor at a time."""
+    from safetensors import safe_open
 
-    save_file(tensors, str(file), metadata={"format": "pt"})
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            # Opened per tensor: the file is memory-mapped while open, and every page read
+            # stays resident until it is closed, which would add up to the whole file.
+            with safe_open(str(file), framework="pt") as f:
+                yield key, f.get_tensor(key)
+
+
+def tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(olmo-mini name, tensor)`` of an HF folder's weights, one at a time."""
+    for name, tensor in stream_safetensors(weight_files(path)):
+        if not name.endswith("rotary_emb.inv_freq"):  # old exports carry this buffer
+            yield from_hf_key(name), tensor
+
+
+def save(
+    model: OLMo2,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    special_tokens: dict[str, int | None] | None = None,
+) -> None:
+    """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+    Weights are sharded with an index as transformers shards them (``huggingface_hub``);
+    ``special_tokens`` (``eos_token_id``, ``pad_token_id``, ``bos_token_id``) go into
+    ``config.json`` and ``generation_config.json``; tokenizer files are the caller's to add.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    path = Path(path)
+    dtype = dtype or model.embed_tokens.weight.dtype
+    config = config_to_hf(model.config, dtype, special_tokens)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {to_hf_key(k): v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    save_torch_state_dict(state, path)
+    # safetensors creates its files 0600, unreadable to the rest of a group sharing a folder.
     umask = os.umask(0)
     os.umask(umask)
-    file.chmod(0o666 & ~umask)
-
-
-def save_hf_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write tensors as safetensors, sharded with an index above 4 GiB, like transformers."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > _MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_safetensors(shards[0], path / "model.safetensors")
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, path / filename)
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for file in weight_files(path):
+        file.chmod(0o666 & ~umask)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(
+        json.dumps(generation_config(special_tokens), indent=2)
+    )

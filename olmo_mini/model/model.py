@@ -8,7 +8,6 @@ that let the stability monitor see q and k without the model knowing about metri
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -469,19 +468,9 @@ class OLMo2(nn.Module):
     def from_hf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> OLMo2:
         """Build from a Hugging Face Olmo2 folder (``config.json`` + safetensors) on CPU."""
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(
-                f"{config_file}: not found; expected a Hugging Face Olmo2 folder"
-            )
-        config = hf.config_from_hf(json.loads(config_file.read_text()))
-        state = {
-            hf.from_hf_key(name): tensor.to(dtype)
-            for name, tensor in hf.load_hf_state_dict(path).items()
-            if not name.endswith("rotary_emb.inv_freq")  # old exports carry this buffer
-        }
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(hf.read_config(path))
+        state = {name: tensor.to(dtype) for name, tensor in hf.tensors(path)}
         model.load_state_dict(state, strict=True, assign=True)
         model.rope.inv_freq = model.rope.frequencies()
         return model
@@ -492,17 +481,5 @@ class OLMo2(nn.Module):
         dtype: torch.dtype | None = None,
         special_tokens: dict[str, int | None] | None = None,
     ) -> None:
-        """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
-
-        ``special_tokens`` (``eos_token_id``, ``pad_token_id``, ``bos_token_id``) go into
-        ``config.json`` and ``generation_config.json``; tokenizer files are the caller's to add.
-        """
-        path = Path(path)
-        dtype = dtype or self.embed_tokens.weight.dtype
-        hf_config = hf.config_to_hf(self.config, dtype, special_tokens)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {hf.to_hf_key(k): v.detach().to("cpu", dtype) for k, v in self.state_dict().items()}
-        hf.save_hf_state_dict(state, path)
-        (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-        generation = hf.generation_config(special_tokens)
-        (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        """Write a folder that transformers loads (:func:`olmo_mini.model.hf.save`)."""
+        hf.save(self, path, dtype, special_tokens)

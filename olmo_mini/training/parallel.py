@@ -7,6 +7,11 @@ then ``fully_shard``; the root is sharded last.
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.plugins.environments import (
+    ClusterEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -22,6 +27,14 @@ def build_strategy(config: TrainerConfig) -> Strategy | str:
     if config.strategy == "ddp":
         return DDPStrategy()
     return "auto"
+
+
+def cluster_plugins() -> list[ClusterEnvironment]:
+    """Lightning's SLURM environment where Lightning would pick it (torchrun takes precedence),
+    without its auto-requeue: ``training.interrupt.StopOnSignal`` saves and requeues itself."""
+    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
 
 
 def build_model(

@@ -30,7 +30,7 @@ from olmo_mini.training.checkpoint import (
 )
 from olmo_mini.training.interrupt import Interrupted
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
-from olmo_mini.training.parallel import build_strategy
+from olmo_mini.training.parallel import build_strategy, cluster_plugins
 from olmo_mini.training.recorder import log_config
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
         strategy=build_strategy(trainer_cfg),
+        plugins=cluster_plugins(),
         precision=precision,
         max_steps=trainer_cfg.stop_at_step or trainer_cfg.max_steps,
         max_epochs=-1,

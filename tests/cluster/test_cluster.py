@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from olmo_mini.analysis.runs import find_runs, load_run, read_wandb_records
 from olmo_mini.config import load_config
-from olmo_mini.training.parallel import build_strategy
+from olmo_mini.training.parallel import build_strategy, cluster_plugins
 from tests.training.helpers import REPO, check, compose_config, series, train_command
 
 LR_GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
@@ -93,6 +93,25 @@ def test_lightning_takes_ranks_from_the_launcher(monkeypatch, env, devices, expe
     assert trainer.strategy.launcher is None  # nothing spawned
     rank = int(env.get("SLURM_PROCID", env.get("RANK")))
     assert (trainer.global_rank, trainer.world_size) == (rank, devices)
+
+
+@pytest.mark.parametrize(
+    ("env", "devices", "slurm"),
+    [(slurm_env(1, 0, 29500), 1, True), (torchrun_env(2, 1), 2, False)],
+    ids=["slurm", "torchrun"],
+)
+def test_under_slurm_lightning_leaves_the_requeue_to_the_project(monkeypatch, env, devices, slurm):
+    """``StopOnSignal`` saves and requeues on the requeue signal; Lightning's own SLURM handler
+    (which requeues without saving) is switched off, not merely overridden."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp", plugins=cluster_plugins(), logger=False
+    )
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) == slurm
+    assert not slurm or environment.auto_requeue is False
 
 
 @pytest.mark.slow

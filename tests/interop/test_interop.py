@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -10,7 +11,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -19,7 +21,7 @@ from transformers import (
 from olmo_mini.config import ConfigError
 from olmo_mini.data import OLMoDataModule, train_bpe
 from olmo_mini.evaluation import evaluate_batches, token_byte_lengths
-from olmo_mini.interop import export_hf, load, load_model
+from olmo_mini.interop import export_hf, load, load_init_weights, load_model
 from olmo_mini.model import OLMo2, OLMo2Config
 from olmo_mini.model.generation import generate
 from olmo_mini.run_dir import COMPLETE
@@ -106,6 +108,44 @@ def test_hf_to_olmo_mini_gives_same_logits(hf_folder, tmp_path, capsys):
         expected = hf_model(ids).logits
         torch.testing.assert_close(load_model(out)(ids), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(load_model(hf_folder)(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def _assert_same_weights(model: OLMo2, expected: OLMo2) -> None:
+    for (name, a), b in zip(
+        model.state_dict().items(), expected.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_sharded_hf_folders_load_whole_and_as_init_weights(hf_folder, tmp_path):
+    sharded = tmp_path / "sharded"
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    hf_model.save_pretrained(sharded, max_shard_size="300KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    expected = load_model(hf_folder)
+    _assert_same_weights(OLMo2.from_hf(sharded), expected)
+    fresh = OLMo2(expected.config)
+    fresh.init_weights(seed=1)
+    load_init_weights(fresh, str(sharded))
+    _assert_same_weights(fresh, expected)
+
+
+def test_old_weights_folders_still_load_with_a_deprecation_warning(hf_folder, tmp_path, caplog):
+    """What ``convert_hf.py from-hf`` wrote before it wrote HF folders: olmo-mini names."""
+    old = tmp_path / "old"
+    old.mkdir()
+    expected = load_model(hf_folder)
+    weights = {k: v.contiguous() for k, v in expected.state_dict().items()}
+    save_file(weights, old / "model.safetensors")
+    (old / "model.yaml").write_text(OmegaConf.to_yaml(expected.config.to_dict()))
+    with caplog.at_level(logging.WARNING, logger="olmo_mini.interop"):
+        _assert_same_weights(load_model(old), expected)
+    assert len(caplog.records) == 1 and "deprecated" in caplog.records[0].getMessage()
+    fresh = OLMo2(expected.config)
+    fresh.init_weights(seed=1)
+    load_init_weights(fresh, str(old))
+    _assert_same_weights(fresh, expected)
 
 
 def test_init_from_starts_the_run_from_those_weights(hf_folder, tmp_path):
