@@ -43,11 +43,12 @@ from olmo_mini.run_dir import (
     CONFIG_FILE,
     HISTORY_FILE,
     STATE_FILE,
-    belongs,
     complete_checkpoints,
+    list_skipped,
+    newest_verified,
     read_marker,
     saved_config,
-    step_dirs,
+    verify,
 )
 from olmo_mini.stepping import StepCallback
 from olmo_mini.training.optim import reapply
@@ -182,27 +183,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def verify(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be trusted, or None when every file matches its marker."""
-    try:
-        marker = read_marker(checkpoint)
-    except ValueError as e:
-        return str(e)
-    for rel, expected in marker["files"].items():
-        path = checkpoint / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return f"{rel} is missing"
-        if size != expected["size"]:
-            return f"{rel} has {size} bytes, its marker says {expected['size']}"
-        with open(path, "rb") as f:
-            digest = file_digest(f)
-        if digest != expected.get(ALGORITHM):
-            return f"{rel} does not match its digest in {COMPLETE} (corrupted)"
-    return None
-
-
 def resolve_resume(
     resume: str | None,
     run_dir: Path,
@@ -220,20 +200,15 @@ def resolve_resume(
         return None
     if resume == "auto":
         directory = run_dir / "checkpoints"
-        candidates = [p for p in step_dirs(directory) if belongs(p, run_id)]
-        if not candidates:
+        path, skipped = newest_verified(directory, run_id)
+        for damaged, reason in skipped:
+            rank_zero_only(log.warning)("resume=auto: skipping %s: %s", damaged, reason)
+        if path is None and not skipped:
             rank_zero_only(log.info)("no checkpoint under %s: starting fresh", directory)
             return None
-        skipped = []
-        for path in reversed(candidates):
-            reason = verify(path)
-            if reason is None:
-                break
-            skipped.append(f"{path.name}: {reason}")
-            rank_zero_only(log.warning)("resume=auto: skipping %s: %s", path, reason)
-        else:
+        if path is None:
             raise ConfigError(
-                f"resume=auto: no checkpoint under {directory} verifies ({'; '.join(skipped)})"
+                f"resume=auto: no checkpoint under {directory} verifies ({list_skipped(skipped)})"
             )
     else:
         path = Path(resume)
