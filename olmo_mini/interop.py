@@ -250,8 +250,13 @@ def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> 
         model = OLMo2(arch)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{where}: weights do not fit the architecture {arch}: {e}") from None
+    except RuntimeError as e:  # one line per mismatch after a heading: the first, and a count
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(
+            f"{where}: weights do not fit the architecture its config gives: "
+            f"{problems[0] if problems else e}{more}"
+        ) from None
     model.rope.inv_freq = model.rope.frequencies()
     return model.eval()
 
