@@ -24,6 +24,10 @@ from olmo_mini.model.config import OLMo2Config
 from olmo_mini.stability.config import StabilityConfig
 from olmo_mini.validation import ConfigError, at_least, in_range, one_of, positive
 
+# wandb's limits: characters a project or entity name may not hold, and a tag's length.
+WANDB_PATH_CHARS = "/\\#?%:"
+WANDB_TAG_LENGTH = 64
+
 
 @dataclass
 class ModelConfig(OLMo2Config):
@@ -44,7 +48,8 @@ class ModelConfig(OLMo2Config):
 
 @dataclass
 class OptimConfig:
-    """AdamW with OLMo 2's groups (no weight decay on the embedding only), warmup + cosine."""
+    """AdamW with OLMo 2's groups (no weight decay on the embedding only), warmup + cosine or
+    constant."""
 
     lr: float = 3e-3
     beta1: float = 0.9
@@ -54,10 +59,18 @@ class OptimConfig:
     # coupled: AdamW's θ ← θ − lr_t·weight_decay·θ. independent (Wortsman et al. 2023):
     # θ ← θ − (lr_t / lr)·weight_decay·θ, not scaled by the peak LR (they use 1e-4, not 0.1).
     weight_decay_mode: str = "coupled"
+    # Decay the token embedding too (Wortsman et al. decay every weight); OLMo 2 exempts it.
+    embedding_weight_decay: bool = False
     warmup_steps: int = 20
-    # The cosine ends at min_lr_ratio * lr at trainer.max_steps.
+    # After the linear warmup: cosine (to the minimum LR at trainer.max_steps) or constant
+    # (the peak LR held to the end).
+    schedule: str = "cosine"
+    # The cosine ends at min_lr_ratio * lr, or at min_lr when set (absolute: Wortsman et al.
+    # decay to 1e-5 whatever the peak, so an LR sweep keeps one end point).
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    min_lr: float | None = None
+    # Global-norm gradient clipping at this norm; null: no clipping (the norm is still logged).
+    grad_clip: float | None = 1.0
     z_loss: float = 1e-5
     # Non-finite loss or grad norm skips the step; this many in a row stops the run.
     max_consecutive_skips: int = 5
@@ -67,10 +80,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         one_of("optim", self, "weight_decay_mode", ("coupled", "independent"))
+        one_of("optim", self, "schedule", ("cosine", "constant"))
         positive("optim", self, "lr", "eps", "grad_clip", "qk_clip_tau")
         at_least("optim", self, 0, "weight_decay", "z_loss", "warmup_steps")
         at_least("optim", self, 1, "max_consecutive_skips")
         in_range("optim", self, 0, 1, "beta1", "beta2", "min_lr_ratio")
+        in_range("optim", self, 0, "lr", "min_lr")
+
+    @property
+    def final_lr_ratio(self) -> float:
+        """Where the cosine ends, as a multiple of the peak LR."""
+        return self.min_lr_ratio if self.min_lr is None else self.min_lr / self.lr
 
 
 @dataclass
@@ -121,19 +141,41 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    """Extra logger beside the always-on CSV file; wandb runs offline unless told otherwise."""
+    """Extra logger beside the always-on CSV file. A wandb run is named, grouped and tagged from
+    the run dir, the sweep and the overrides unless these say otherwise (docs/wandb.md)."""
 
     kind: str = "none"
     project: str = "olmo-mini"
+    # null: wandb's default entity (WANDB_ENTITY, else the logged-in user's).
+    entity: str | None = None
+    # null: the run dir's name (a sweep job: its overrides, else <sweep dir name>/<job number>).
     name: str | None = None
+    # null: the sweep dir of a -m sweep, else the experiment (+experiment=...), else none.
     group: str | None = None
+    # Added to the tags made from the command line's overrides (e.g. lr=1e-3, qk_norm=none).
     tags: list[str] = field(default_factory=list)
-    # null: WANDB_MODE if set, else online when an API key is configured, else offline.
+    # null: as wandb decides (WANDB_MODE, `wandb offline`), online where `wandb login`,
+    # WANDB_API_KEY or a settings file gives credentials, else offline.
     mode: str | None = None
 
     def __post_init__(self) -> None:
         one_of("logger", self, "kind", ("none", "wandb"))
         one_of("logger", self, "mode", ("online", "offline", "disabled"))
+        for name in ("project", "entity"):  # parts of wandb's run path entity/project/id
+            value = getattr(self, name)
+            if value is not None and (not value or set(value) & set(WANDB_PATH_CHARS)):
+                raise ConfigError(
+                    f"logger.{name} must be a non-empty name without any of "
+                    f"{WANDB_PATH_CHARS!r}, got {value!r}"
+                )
+        for name in ("name", "group"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"logger.{name} must not be empty (null: the default)")
+        for tag in self.tags:
+            if not 0 < len(tag) <= WANDB_TAG_LENGTH:
+                raise ConfigError(
+                    f"logger.tags: each tag must be 1 to {WANDB_TAG_LENGTH} characters, got {tag!r}"
+                )
 
 
 @dataclass

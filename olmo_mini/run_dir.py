@@ -147,25 +147,68 @@ def saved_config(checkpoint: Path) -> Any:
     return OmegaConf.load(path)
 
 
-def claim(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+def claim(run_dir: Path, resume: str | None, overwrite: bool, cpu_threads: int) -> str | None:
     """Take ``run_dir`` for this launch and return the run id (None on other ranks before rank
     zero wrote one); a launch that may not use the dir raises ``ConfigError``, having written
-    nothing there."""
+    nothing there. A new run records the CPU threads per process it trains with."""
     run_dir = Path(run_dir).resolve()
     if not is_rank_zero():
         return read_run_id(run_dir)
     check(run_dir, resume, overwrite)
     if continues(run_dir, resume):
-        run_id = read_run_id(run_dir)
+        run_id = read_run_id(run_dir) or _adopt(run_dir, cpu_threads)
         if run_id is not None:
             return run_id
     elif step_dirs(run_dir / "checkpoints"):  # check() let it through: overwrite=true
         log.warning("checkpoint.overwrite=true: deleting %s", run_dir / "checkpoints")
         shutil.rmtree(run_dir / "checkpoints")
-    run_id = uuid.uuid4().hex[:12]
-    record = {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), **_holder()}
+    return _record(run_dir, uuid.uuid4().hex[:12], cpu_threads)
+
+
+def _record(run_dir: Path, run_id: str, cpu_threads: int) -> str:
+    """Write ``run.json`` naming ``run_id`` as the run that owns ``run_dir``; return the id."""
+    record = {
+        "run_id": run_id,
+        "started": datetime.now(timezone.utc).isoformat(),
+        **_holder(),
+        "cpu_threads": cpu_threads,  # per process: a resume trains with the same count
+    }
     write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
     return run_id
+
+
+def _adopt(run_dir: Path, cpu_threads: int) -> str | None:
+    """The run id of a run dir whose ``run.json`` is gone, from its checkpoints' markers, written
+    back to ``run.json`` (None: no checkpoints). Checkpoints whose owner this cannot establish
+    (markers naming several runs, or none) are never resumed over: ``ConfigError``."""
+    checkpoints = step_dirs(run_dir / "checkpoints")
+    if not checkpoints:
+        return None
+    owners = {p.name: _owner(p) for p in checkpoints}
+    if len(set(owners.values())) != 1 or None in owners.values():
+        named = ", ".join(
+            f"{name}: {owner or 'no readable marker'}" for name, owner in owners.items()
+        )
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} has no {RUN_FILE}, and its checkpoints do not all name one "
+            f"run ({named}); move the ones that are not this run's out of {run_dir / 'checkpoints'}, "
+            "or start this run in another hydra.run.dir"
+        )
+    run_id = next(iter(owners.values()))
+    log.warning(
+        "%s is missing: continuing run %s, which every checkpoint's marker names",
+        run_dir / RUN_FILE,
+        run_id,
+    )
+    return _record(run_dir, run_id, cpu_threads)
+
+
+def _owner(path: Path) -> str | None:
+    """The run id in a ``step_<N>`` dir's marker; None when it has no readable one."""
+    try:
+        return read_marker(path).get("run_id")
+    except ValueError:
+        return None
 
 
 def check(run_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -200,10 +243,26 @@ def read_run_id(run_dir: Path) -> str | None:
         raise ConfigError(f"{Path(run_dir) / RUN_FILE}: unreadable run record ({e})") from None
 
 
+def trained_threads(run_dir: Path) -> int | None:
+    """The CPU threads per process that ``run.json`` says the run in ``run_dir`` trained with
+    (None: no record, or one written before runs recorded it)."""
+    try:
+        threads = json.loads((Path(run_dir) / RUN_FILE).read_text()).get("cpu_threads")
+    except (OSError, ValueError, AttributeError):
+        return None  # resuming reports an unreadable record
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
 def lock(run_dir: Path) -> None:
-    """Hold ``<run_dir>/run.lock`` until this process exits; a live holder raises ``ConfigError``."""
+    """Hold ``<run_dir>/run.lock`` until this process exits; a live holder, or a lock that cannot
+    be written or read (a full or read-only disk), raises ``ConfigError``."""
     path = Path(run_dir) / LOCK_FILE
-    holder = try_lock(path)
+    try:
+        holder = try_lock(path)
+    except OSError as e:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir}: cannot take {LOCK_FILE}: {e.strerror or e}"
+        ) from None
     if holder is not None:
         raise ConfigError(
             f"hydra.run.dir={run_dir} is in use by another job ({_describe(holder)}, see {path}); "
@@ -214,25 +273,33 @@ def lock(run_dir: Path) -> None:
 
 def try_lock(path: Path) -> dict | None:
     """Create the lock file ``path`` for this process: None once held (also when this process
-    held it already), else the live holder's record. A stale lock is taken over."""
+    held it already), else the live holder's record. A stale lock is taken over.
+
+    The holder's record is written to a temp file first and hard-linked to ``path`` (which,
+    like ``O_EXCL``, fails if ``path`` exists): the lock file is never empty, so a launch that
+    fails while writing it (a full disk) leaves no lock behind, only its temp file's removal.
+    An empty or unreadable lock (left by an olmo-mini that wrote it in place) counts as stale."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = _holder()
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                return None
-            if attempt == 0 and _stale(holder):
-                log.warning("taking over the stale lock %s (%s)", path, holder)
-                path.unlink(missing_ok=True)
-                continue
-            return holder or {}
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return None
-    raise AssertionError("unreachable: the second attempt returns")
+    temp = path.with_name(f".{path.name}.{me['pid']}.tmp")
+    try:
+        temp.write_text(json.dumps(me))
+        for attempt in range(2):
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return None
+                if attempt == 0 and _stale(holder):
+                    log.warning("taking over the stale lock %s (%s)", path, holder or "empty")
+                    path.unlink(missing_ok=True)
+                    continue
+                return holder or {}
+            return None
+        raise AssertionError("unreachable: the second attempt returns")
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def release(run_dir: Path) -> None:
@@ -242,7 +309,10 @@ def release(run_dir: Path) -> None:
 
 def unlock(path: Path) -> None:
     """Remove the lock file ``path`` if this process holds it."""
-    holder = _read_lock(path)
+    try:
+        holder = _read_lock(path)
+    except OSError:  # not one this process could have written
+        return
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
 
@@ -259,19 +329,22 @@ def _holder() -> dict:
 
 
 def _read_lock(path: Path) -> dict | None:
+    """The lock's holder record; None when there is no lock, ``{}`` when it is empty or damaged
+    (an unreadable one raises ``OSError``)."""
     try:
         holder = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {}  # being written, or damaged: treated as held unless proven stale
+    except ValueError:
+        return {}
     return holder if isinstance(holder, dict) else {}
 
 
 def _stale(holder: dict | None) -> bool:
-    """A holder known to be gone: a dead pid on this host, or an earlier run of this SLURM job
-    (before a requeue)."""
-    if holder is None:
+    """A holder known to be gone: a dead pid on this host, an earlier run of this SLURM job
+    (before a requeue), or none recorded (an empty or damaged lock: never one a live launch
+    holds, as ``try_lock`` links a complete file into place)."""
+    if not holder:
         return True
     me = _holder()
     if me["slurm_job_id"] is not None and holder.get("slurm_job_id") == me["slurm_job_id"]:
@@ -299,7 +372,26 @@ def resume_command(run_dir: Path) -> str:
     """This launch's command line, set to continue the run in ``run_dir``."""
     kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "train.py"
-    return shlex.join(["python", script, *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
+    run_dir_override = f"hydra.run.dir={hydra_value(str(run_dir))}"
+    return shlex.join(["python", script, *kept, "resume=auto", run_dir_override])
+
+
+def hydra_value(value: str) -> str:
+    """``value`` written so that Hydra's override grammar reads it back as this string: as is
+    where it parses to itself, else single-quoted (commas, ``=``, quotes, brackets, non-ASCII
+    letters, edge spaces), with Hydra's escapes: backslashes doubled before a quote or the end,
+    ``\\'`` for a quote, ``\\${`` so that OmegaConf does not interpolate."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if "${" not in value:
+        try:
+            if OverridesParser.create().parse_override(f"key={value}").value() == value:
+                return value
+        except HydraException:  # not a plain value
+            pass
+    escaped = re.sub(r"(\\*)('|$)", lambda m: 2 * m.group(1) + ("\\'" if m.group(2) else ""), value)
+    return "'" + escaped.replace("${", "\\${") + "'"
 
 
 class ClaimBeforeHydraWrites(Callback):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from olmo_mini.config import ConfigError, TrainConfig, load_config, override_error
 from olmo_mini.data.corpus import expand_files
 from olmo_mini.data.shards import check_shard_files
-from olmo_mini.run_dir import LOCK_FILE, is_rank_zero
+from olmo_mini.run_dir import LOCK_FILE, continues, is_rank_zero, trained_threads
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ def prepare(cfg: DictConfig) -> TrainConfig:
         sys.exit(f"error: data.files: {e}")
     if hydra_cfg.output_subdir is not None and is_rank_zero():
         save_resolved(cfg, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
-    set_cpu_threads(config.trainer.cpu_threads, config.trainer.devices)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    trained_with = trained_threads(run_dir) if continues(run_dir, config.resume) else None
+    set_cpu_threads(config.trainer.cpu_threads, config.trainer.devices, trained_with)
     quiet_third_party()
     return config
 
@@ -99,21 +101,31 @@ def save_resolved(cfg: DictConfig, hydra_dir: Path) -> None:
     OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=True)
 
 
-def set_cpu_threads(threads: int | None, processes: int) -> None:
+def set_cpu_threads(threads: int | None, processes: int, trained_with: int | None = None) -> None:
     """Set torch's intra-op threads through ``OMP_NUM_THREADS`` before torch loads (the child
     processes Lightning starts inherit it).
 
-    ``None`` (auto): an ``OMP_NUM_THREADS`` already set, else this process's share of the cores
-    that other work leaves idle (cores minus the whole cores that the 1-minute load average says
-    are busy, at least 1: a load of 0.6 left over from an earlier job still gets every core). Every op
-    waits for its slowest thread, so threads that compete with other processes for a core make
-    each op wait for a time slice: on 2 loaded cores 2 threads ran 9× slower than 1, while on an
-    idle machine 2 threads are 1.6× faster (docs/performance.md).
+    ``None`` (auto): an ``OMP_NUM_THREADS`` already set; else, for a launch that continues a run,
+    the count it trained with (``trained_with``, from ``run.json``): ops sum in another order
+    with another thread count, so the resumed run would not continue bit for bit; else this
+    process's share of the cores that other work leaves idle (cores minus the whole cores that
+    the 1-minute load average says are busy, at least 1: a load of 0.6 left over from an earlier
+    job still gets every core). Every op waits for its slowest thread, so threads that compete
+    with other processes for a core make each op wait for a time slice: on 2 loaded cores 2
+    threads ran 9× slower than 1, while on an idle machine 2 threads are 1.6× faster
+    (docs/performance.md).
     """
     if threads is None and "OMP_NUM_THREADS" in os.environ:
         return
     cores = os.cpu_count() or 1
-    if threads is None:
+    if threads is None and trained_with is not None:
+        threads = trained_with
+        if is_rank_zero():
+            log.info(
+                f"CPU threads: {threads} per process, as the run trained with (its run.json; "
+                "trainer.cpu_threads=N sets another)"
+            )
+    elif threads is None:
         load = os.getloadavg()[0]
         threads = max(1, min(cores // processes, (cores - int(load)) // processes))
         if threads < cores // processes and is_rank_zero():

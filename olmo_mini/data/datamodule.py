@@ -10,12 +10,16 @@ the whole loader state;
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+from functools import partial
 from typing import Literal
 
 import fsspec
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
@@ -192,6 +196,7 @@ class OLMoDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=config.num_workers,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=partial(_init_worker, rank=self.rank),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -274,3 +279,20 @@ def _check_splits(config: DataConfig, what: str, n_train: int, n_val: int, world
             "there is nothing to validate on: raise "
             "data.val_fraction (a few documents need 0.2 or more) or add documents"
         )
+
+
+# What the main process handles (olmo_mini.training.interrupt): SIGTERM, SIGINT and the choices
+# of checkpoint.requeue_signal.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def _init_worker(worker_id: int, rank: int) -> None:
+    """A loader worker ignores the stop signals: sent to the whole process group (SLURM, Ctrl-C),
+    they would kill it before the main process saves at the next step. The main process shuts the
+    workers down when it stops, and a worker exits by itself once the main process is gone. Then
+    Lightning's worker seeding (``seed_everything(workers=True)``), which it adds only to loaders
+    without a ``worker_init_fn``."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)

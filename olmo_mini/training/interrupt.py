@@ -107,14 +107,32 @@ class StopOnSignal(StepCallback):
         self._previous = {}
 
 
+# How long ``scontrol requeue`` may take. It answers in well under a second while slurmctld
+# responds (and gives up by itself after its MessageTimeout, 10 s by default); the wait must end
+# well within SLURM's KillWait (30 s by default): the time between SIGTERM and SIGKILL at the limit
+# or at preemption, which also has to cover the checkpoint's save and the exit.
+REQUEUE_TIMEOUT_S = 10.0
+
+
 def _requeue() -> bool:
     job = os.environ["SLURM_JOB_ID"]
     if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
         job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        done = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S
+        )
     except FileNotFoundError:
         log.warning("could not requeue SLURM job %s: scontrol not found", job)
+        return False
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "could not requeue SLURM job %s: scontrol requeue gave no answer in %g s (stopped it; "
+            "requeue by hand with: scontrol requeue %s)",
+            job,
+            REQUEUE_TIMEOUT_S,
+            job,
+        )
         return False
     if done.returncode != 0:
         log.warning("could not requeue SLURM job %s: %s", job, done.stderr.strip())

@@ -4,11 +4,14 @@ failed saves that clean up, strict config keys."""
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -19,13 +22,20 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from olmo_mini.config import ConfigError
 from olmo_mini.data.config import DataError
 from olmo_mini.interop import run_config
-from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release
-from olmo_mini.training import TrainingDiverged, train
-from olmo_mini.training.checkpoint import COMPLETE, STATE_FILE, CheckpointError, resolve_resume
+from olmo_mini.run_dir import LOCK_FILE, lock, read_run_id, release, resume_command
+from olmo_mini.training import TrainingDiverged, interrupt, train
+from olmo_mini.training.checkpoint import (
+    COMPLETE,
+    STATE_FILE,
+    CheckpointError,
+    resolve_resume,
+    verify,
+)
 from olmo_mini.training.interrupt import Interrupted, StopOnSignal
 from tests.training.helpers import (
     CHECKPOINTS,
@@ -131,6 +141,34 @@ def test_a_refused_launch_keeps_hydra_config_and_tools_read_the_checkpoints_own(
     assert result.returncode == 1 and "error: hydra.run.dir=" in result.stderr, result.stderr
     assert hydra_config.read_text() == before
     assert run_config(tmp_path / "checkpoints" / "step_2").model.block == "reordered"
+
+
+def test_a_run_dir_without_its_run_record_never_loses_its_checkpoints(tmp_path):
+    """Issue 25, item 3: resume=auto continues the run every marker names, and stops with one
+    line, touching nothing, when the markers do not establish one owner."""
+    steps = ("trainer.max_steps=1000", "checkpoint.every_n_steps=1", "checkpoint.keep_last=10")
+    train(_config(*steps, "trainer.stop_at_step=2"), tmp_path)
+    run_id = read_run_id(tmp_path)
+    step1 = tmp_path / "checkpoints" / "step_1"
+    marker = (step1 / COMPLETE).read_text()
+    (tmp_path / "run.json").unlink()
+    (step1 / COMPLETE).write_text(marker.replace(run_id, "otherrun"))
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(
+        ConfigError,
+        match=f"^hydra.run.dir={re.escape(str(tmp_path))} has no run.json, and its checkpoints do "
+        f"not all name one run \\(step_1: otherrun, step_2: {run_id}\\); move the ones",
+    ):
+        train(_config(*steps, "trainer.stop_at_step=3", "resume=auto"), tmp_path)
+    after = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before and not (tmp_path / "run.json").exists()
+    (step1 / COMPLETE).write_text(marker)
+    train(_config(*steps, "trainer.stop_at_step=3", "resume=auto"), tmp_path)
+    assert read_run_id(tmp_path) == run_id
+    assert _steps(tmp_path) == ["step_1", "step_2", "step_3"]
+    assert (step1 / COMPLETE).read_text() == marker
+    resumed = (tmp_path / "csv" / "version_1" / "metrics.csv").read_text()
+    assert [r["step"] for r in csv.DictReader(resumed.splitlines()) if r["train/loss"]] == ["3"]
 
 
 def test_resume_with_another_architecture_or_data_names_the_fields(tmp_path):
@@ -307,7 +345,9 @@ def _signal_at_step_2(run_dir: Path, overrides: list[str], signum: int) -> tuple
 def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
     tmp_path, uninterrupted, signum
 ):
-    returncode, err = _signal_at_step_2(tmp_path, LONG, signum)
+    # The thread count of the in-process run it is compared with, bit for bit.
+    pinned = [*LONG, f"trainer.cpu_threads={torch.get_num_threads()}"]
+    returncode, err = _signal_at_step_2(tmp_path, pinned, signum)
     assert returncode == 128 + signum, err[-3000:]
     name = signal.Signals(signum).name
     found = re.search(
@@ -319,9 +359,60 @@ def test_sigterm_and_ctrl_c_save_exit_nonzero_and_say_how_to_resume(
     assert found, err[-3000:]
     step = int(found.group(1))
     assert found.group(2) == str(tmp_path / "checkpoints" / f"step_{step}") and step < 8
-    check(run_train(tmp_path, *LONG, "trainer.stop_at_step=8", "resume=auto"))
+    check(run_train(tmp_path, *pinned, "trainer.stop_at_step=8", "resume=auto"))
     resumed = series(tmp_path, "train/loss")
     assert [resumed[s] for s in range(1, 9)] == [uninterrupted[s] for s in range(1, 9)]
+
+
+def _write_shards(out: Path) -> Path:
+    """A few thousand tokens of shards with their own 300-token tokenizer."""
+    from olmo_mini.data import load_tokenizer, train_bpe, write_shards
+    from olmo_mini.data.corpus import file_documents
+    from tests.data.conftest import make_docs, write_jsonl
+
+    out.mkdir()
+    corpus = write_jsonl(out.parent / "docs.jsonl", make_docs(300))
+    train_bpe(make_docs(200, seed=1), vocab_size=300).save(str(out.parent / "tokenizer.json"))
+    tokenizer = load_tokenizer(out.parent / "tokenizer.json")
+    write_shards(file_documents([corpus]), tokenizer, 0, out, str(corpus), 0.1, procs=1)
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_path):
+    """What SLURM and Ctrl-C do: the signal reaches the loader workers too, which must leave
+    stopping to the main process (issue 25, item 1)."""
+    run_dir = tmp_path / "run"
+    shards = [
+        *LONG,
+        "data=shards",
+        f"data.shards={_write_shards(tmp_path / 'shards')}",
+        "data.num_workers=2",
+        "trainer.cpu_threads=1",
+    ]
+    process = subprocess.Popen(
+        train_command(run_dir, *shards),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: train.py and its loader workers
+    )
+    _wait_for_step(run_dir, 2, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    found = re.search(
+        rf"^stopped: SIGTERM at step (\d+): saved (\S+); resume with: python train.py .* "
+        rf"resume=auto hydra.run.dir={run_dir}$",
+        err,
+        re.M,
+    )
+    assert found, err[-3000:]
+    assert verify(Path(found.group(2))) is None
+    check(run_train(run_dir, *shards, "trainer.stop_at_step=8", "resume=auto"))
+    assert max(series(run_dir, "train/loss")) == 8
 
 
 @pytest.mark.slow
@@ -428,3 +519,126 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path, monkeyp
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     release(tmp_path)
     assert not lock_file.exists()
+
+
+class FullDiskFile:
+    """A file open for writing on a full disk: every write fails."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def test_a_lock_that_a_full_disk_kept_from_being_written_blocks_no_later_launch(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 25, item 5: the failed launch stops with one line and leaves nothing; an empty lock
+    (left by a launch that wrote it in place) is taken over."""
+    real_open = io.open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        return FullDiskFile(opened) if "w" in mode else opened
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "open", full_disk_open)
+        with pytest.raises(
+            ConfigError,
+            match=f"^hydra.run.dir={re.escape(str(tmp_path))}: cannot take run.lock: "
+            "No space left on device$",
+        ):
+            lock(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    lock(tmp_path)
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    release(tmp_path)
+    (tmp_path / LOCK_FILE).write_text("")
+    with caplog.at_level(logging.WARNING):
+        lock(tmp_path)
+    assert f"taking over the stale lock {tmp_path / LOCK_FILE} (empty)" in caplog.text
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    release(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain-dir_1.x",
+        "with space",
+        "it's",
+        'say "hi"',
+        "naïve ünïcödé",
+        "a,b",
+        "lr=1e-3",
+        "[x]{y}(z)",
+        " edges ",
+        "back\\slash\\",
+        "quote\\'d",
+        "${oc.env:HOME}",
+    ],
+)
+def test_the_printed_resume_command_reads_back_the_run_dir(tmp_path, monkeypatch, name):
+    """Issue 25, item 8: pasted into a shell, the command gives Hydra the run dir as it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / name
+    monkeypatch.setattr(sys, "argv", ["/src/train.py", "debug=smoke", f"hydra.run.dir={run_dir}"])
+    words = shlex.split(resume_command(run_dir))
+    assert words[:3] == ["python", "train.py", "debug=smoke"] and words[3] == "resume=auto"
+    override = OverridesParser.create().parse_override(words[4])
+    assert override.key_or_group == "hydra.run.dir"
+    assert OmegaConf.create({"dir": override.value()}).dir == str(run_dir)  # as Hydra resolves it
+    assert len(words) == 5
+
+
+def test_a_hanging_scontrol_requeue_is_stopped_and_said(tmp_path, monkeypatch, caplog):
+    """Issue 25, item 9: the exit waits at most REQUEUE_TIMEOUT_S for scontrol."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\nexec sleep 60\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(interrupt, "REQUEUE_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert interrupt._requeue() is False
+    assert time.monotonic() - started < 5
+    assert caplog.messages == [
+        "could not requeue SLURM job 4242: scontrol requeue gave no answer in 0.5 s (stopped it; "
+        "requeue by hand with: scontrol requeue 4242)"
+    ]
+
+
+@pytest.mark.slow
+def test_a_resume_trains_with_the_threads_its_run_recorded(tmp_path):
+    """Issue 25, item 6: the count in run.json, not the load of the machine it resumes on."""
+    train(_config(*LONG[len(COMMON) :], "trainer.stop_at_step=2"), tmp_path)
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["cpu_threads"] == torch.get_num_threads()
+    (tmp_path / "run.json").write_text(json.dumps({**record, "cpu_threads": 3}))
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    resumed = subprocess.run(
+        train_command(tmp_path, *LONG, "trainer.stop_at_step=3", "resume=auto"),
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    check(resumed)
+    assert re.search(
+        r"^.*CPU threads: 3 per process, as the run trained with \(its run.json; "
+        r"trainer.cpu_threads=N sets another\)$",
+        resumed.stdout,
+        re.M,
+    ), resumed.stdout[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def test_config_error_is_one_line_before_torch_and_leaves_no_run_dir(tmp_path):
         (
             "model=olmo2_huge",
             "In 'train': Could not find 'model/olmo2_huge'; available: olmo2_13b, olmo2_1b, "
-            "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny",
+            "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny, wortsman",
         ),
         ("trainer.foo.bar=1", "trainer.foo: no such config key"),
     ],
@@ -129,6 +130,24 @@ def test_auto_threads_leave_cores_to_other_work(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
     startup.set_cpu_threads(2, 1)  # ... and trainer.cpu_threads over both
     assert os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_resume_keeps_the_threads_its_run_trained_with(monkeypatch, caplog):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # auto would pick 2
+    with caplog.at_level(logging.INFO):
+        startup.set_cpu_threads(None, 1, trained_with=4)
+    assert os.environ.pop("OMP_NUM_THREADS") == "4"
+    assert caplog.messages == [
+        "CPU threads: 4 per process, as the run trained with (its run.json; "
+        "trainer.cpu_threads=N sets another)"
+    ]
+    startup.set_cpu_threads(1, 1, trained_with=4)  # trainer.cpu_threads says otherwise
+    assert os.environ.pop("OMP_NUM_THREADS") == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # and so does OMP_NUM_THREADS
+    startup.set_cpu_threads(None, 1, trained_with=4)
+    assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
 @pytest.mark.slow
