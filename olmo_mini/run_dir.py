@@ -408,5 +408,3 @@ class ClaimBeforeHydraWrites(Callback):
             check(run_dir, config.get("resume"), bool(config.checkpoint.get("overwrite", False)))
         except ConfigError as e:
             sys.exit(f"error: {e}")
-        except OSError as e:  # Hydra would warn and go on, to fail writing its own files
-            sys.exit(f"error: hydra.run.dir={run_dir}: cannot write there ({e.strerror})")

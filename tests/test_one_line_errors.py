@@ -31,7 +31,7 @@ def test_a_read_only_run_dir_is_one_line(tmp_path):
     )
     assert done.returncode == 1
     assert done.stderr == (
-        f"error: hydra.run.dir={run_dir}: cannot write there (Read-only file system)\n"
+        f"error: hydra.run.dir={run_dir}: cannot take run.lock: Read-only file system\n"
     )
 
 

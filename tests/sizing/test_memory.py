@@ -49,10 +49,10 @@ def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
     assert "optimizer state (AdamW)" in ok.stdout
     bad = plan("model=olmo2_nope")
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == [  # as train.py says it
+    [line] = bad.stderr.strip().splitlines()  # as train.py says it, with the options
+    assert line.startswith(
         "error: In 'train': Could not find 'model/olmo2_nope'; available: olmo2_13b, olmo2_1b, "
-        "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny"
-    ]
+    )
 
 
 @pytest.mark.slow
