@@ -206,7 +206,11 @@ def tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(olmo-mini name, tensor)`` of an HF folder's weights, one at a time."""
     for name, tensor in stream_safetensors(weight_files(path)):
         if not name.endswith("rotary_emb.inv_freq"):  # old exports carry this buffer
-            yield from_hf_key(name), tensor
+            try:
+                key = from_hf_key(name)
+            except KeyError as e:  # not an Olmo2 folder after all
+                raise ValueError(f"{path}: {e.args[0]}") from None
+            yield key, tensor
 
 
 def save(

@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests.interop.helpers import tool
 
@@ -39,7 +41,14 @@ def _truncated(folder: Path) -> str:
     return f"{weights}: not a readable safetensors file ("
 
 
-@pytest.mark.parametrize("damage", [_wider_mlp, _junk_header, _truncated])
+def _extra_tensor(folder: Path) -> str:
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    save_file({**state, "model.extra.weight": torch.zeros(2)}, weights)
+    return f"{folder}: unexpected tensor 'model.extra.weight' in a Hugging Face Olmo2 checkpoint"
+
+
+@pytest.mark.parametrize("damage", [_wider_mlp, _junk_header, _truncated, _extra_tensor])
 def test_an_hf_folder_that_does_not_load_is_one_line(hf_folder, tmp_path, capsys, damage):
     source = _copy(hf_folder, tmp_path)
     expected = damage(source)
