@@ -322,14 +322,43 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         return load_config(compose("train", overrides=list(overrides)))
 
 
+def override_error(e: Exception) -> str:
+    """One line for Hydra's composition error ``e``: what was overridden and why it failed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = e.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        return str(unknown_key_error(cause.full_key))  # with the close matches
+    first, _, rest = str(e).partition("\n")
+    if isinstance(e, OverrideParseException):  # bad syntax; the rest links Hydra's grammar docs
+        return f"{first} ({rest.strip()})"
+    if isinstance(e, MissingConfigException) and "Available options" in rest:
+        options = rest.split("Config search path:")[0].split(":", 1)[1].split()
+        return f"{first}; available: {', '.join(options)}"
+    what = first.removeprefix("Error merging override ").rstrip(".")
+    if isinstance(cause, OmegaConfBaseException):
+        return f"{what}: {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
+    return what
+
+
+def compose_checked(overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """``compose_config``, with Hydra's own errors (an unknown key, group or option, bad
+    syntax) turned into one ``ConfigError`` worded as ``train.py`` words it (close matches)."""
+    from hydra.errors import HydraException
+
+    try:
+        return compose_config(overrides)
+    except HydraException as e:
+        raise ConfigError(override_error(e)) from None
+
+
 def compose_or_exit(overrides: list[str]) -> TrainConfig:
     """The config of ``train.py`` ``overrides``, or exit with one ``error:`` line (for tools)."""
     try:
-        return compose_config(overrides)
+        return compose_checked(overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    except Exception as e:  # Hydra's own errors (an unknown group or key): their first line
-        raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
 
 
 def register_configs() -> None:

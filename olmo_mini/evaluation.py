@@ -140,8 +140,18 @@ def eval_config(loaded: Loaded, overrides: list[str]) -> TrainConfig:
             f"{loaded.path}: a model folder has no held-out split of its own; name the text to "
             "evaluate with --text FILE..."
         )
-    merged = OmegaConf.merge(OmegaConf.structured(loaded.config), OmegaConf.from_dotlist(overrides))
-    config = load_config(merged)
+    for item in overrides:
+        key, equals, _ = item.partition("=")
+        if not equals:
+            raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. data.val_batches=8")
+        if not key.startswith("data."):
+            raise ConfigError(
+                f"{key}: evaluation takes data.* overrides only (the rest of the config is the "
+                "run's, and would change nothing here)"
+            )
+    # Merged untyped, so that load_config names a misspelled key with its close matches.
+    run = OmegaConf.to_container(OmegaConf.structured(loaded.config))
+    config = load_config(OmegaConf.merge(run, OmegaConf.from_dotlist(overrides)))
     for name in (f.name for f in fields(DataConfig)):
         ours, runs = getattr(config.data, name), getattr(loaded.config.data, name)
         if name not in _EVAL_FREE_DATA_FIELDS and ours != runs:

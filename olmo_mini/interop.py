@@ -3,7 +3,8 @@
 A *source* is one of
 
 - a training checkpoint, ``<run_dir>/checkpoints/step_<N>`` (one ``state.ckpt``, or the sharded
-  DCP files of an FSDP run), or a run dir (its newest complete checkpoint). The architecture
+  DCP files of an FSDP run), or a run dir (its newest checkpoint that verifies). Every
+  checkpoint is verified against its digests first, as ``resume=auto`` does. The architecture
   and data come from the run's config saved inside the checkpoint (``config.yaml``), the
   tokenizer from the run dir, checked against the hash in the checkpoint
   (:func:`checkpoint_tokenizer`). Sharded checkpoints are read without a process group.
@@ -43,8 +44,11 @@ from olmo_mini.run_dir import (
     DATA_STATE_KEY,
     STATE_FILE,
     TOKENIZER_FILE,
-    complete_checkpoints,
+    list_skipped,
+    newest_verified,
+    read_run_id,
     saved_config,
+    verify,
 )
 
 # The weights folders older versions' import_hf wrote: read still, no longer written.
@@ -84,6 +88,9 @@ def locate(path: str | Path) -> tuple[str, Path]:
     if not path.is_dir():
         raise ValueError(f"{path}: expected a directory (a step_<N> checkpoint, run dir or folder)")
     if (path / COMPLETE).is_file():
+        reason = verify(path)
+        if reason is not None:
+            raise ValueError(f"{path}: not a usable checkpoint: {reason}")
         return "checkpoint", path
     if (path / STATE_FILE).exists() or (path / ".metadata").exists():
         raise ValueError(
@@ -91,10 +98,7 @@ def locate(path: str | Path) -> tuple[str, Path]:
             "finish); use an earlier step_<N>"
         )
     if (path / "checkpoints").is_dir():
-        found = complete_checkpoints(path / "checkpoints")
-        if not found:
-            raise FileNotFoundError(f"{path / 'checkpoints'}: no complete step_<N> checkpoint")
-        return "checkpoint", found[-1]
+        return "checkpoint", _newest_checkpoint(path)
     if (path / "config.json").is_file():
         return "hf", path
     if (path / MODEL_YAML).is_file():
@@ -109,6 +113,20 @@ def locate(path: str | Path) -> tuple[str, Path]:
         f"{path}: not a model source; expected a step_<N> checkpoint (with {COMPLETE}), a run dir "
         f"(with checkpoints/) or a Hugging Face folder (config.json)"
     )
+
+
+def _newest_checkpoint(run_dir: Path) -> Path:
+    """The run's newest checkpoint that verifies, as ``resume=auto`` picks it; each newer one
+    that does not is logged with why."""
+    directory = run_dir / "checkpoints"
+    found, skipped = newest_verified(directory, read_run_id(run_dir))
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    if found is None and not skipped:
+        raise FileNotFoundError(f"{directory}: no complete step_<N> checkpoint")
+    if found is None:
+        raise ValueError(f"{directory}: no checkpoint verifies ({list_skipped(skipped)})")
+    return found
 
 
 def load_model(path: str | Path) -> OLMo2:
@@ -232,8 +250,13 @@ def _build(config: OLMo2Config, state: dict[str, torch.Tensor], where: Path) -> 
         model = OLMo2(arch)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{where}: weights do not fit the architecture {arch}: {e}") from None
+    except RuntimeError as e:  # one line per mismatch after a heading: the first, and a count
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(
+            f"{where}: weights do not fit the architecture its config gives: "
+            f"{problems[0] if problems else e}{more}"
+        ) from None
     model.rope.inv_freq = model.rope.frequencies()
     return model.eval()
 

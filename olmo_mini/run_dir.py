@@ -31,13 +31,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from olmo_mini.config import ConfigError
-from olmo_mini.integrity import write_text_atomic
+from olmo_mini.integrity import ALGORITHM, file_digest, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (olmo_mini.training.tokenizer_record)
+# One JSON line per resume: from which checkpoint, and the settings it changed (training.checkpoint).
+HISTORY_FILE = "history.jsonl"
 STEP_DIR = re.compile(r"step_(\d+)")
 # In a step_<N> checkpoint: the marker of a finished save (its files' digests, step, run id),
 # the single-process state file (FSDP runs write DCP shards and meta.pt instead) and the config.
@@ -79,8 +81,50 @@ def read_marker(checkpoint: Path) -> dict[str, Any]:
 
 def complete_checkpoints(directory: Path, run_id: str | None = None) -> list[Path]:
     """``step_<N>`` directories with a ``COMPLETE`` marker (of run ``run_id`` if given), oldest
-    first. Markers are not verified here: see ``olmo_mini.training.checkpoint.verify``."""
+    first. Markers are not verified here: see ``verify``."""
     return [p for p in step_dirs(directory) if (p / COMPLETE).is_file() and belongs(p, run_id)]
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be trusted, or None when every file its marker lists
+    (``config.yaml`` among them) has the size and digest recorded there. The trainer's resume
+    and every tool that reads a checkpoint (``olmo_mini.interop``) call this."""
+    try:
+        marker = read_marker(checkpoint)
+    except ValueError as e:
+        return str(e)
+    for rel, expected in marker["files"].items():
+        path = checkpoint / rel
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if size != expected["size"]:
+            return f"{rel} has {size} bytes, its marker says {expected['size']}"
+        with open(path, "rb") as f:
+            digest = file_digest(f)
+        if digest != expected.get(ALGORITHM):
+            return f"{rel} does not match its digest in {COMPLETE} (corrupted)"
+    return None
+
+
+def newest_verified(
+    directory: Path, run_id: str | None = None
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest ``step_<N>`` under ``directory`` of run ``run_id`` (any run's for None) that
+    verifies, None if none does; and each newer one that did not, with why."""
+    skipped = []
+    for path in reversed([p for p in step_dirs(directory) if belongs(p, run_id)]):
+        reason = verify(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def list_skipped(skipped: list[tuple[Path, str]]) -> str:
+    """``step_4: why; step_2: why`` for ``newest_verified``'s skipped checkpoints."""
+    return "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
 
 
 def belongs(path: Path, run_id: str | None) -> bool:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from olmo_mini.config import ConfigError, TrainConfig, load_config, unknown_key_error
+from olmo_mini.config import ConfigError, TrainConfig, load_config, override_error
 from olmo_mini.data.corpus import expand_files
+from olmo_mini.data.shards import check_shard_files
 from olmo_mini.run_dir import LOCK_FILE, continues, is_rank_zero, trained_threads
 
 log = logging.getLogger(__name__)
@@ -50,26 +51,6 @@ def report_bad_overrides(main: Callable[[], None]) -> None:
         sys.exit(f"error: {override_error(e)}")
 
 
-def override_error(e: Exception) -> str:
-    """One line for Hydra's composition error ``e``: what was overridden and why it failed."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    cause = e.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-        return str(unknown_key_error(cause.full_key))  # with the close matches
-    first, _, rest = str(e).partition("\n")
-    if isinstance(e, OverrideParseException):  # bad syntax; the rest links Hydra's grammar docs
-        return f"{first} ({rest.strip()})"
-    if isinstance(e, MissingConfigException) and "Available options" in rest:
-        options = rest.split("Config search path:")[0].split(":", 1)[1].split()
-        return f"{first}; available: {', '.join(options)}"
-    what = first.removeprefix("Error merging override ").rstrip(".")
-    if isinstance(cause, OmegaConfBaseException):
-        return f"{what}: {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
-    return what
-
-
 def prepare(cfg: DictConfig) -> TrainConfig:
     """Validate ``cfg`` (exit with one ``error:`` line), save it resolved, set threads and
     warning filters. Runs inside Hydra's job, before the heavy stack is imported."""
@@ -80,7 +61,9 @@ def prepare(cfg: DictConfig) -> TrainConfig:
         config = load_config(cfg)
         if config.data.source == "files":
             expand_files(config.data.files)
-    except ConfigError as e:
+        if config.data.source == "shards":
+            check_shard_files(config.data.shards)
+    except ConfigError as e:  # DataError too
         sys.exit(f"error: {e}")
     except (FileNotFoundError, ValueError) as e:  # from expand_files: a pattern or a suffix
         sys.exit(f"error: data.files: {e}")

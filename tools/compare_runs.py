@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from olmo_mini.analysis.compare import compare_runs
-from olmo_mini.analysis.runs import run_tool
+from olmo_mini.analysis.runs import check_output_folder, run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one label per run (default: the run's name, else its config differences)",
     )
     args = parser.parse_args(argv)
+    try:
+        check_output_folder(args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return run_tool(args.runs, lambda runs: compare_runs(runs, args.out, args.names))
 
 

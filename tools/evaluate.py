@@ -7,8 +7,8 @@
 
 SOURCE is a checkpoint or run dir, or a model folder (HF or olmo-mini weights). Without --text, a
 run is evaluated on its fixed held-out batches (its data config, seed and world size: loss equals
-its val/loss in a 32-true run); KEY=VALUE overrides may change how many and how they are cut
-(data.val_batches, data.seq_len, ...), never the corpus, the split or the token ids. With --text,
+its val/loss in a 32-true run); KEY=VALUE overrides (data.* only) may change how many and how
+they are cut (data.val_batches, data.seq_len, ...), never the corpus, the split or the token ids. With --text,
 every document of the files (a .txt file, a .jsonl line, a .parquet row) is scored whole in
 windows of --context tokens (default: the length the run trained at; a model folder's
 max_seq_len), as lm-eval's loglikelihood_rolling scores it. The tokenizer is always the one the

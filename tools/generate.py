@@ -10,6 +10,7 @@ Decoding uses a KV cache (--no-cache re-runs the whole sequence per token, to ch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (surrogate-escaped)
+        print(f"error: --prompt {os.fsencode(args.prompt)!r}: not UTF-8 text", file=sys.stderr)
+        return 1
     try:
         text = generate_text(
             load(args.source),

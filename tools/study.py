@@ -3,9 +3,10 @@
     python tools/study.py --plan A --out /path/to/study-runs/A --report docs/stability-study/A
 
 Every run of the plan trains in this process, one after another, in <out>/<run id>; runs whose
-result.json exists are skipped, so the same command continues an interrupted study. Then
-<report> gets summary.csv (one row per run), <plan>.md and the figures. --render-only redraws
-the report from the completed runs without training.
+result.json exists are skipped, so the same command continues an interrupted study. Every
+run's config is composed before the first trains: a misspelled override stops the study at once.
+Then <report> gets summary.csv (one row per run), <plan>.md and the figures. --render-only
+redraws the report from the completed runs without training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from olmo_mini.analysis.runs import check_output_folder
 from olmo_mini.analysis.study import (
     StudyError,
     completed_rows,
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("olmo_mini").addHandler(handler)
     logging.getLogger("olmo_mini").setLevel(logging.INFO)
     try:
+        check_output_folder(args.out)
+        if args.report is not None:
+            check_output_folder(args.report, "--report")
         plan = load_plan(args.plan)
         if args.threads is not None:
             import torch
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if not math.isfinite(sigma):
                 raise StudyError(f"{args.seed_spread}: no grid point was run with several seeds")
         written = render(plan, rows, args.report or args.out / "report", args.out, sigma)
-    except StudyError as err:
+    except ValueError as err:  # a StudyError, or a --out that is a file
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"plan {plan.name}: {len(rows)} of {len(plan.runs())} runs complete, {ran} trained now")

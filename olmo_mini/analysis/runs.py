@@ -277,15 +277,18 @@ def load_run_dir(run_dir: str | Path) -> Run:
 
 
 def _read_csv(path: Path) -> Iterator[dict[str, float]]:
-    with path.open(newline="") as f:
-        for line, values in enumerate(csv.DictReader(f), start=2):
-            try:
-                parsed = {k: float(v) for k, v in values.items() if k and v not in ("", None)}
-            except ValueError as err:
-                raise RunReadError(f"{path}:{line}: {err}") from err
-            row = _history_row(parsed)
-            if row is not None:
-                yield row
+    try:
+        with path.open(newline="") as f:
+            for line, values in enumerate(csv.DictReader(f), start=2):
+                try:
+                    parsed = {k: float(v) for k, v in values.items() if k and v not in ("", None)}
+                except ValueError as err:
+                    raise RunReadError(f"{path}:{line}: {err}") from err
+                row = _history_row(parsed)
+                if row is not None:
+                    yield row
+    except (UnicodeDecodeError, csv.Error) as err:  # binary junk, a NUL byte
+        raise RunReadError(f"{path}: not a readable metrics CSV file ({err})") from None
 
 
 def _join_launches(histories: Iterable[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -341,6 +344,16 @@ def load_wandb_api(path: str) -> Run:
 def experiment_keys(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config without its bookkeeping keys (logger, checkpointing, resume)."""
     return {k: v for k, v in config.items() if not k.startswith(_BOOKKEEPING_PREFIXES)}
+
+
+def check_output_folder(path: Path, option: str = "--out") -> None:
+    """A ``ValueError`` naming ``option`` when ``path`` cannot become a folder (it, or a folder
+    above it, is a file), before anything is read or written."""
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise ValueError(f"{option} {path}: {where} is a file, not a folder")
+            return
 
 
 def run_tool(specs: list[str], write: Callable[[list[Run]], list[Path]]) -> int:

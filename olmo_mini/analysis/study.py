@@ -166,8 +166,8 @@ def load_plan(name: str | Path) -> Plan:
         )
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise StudyError(f"{path}: not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise StudyError(f"{path}: expected a mapping with base, arms, lrs, seeds")
     unknown = sorted(set(data) - {"description", "base", "arms", "lrs", "seeds", "series"})
@@ -305,6 +305,18 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def check_runs(plan: Plan) -> None:
+    """Compose every run's config before the first one trains, so that a misspelled override
+    stops the study at once with one line rather than after the runs before it."""
+    from olmo_mini.config import ConfigError, compose_checked
+
+    for spec in plan.runs():
+        try:
+            compose_checked(spec.overrides)
+        except ConfigError as err:
+            raise StudyError(f"plan {plan.name!r}, arm {spec.arm}: {err}") from None
+
+
 def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
     """Run every incomplete run of ``plan`` under ``out``; return the completed rows and how
     many ran here.
@@ -314,6 +326,7 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
     run is claimed with ``<run_id>.lock`` (the owner's pid), so several processes can work
     through one plan side by side, each skipping the runs another live one is training.
     """
+    check_runs(plan)
     out.mkdir(parents=True, exist_ok=True)
     rows, ran = [], 0
     specs = plan.runs()

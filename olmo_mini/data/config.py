@@ -10,6 +10,14 @@ from olmo_mini.validation import ConfigError, at_least, in_range, one_of
 class DataError(ConfigError):
     """The data cannot feed the run as configured; the message names the setting and the remedy."""
 
+    def __init__(self, message: str) -> None:
+        # One raised in a loader worker reaches the main process re-created from the worker's
+        # whole traceback ("Caught DataError in DataLoader worker process 0. Original
+        # Traceback ..."; torch's ExceptionWrapper): keep the message it was raised with.
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rstrip().rpartition(f"{type(self).__name__}: ")[2]
+        super().__init__(message)
+
 
 @dataclass
 class DataConfig:

@@ -9,7 +9,9 @@ the whole loader state;
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import multiprocessing
 import os
 import signal
 from functools import partial
@@ -296,3 +298,17 @@ def _init_worker(worker_id: int, rank: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank)
+
+
+def _kill_workers_left_at_exit() -> None:
+    """Kill the loader workers still alive when the main process exits (an error raised while
+    the training loader was open keeps its iterator, so its workers, alive). Python's own exit
+    handler stops daemonic children with SIGTERM and then waits for them, and loader workers
+    ignore SIGTERM (``_init_worker``): it would wait forever. Registered after it, this one
+    runs first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_left_at_exit)

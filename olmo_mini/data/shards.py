@@ -32,6 +32,7 @@ import numpy as np
 import xxhash
 from tokenizers import Tokenizer
 
+from olmo_mini.data.config import DataError
 from olmo_mini.data.corpus import is_val
 from olmo_mini.data.tokenizer import tokenizer_hash
 from olmo_mini.integrity import ALGORITHM, file_digest, write_text_atomic
@@ -252,6 +253,22 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
+def check_shard_files(root: str) -> None:
+    """Before a run writes anything: the manifest of a local shard directory and every shard it
+    lists, present at its size (no digest pass: the first read checks that), else one
+    ``DataError``. URLs are left to the data module, which opens them anyway."""
+    if not isinstance(
+        fsspec.core.url_to_fs(str(root))[0], fsspec.implementations.local.LocalFileSystem
+    ):
+        return
+    try:
+        manifest = read_manifest(root)
+        for rec in manifest["shards"]:
+            TokenFile.of(root, manifest, rec)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.shards: {e}") from None
+
+
 def manifest_hash(manifest: dict) -> str:
     """Identity of the data, for resume fingerprints."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
@@ -270,10 +287,10 @@ class TokenFile:
         try:
             size = self._fs.size(self._path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"shard not found: {url}") from None
+            raise DataError(f"shard not found: {url}") from None
         expected = num_tokens * self.dtype.itemsize
         if size != expected:
-            raise ValueError(
+            raise DataError(
                 f"truncated or corrupt shard {url}: {size} bytes, but the manifest says "
                 f"{num_tokens} {self.dtype.name} tokens = {expected} bytes"
             )
@@ -307,7 +324,7 @@ class TokenFile:
         with self._fs.open(self._path, "rb") as f:
             digest = file_digest(f)
         if digest != self.digest:
-            raise ValueError(
+            raise DataError(
                 f"corrupt shard {self.url}: its digest (XXH3-128) does not match the manifest (rewrite it "
                 "with tools/prepare_data.py; --verify checks every shard)"
             )

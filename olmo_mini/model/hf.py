@@ -187,11 +187,14 @@ def weight_files(path: Path) -> list[Path]:
 
 def stream_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of safetensors files, one whole tensor at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+        except SafetensorError as e:  # a truncated or overwritten file
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
         for key in keys:
             # Opened per tensor: the file is memory-mapped while open, and every page read
             # stays resident until it is closed, which would add up to the whole file.
@@ -203,7 +206,11 @@ def tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(olmo-mini name, tensor)`` of an HF folder's weights, one at a time."""
     for name, tensor in stream_safetensors(weight_files(path)):
         if not name.endswith("rotary_emb.inv_freq"):  # old exports carry this buffer
-            yield from_hf_key(name), tensor
+            try:
+                key = from_hf_key(name)
+            except KeyError as e:  # not an Olmo2 folder after all
+                raise ValueError(f"{path}: {e.args[0]}") from None
+            yield key, tensor
 
 
 def save(

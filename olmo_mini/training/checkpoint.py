@@ -14,6 +14,8 @@ run id), fsyncs the marker and renames the directory. A crash before the rename 
 directory of this run, which nothing reads and this run's next save removes. Resuming verifies the
 digests; ``resume=auto`` takes the newest checkpoint of this run that verifies and says which
 newer ones it skipped and why. Pruning removes only this run's checkpoints and temp directories.
+Optimizer and schedule settings changed at resume replace the restored ones from the resumed
+step (``ResumedSettings``); docs/checkpoints.md lists what may change and what stops the run.
 
 No checkpoint is saved while the run is in a streak of skipped (non-finite) steps, so the kept
 checkpoints are never the diverged ones.
@@ -25,7 +27,8 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import fields
+from dataclasses import MISSING, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +36,22 @@ import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from olmo_mini.config import ConfigError, ModelConfig
+from olmo_mini.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from olmo_mini.integrity import ALGORITHM, file_digest
 from olmo_mini.run_dir import (
     COMPLETE,
     CONFIG_FILE,
+    HISTORY_FILE,
     STATE_FILE,
-    belongs,
     complete_checkpoints,
+    list_skipped,
+    newest_verified,
     read_marker,
     saved_config,
-    step_dirs,
+    verify,
 )
 from olmo_mini.stepping import StepCallback
+from olmo_mini.training.optim import reapply
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +91,7 @@ class StepCheckpoint(StepCallback):
         # started together may have read the run record before rank 0 wrote it).
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
         if trainer.ckpt_path is not None:
-            path = Path(trainer.ckpt_path)
-            self.last_saved = path.parent if path.name == STATE_FILE else path
+            self.last_saved = checkpoint_dir(trainer.ckpt_path)
 
     def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -178,27 +183,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def verify(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be trusted, or None when every file matches its marker."""
-    try:
-        marker = read_marker(checkpoint)
-    except ValueError as e:
-        return str(e)
-    for rel, expected in marker["files"].items():
-        path = checkpoint / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return f"{rel} is missing"
-        if size != expected["size"]:
-            return f"{rel} has {size} bytes, its marker says {expected['size']}"
-        with open(path, "rb") as f:
-            digest = file_digest(f)
-        if digest != expected.get(ALGORITHM):
-            return f"{rel} does not match its digest in {COMPLETE} (corrupted)"
-    return None
-
-
 def resolve_resume(
     resume: str | None,
     run_dir: Path,
@@ -216,20 +200,15 @@ def resolve_resume(
         return None
     if resume == "auto":
         directory = run_dir / "checkpoints"
-        candidates = [p for p in step_dirs(directory) if belongs(p, run_id)]
-        if not candidates:
+        path, skipped = newest_verified(directory, run_id)
+        for damaged, reason in skipped:
+            rank_zero_only(log.warning)("resume=auto: skipping %s: %s", damaged, reason)
+        if path is None and not skipped:
             rank_zero_only(log.info)("no checkpoint under %s: starting fresh", directory)
             return None
-        skipped = []
-        for path in reversed(candidates):
-            reason = verify(path)
-            if reason is None:
-                break
-            skipped.append(f"{path.name}: {reason}")
-            rank_zero_only(log.warning)("resume=auto: skipping %s: %s", path, reason)
-        else:
+        if path is None:
             raise ConfigError(
-                f"resume=auto: no checkpoint under {directory} verifies ({'; '.join(skipped)})"
+                f"resume=auto: no checkpoint under {directory} verifies ({list_skipped(skipped)})"
             )
     else:
         path = Path(resume)
@@ -248,6 +227,12 @@ def resolve_resume(
     return str(path if saved_sharded else path / STATE_FILE)
 
 
+def checkpoint_dir(ckpt_path: str) -> Path:
+    """The ``step_<N>`` directory of a ``ckpt_path`` from ``resolve_resume``."""
+    path = Path(ckpt_path)
+    return path.parent if path.name == STATE_FILE else path
+
+
 def check_architecture(checkpoint: Path, model: ModelConfig) -> None:
     """Stop, naming every field, if ``model`` differs from the architecture in ``checkpoint``."""
     saved = saved_config(checkpoint).model
@@ -264,3 +249,51 @@ def check_architecture(checkpoint: Path, model: ModelConfig) -> None:
             f"checkpoint's values (only {', '.join('model.' + n for n in RESUMABLE_MODEL_FIELDS)} "
             "may change)"
         )
+
+
+def changed_settings(checkpoint: Path, config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint's value, this launch's)}`` for the optimizer and schedule settings
+    (``optim.*``, and ``trainer.max_steps``, which the schedule spans) that a resume from
+    ``checkpoint`` changes. They all take effect from the resumed step (``ResumedSettings``);
+    what may not change is refused elsewhere: the architecture by ``check_architecture``, the
+    data and its order by the data module's fingerprint, the sharding by ``resolve_resume``."""
+    saved = saved_config(checkpoint)
+    pairs = [
+        # A setting newer than the checkpoint had its default there.
+        (f"optim.{f.name}", saved.optim.get(f.name, f.default), getattr(config.optim, f.name))
+        for f in fields(OptimConfig)
+        if f.default is not MISSING
+    ]
+    pairs.append(("trainer.max_steps", saved.trainer.max_steps, config.trainer.max_steps))
+    return {name: (then, now) for name, then, now in pairs if then != now}
+
+
+class ResumedSettings(L.Callback):
+    """On a resumed run: this launch's optimizer and schedule settings replace the restored
+    ones (restoring the optimizer and scheduler state puts back the saved run's, so a lowered
+    ``optim.lr`` would otherwise be ignored), each changed one is logged on one line, and the
+    resume is appended to ``<run_dir>/history.jsonl``."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path, changes: dict[str, tuple[Any, Any]]):
+        self.history = Path(run_dir) / HISTORY_FILE
+        self.checkpoint = checkpoint
+        self.changes = changes
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning has restored the optimizer and scheduler state by now.
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        reapply(trainer.optimizers[0], scheduler, pl_module.configured_optim)
+        if not trainer.is_global_zero:
+            return
+        first = trainer.global_step + 1
+        for name, (then, now) in self.changes.items():
+            log.info("%s %s → %s from step %d", name, then, now, first)
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(),
+            "run_id": read_marker(self.checkpoint).get("run_id"),
+            "resumed_from": str(self.checkpoint),
+            "from_step": first,
+            "changed": {name: list(pair) for name, pair in self.changes.items()},
+        }
+        with open(self.history, "a") as f:
+            f.write(json.dumps(record) + "\n")

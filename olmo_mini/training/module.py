@@ -25,7 +25,7 @@ import torch.distributed as dist
 from olmo_mini.config import ConfigError, TrainConfig
 from olmo_mini.model import OLMo2
 from olmo_mini.stepping import StepBoundary, recount_micro_batches
-from olmo_mini.training.optim import build_optimizer, build_scheduler
+from olmo_mini.training.optim import build_optimizer, build_scheduler, configured_settings
 from olmo_mini.training.parallel import build_model
 from olmo_mini.training.recorder import MetricRecorder, Rows
 
@@ -55,6 +55,9 @@ class LanguageModelModule(L.LightningModule):
         self._z_sum: torch.Tensor | None = None
         self._val_losses: list[torch.Tensor] = []
         self.val_loss: float | None = None  # the last validation's, once flushed
+        # This launch's optimizer and schedule settings, which a resume puts back over the
+        # checkpoint's (``training.checkpoint.ResumedSettings``).
+        self.configured_optim: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         try:
@@ -73,6 +76,7 @@ class LanguageModelModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, self.config.optim)
         scheduler = build_scheduler(optimizer, self.config.optim, self.config.trainer.max_steps)
+        self.configured_optim = configured_settings(optimizer, scheduler)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

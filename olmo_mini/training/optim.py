@@ -3,7 +3,9 @@ constant LR after warmup)."""
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,3 +78,35 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     multiplier = lr_lambda(config.warmup_steps, max_steps, config.final_lr_ratio, config.schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def configured_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> dict[str, Any]:
+    """What this launch's config set on a new optimizer and scheduler (each group's
+    hyperparameters, the peak LRs, the multipliers), taken before a checkpoint's state
+    replaces them: ``reapply`` puts them back over the restored state."""
+    return {
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        "base_lrs": list(scheduler.base_lrs),
+        # Loading a scheduler's state updates multipliers that are objects in place.
+        "lr_lambdas": copy.deepcopy(scheduler.lr_lambdas),
+    }
+
+
+def reapply(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    configured: dict[str, Any],
+) -> None:
+    """Make this launch's settings (``configured_settings``) those of a restored optimizer and
+    scheduler: restoring puts back the saved run's LR, betas, eps, weight decay and peak LR.
+    The moments and the step count stay restored; the LR is the new schedule's at that step."""
+    for group, settings in zip(optimizer.param_groups, configured["groups"], strict=True):
+        group.update(settings)
+    scheduler.base_lrs = list(configured["base_lrs"])
+    scheduler.lr_lambdas = configured["lr_lambdas"]
+    for group, base, multiplier in zip(
+        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * multiplier(scheduler.last_epoch)

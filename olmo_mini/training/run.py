@@ -19,7 +19,14 @@ from olmo_mini.data import OLMoDataModule
 from olmo_mini.run_dir import claim, release, resume_command
 from olmo_mini.sizing.flops import datasheet_bf16_peak, default_precision, measure_matmul_flops
 from olmo_mini.training.callbacks import EndOfRunSample, build_callbacks
-from olmo_mini.training.checkpoint import CheckpointError, StepCheckpoint, resolve_resume
+from olmo_mini.training.checkpoint import (
+    CheckpointError,
+    ResumedSettings,
+    StepCheckpoint,
+    changed_settings,
+    checkpoint_dir,
+    resolve_resume,
+)
 from olmo_mini.training.interrupt import Interrupted
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy, cluster_plugins
@@ -69,6 +76,12 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
     run_id = claim(run_dir, config.resume, config.checkpoint.overwrite, torch.get_num_threads())
     sharded = trainer_cfg.strategy == "fsdp"
     ckpt_path = resolve_resume(config.resume, run_dir, sharded, run_id, config.model)
+    if ckpt_path is not None:
+        resumed = checkpoint_dir(ckpt_path)
+        callbacks = [
+            ResumedSettings(run_dir, resumed, changed_settings(resumed, config)),
+            *callbacks,
+        ]
     device = torch.device("cuda" if _uses_gpu(trainer_cfg.accelerator) else "cpu")
     precision = trainer_cfg.precision
     if precision == "auto":
