@@ -235,16 +235,23 @@ def summarize(
     }
 
 
-def train_run(spec: RunSpec, plan: str, run_dir: Path) -> dict[str, Any]:
+def train_run(
+    spec: RunSpec, plan: str, run_dir: Path, wandb_plan: Plan | None = None
+) -> dict[str, Any]:
     """Train ``spec`` in this process into a fresh ``run_dir``; return its summary row.
 
     A run that stops on non-finite steps (``TrainingDiverged``) is a result, not an error.
+    ``wandb_plan``: log the run to wandb, labelled as a run of that plan (``study_wandb``).
     """
     from olmo_mini.config import compose_config
     from olmo_mini.training.module import TrainingDiverged
     from olmo_mini.training.run import train
 
     config = compose_config(list(spec.overrides))
+    if wandb_plan is not None:
+        from olmo_mini.analysis.study_wandb import run_logger
+
+        config.logger = run_logger(config.logger, wandb_plan, spec)
     load = os.getloadavg()[0]
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     stopped_early = False
@@ -268,9 +275,9 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
-    """Run every incomplete run of ``plan`` under ``out``; return the completed rows and how
-    many ran here.
+def run_plan(plan: Plan, out: Path, wandb: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """Run every incomplete run of ``plan`` under ``out`` (``wandb``: each logged to wandb);
+    return the completed rows and how many ran here.
 
     A run dir without ``result.json`` is what a killed study left behind: it is removed and
     the run starts again from scratch, so no run ever continues another launch's files. Each
@@ -297,7 +304,7 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
                     log.info("%s: incomplete (no %s); starting it again", run_dir, RESULT_FILE)
                     shutil.rmtree(run_dir)
                 log.info("%s", tag)
-                row = train_run(spec, plan.name, run_dir)
+                row = train_run(spec, plan.name, run_dir, plan if wandb else None)
                 write_text_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
                 ran += 1
                 done = "%s: final loss %.4f, diverged %s, %.0f s CPU"
