@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.wandb:
             from olmo_mini.analysis.study_wandb import log_summary
 
-            written.append(log_summary(plan, rows, written, args.out))
+            summary = log_summary(plan, rows, written, args.out)
+            written += [summary] if summary is not None else []
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

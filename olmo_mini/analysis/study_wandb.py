@@ -48,10 +48,10 @@ def run_logger(logger: LoggerConfig, plan: Plan, spec: RunSpec) -> LoggerConfig:
 
 def log_summary(
     plan: Plan, rows: Sequence[Mapping[str, Any]], report: Sequence[Path], out: Path
-) -> Path:
+) -> Path | None:
     """Log ``plan``'s summary run in ``<out>/summary``: the per-run rows (``summary.csv``'s
     columns) and the arm ranking as tables, and the report's PNG figures as images; return the
-    run's wandb folder. Its project, entity and mode are the plan's runs' (``logger.*`` in the
+    run's wandb folder (None when wandb is disabled). Its project, entity and mode are the plan's runs' (``logger.*`` in the
     plan's base, else the defaults)."""
     import torch
     import wandb
@@ -91,7 +91,7 @@ def log_summary(
             **figures,
         }
     )
-    folder_of_run = Path(run.dir).parent
+    folder_of_run = None if run.disabled else Path(run.dir).parent
     run.finish()
     wandb.teardown()  # the run's files are complete when this returns
     return folder_of_run
