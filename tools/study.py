@@ -26,6 +26,7 @@ from olmo_mini.analysis.study import (
     render,
     run_plan,
 )
+from olmo_mini.analysis.study_wandb import log_summary, run_labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.render_only:
             rows, ran = completed_rows(plan, args.out), 0
         else:
-            rows, ran = run_plan(plan, args.out, args.wandb)
+            rows, ran = run_plan(plan, args.out, run_labels(plan) if args.wandb else None)
         sigma = None
         if args.seed_spread is not None:
             sigma = pooled_std(read_rows(args.seed_spread))
@@ -72,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError(f"{args.seed_spread}: no grid point was run with several seeds")
         written = render(plan, rows, args.report or args.out / "report", args.out, sigma)
         if args.wandb:
-            from olmo_mini.analysis.study_wandb import log_summary
-
             summary = log_summary(plan, rows, written, args.out)
             written += [summary] if summary is not None else []
     except StudyError as err:

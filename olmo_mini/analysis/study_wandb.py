@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from olmo_mini.analysis.study import FIELDS, Plan, RunSpec, arm_results
+from olmo_mini.analysis.study import FIELDS, Plan, RunSpec, WandbLabels, arm_results
 from olmo_mini.config import WANDB_TAG_LENGTH, LoggerConfig
 from olmo_mini.training.wandb_run import init_args, label, start_run
 
@@ -36,14 +36,19 @@ ARM_COLUMNS = (
 )
 
 
-def run_logger(logger: LoggerConfig, plan: Plan, spec: RunSpec) -> LoggerConfig:
-    """``logger`` of one run of ``plan`` turned into a wandb logger, labelled unless the plan's
-    base set the fields: name ``<plan>/<arm>/lr<LR>/s<seed>``, group the plan, tags the arm and
-    the settings of its own overrides (the arm's, ``lr=``, ``seed=``; the base is every run's)."""
-    own = spec.overrides[len(plan.base) :]
-    name = f"{plan.name}/{spec.arm}/lr{spec.lr:g}/s{spec.seed}"
-    labelled = label(logger, name, plan.name, own, [spec.arm[:WANDB_TAG_LENGTH]])
-    return replace(labelled, kind="wandb")
+def run_labels(plan: Plan) -> WandbLabels:
+    """What ``run_plan(..., wandb=)`` calls per run: its ``logger`` turned into a wandb logger,
+    labelled unless the plan's base set the fields: name ``<plan>/<arm>/lr<LR>/s<seed>``, group
+    the plan, tags the arm and the settings of its own overrides (the arm's, ``lr=``, ``seed=``;
+    the base is every run's)."""
+
+    def labelled(spec: RunSpec, logger: LoggerConfig) -> LoggerConfig:
+        own = spec.overrides[len(plan.base) :]
+        name = f"{plan.name}/{spec.arm}/lr{spec.lr:g}/s{spec.seed}"
+        tagged = label(logger, name, plan.name, own, [spec.arm[:WANDB_TAG_LENGTH]])
+        return replace(tagged, kind="wandb")
+
+    return labelled
 
 
 def log_summary(

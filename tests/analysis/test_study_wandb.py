@@ -13,7 +13,7 @@ import yaml
 
 from olmo_mini.analysis.runs import read_wandb_records
 from olmo_mini.analysis.study import FIELDS, PLAN_DIR, load_plan, render
-from olmo_mini.analysis.study_wandb import ARM_COLUMNS, log_summary, run_logger
+from olmo_mini.analysis.study_wandb import ARM_COLUMNS, log_summary, run_labels
 from olmo_mini.config import LoggerConfig
 from tests.analysis.test_study import FIXED
 from tests.interop.helpers import tool
@@ -22,7 +22,7 @@ from tests.interop.helpers import tool
 def test_a_study_run_is_named_grouped_and_tagged_by_its_plan_and_arm() -> None:
     plan = load_plan("A")
     clip = next(s for s in plan.runs() if s.arm == "none + QK-Clip 100" and s.lr == 1e-3)
-    logger = run_logger(LoggerConfig(), plan, clip)
+    logger = run_labels(plan)(clip, LoggerConfig())
     assert (logger.kind, logger.name, logger.group) == (
         "wandb",
         "A/none + QK-Clip 100/lr0.001/s0",
@@ -37,7 +37,7 @@ def test_a_study_run_is_named_grouped_and_tagged_by_its_plan_and_arm() -> None:
         "seed=0",
     ]
     full = next(s for s in plan.runs() if s.arm == "qk_norm=full (OLMo 2)")
-    assert run_logger(LoggerConfig(tags=["mine"]), plan, full).tags == [
+    assert run_labels(plan)(full, LoggerConfig(tags=["mine"])).tags == [
         "mine",
         "qk_norm=full (OLMo 2)",
         "lr=0.001",
