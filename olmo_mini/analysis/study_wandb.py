@@ -87,6 +87,9 @@ def log_summary(
         for a in arm_results(rows)
     ]
     figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in report if p.suffix == ".png"}
+    # Each render at the next step, online or offline (where wandb restarts at 0 and `wandb
+    # sync` would drop a later launch's step 0): the step is the number of earlier launches.
+    renders = len(list((folder / "wandb").glob(f"*run-*-{run_id}"))) - 1
     run.log(
         {
             RUNS_TABLE: wandb.Table(
@@ -94,7 +97,8 @@ def log_summary(
             ),
             ARMS_TABLE: wandb.Table(columns=list(ARM_COLUMNS), data=arms),
             **figures,
-        }
+        },
+        step=renders,
     )
     folder_of_run = None if run.disabled else Path(run.dir).parent
     run.finish()

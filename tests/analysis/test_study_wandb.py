@@ -61,13 +61,15 @@ def two_run_plan(folder: Path) -> Path:
 
 
 def read_launch(folder: Path) -> dict:
-    """The one offline wandb launch in ``folder``: its run record's labels and exit code."""
-    (launch,) = folder.glob("wandb/offline-run-*")
+    """The latest offline wandb launch in ``folder``: its run record's labels, history steps
+    and exit code."""
+    launch = sorted(folder.glob("wandb/offline-run-*"))[-1]  # the latest
     (wandb_file,) = launch.glob("run-*.wandb")
     records, note = read_wandb_records(wandb_file)
     assert note is None, note
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     (exit_code,) = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    history = [r.history.item for r in records if r.WhichOneof("record_type") == "history"]
     return {
         "folder": launch,
         "name": run.display_name,
@@ -75,6 +77,12 @@ def read_launch(folder: Path) -> dict:
         "job_type": run.job_type,
         "tags": list(run.tags),
         "exit_code": exit_code,
+        "steps": [
+            int(i.value_json)
+            for items in history
+            for i in items
+            if "_step" in (i.key, *i.nested_key)
+        ],
     }
 
 
@@ -98,7 +106,7 @@ def test_the_summary_run_carries_the_reports_tables_and_figures(tmp_path) -> Non
         "fixed",
         "summary",
     )
-    assert summary["tags"] == ["summary"]
+    assert summary["tags"] == ["summary"] and summary["steps"] == [0]
     runs, arms, images = summary_contents(folder)
     assert runs["columns"] == list(FIELDS)
     # The rows as summary.csv holds them, NaN (a diverged run's loss) included.
@@ -138,3 +146,4 @@ def test_a_study_with_wandb_logs_labelled_runs_and_a_summary_run(tmp_path, capsy
     assert tool("study").main([*argv, "--render-only"]) == 0
     launches = sorted((out / "summary" / "wandb").glob("offline-run-*"))
     assert len(launches) == 2 and len({p.name.rsplit("-", 1)[1] for p in launches}) == 1
+    assert read_launch(out / "summary")["steps"] == [1]  # after the first render's step 0
