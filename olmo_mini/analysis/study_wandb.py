@@ -15,7 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from olmo_mini.analysis.study import FIELDS, Plan, RunSpec, WandbLabels, arm_results
+from olmo_mini.analysis.study import (
+    FIELDS,
+    Plan,
+    RunSpec,
+    StudyError,
+    WandbLabels,
+    arm_results,
+)
 from olmo_mini.config import WANDB_TAG_LENGTH, LoggerConfig
 from olmo_mini.training.wandb_run import init_args, label, start_run
 
@@ -56,23 +63,32 @@ def log_summary(
 ) -> Path | None:
     """Log ``plan``'s summary run in ``<out>/summary``: the per-run rows (``summary.csv``'s
     columns) and the arm ranking as tables, and the report's PNG figures as images; return the
-    run's wandb folder (None when wandb is disabled). Its project, entity and mode are the plan's runs' (``logger.*`` in the
-    plan's base, else the defaults)."""
+    run's wandb folder (None when wandb is disabled). Its project, entity and mode are the
+    plan's runs' (``logger.*`` in the plan's base, else the defaults). The folder is locked
+    meanwhile: another process logging it is a ``StudyError``."""
     import torch
-    import wandb
 
-    from olmo_mini.config import compose_config
+    from olmo_mini.config import ConfigError, compose_config
     from olmo_mini.run_dir import claim, release
 
     folder = out / SUMMARY_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    logger = label(compose_config(list(plan.base)).logger, f"{plan.name}/summary", plan.name)
     try:
         run_id = claim(folder, "auto", False, torch.get_num_threads())
+    except ConfigError as err:
+        raise StudyError(f"plan {plan.name!r}: its summary run: {err}") from None
+    try:
+        init = init_args(replace(logger, tags=[*logger.tags, "summary"]), folder, run_id)
+        return _log_report(start_run({**init, "job_type": "summary"}, logger.mode), rows, report)
     finally:
         release(folder)
-    logger = label(compose_config(list(plan.base)).logger, f"{plan.name}/summary", plan.name)
-    init = init_args(replace(logger, tags=[*logger.tags, "summary"]), folder, run_id)
-    run = start_run({**init, "job_type": "summary"}, logger.mode)
+
+
+def _log_report(run: Any, rows: Sequence[Mapping[str, Any]], report: Sequence[Path]) -> Path | None:
+    """Log the tables and figures to ``run`` and finish it; return its folder (None: disabled)."""
+    import wandb
+
     arms = [
         [
             a.arm,
@@ -87,9 +103,10 @@ def log_summary(
         for a in arm_results(rows)
     ]
     figures = {f"figures/{p.stem}": wandb.Image(str(p)) for p in report if p.suffix == ".png"}
+    folder = None if run.disabled else Path(run.dir).parent
     # Each render at the next step, online or offline (where wandb restarts at 0 and `wandb
     # sync` would drop a later launch's step 0): the step is the number of earlier launches.
-    renders = len(list((folder / "wandb").glob(f"*run-*-{run_id}"))) - 1
+    renders = len(list(folder.parent.glob(f"*run-*-{run.id}"))) - 1 if folder else 0
     run.log(
         {
             RUNS_TABLE: wandb.Table(
@@ -100,7 +117,6 @@ def log_summary(
         },
         step=renders,
     )
-    folder_of_run = None if run.disabled else Path(run.dir).parent
     run.finish()
     wandb.teardown()  # the run's files are complete when this returns
-    return folder_of_run
+    return folder

@@ -5,6 +5,8 @@ per plan whose tables hold one row per run and per arm and whose images are the 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,9 +14,10 @@ import pytest
 import yaml
 
 from olmo_mini.analysis.runs import read_wandb_records
-from olmo_mini.analysis.study import FIELDS, PLAN_DIR, load_plan, render
+from olmo_mini.analysis.study import FIELDS, PLAN_DIR, StudyError, load_plan, render
 from olmo_mini.analysis.study_wandb import ARM_COLUMNS, log_summary, run_labels
 from olmo_mini.config import LoggerConfig
+from olmo_mini.run_dir import LOCK_FILE
 from tests.analysis.test_study import FIXED
 from tests.interop.helpers import tool
 
@@ -147,3 +150,12 @@ def test_a_study_with_wandb_logs_labelled_runs_and_a_summary_run(tmp_path, capsy
     launches = sorted((out / "summary" / "wandb").glob("offline-run-*"))
     assert len(launches) == 2 and len({p.name.rsplit("-", 1)[1] for p in launches}) == 1
     assert read_launch(out / "summary")["steps"] == [1]  # after the first render's step 0
+
+
+def test_a_summary_run_another_process_is_logging_is_a_study_error(tmp_path) -> None:
+    lock = tmp_path / "summary" / LOCK_FILE
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))  # live
+    with pytest.raises(StudyError, match="plan 'tiny': its summary run: .* in use by another"):
+        log_summary(load_plan("tiny"), FIXED, [], tmp_path)
+    assert not (tmp_path / "summary" / "wandb").exists() and lock.exists()
