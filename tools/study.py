@@ -6,7 +6,9 @@ Every run of the plan trains in this process, one after another, in <out>/<run i
 result.json exists are skipped, so the same command continues an interrupted study. Every
 run's config is composed before the first trains: a misspelled override stops the study at once.
 Then <report> gets summary.csv (one row per run), <plan>.md and the figures. --render-only
-redraws the report from the completed runs without training.
+redraws the report from the completed runs without training. --wandb logs every run it trains to
+wandb (<plan>/<arm>/lr<LR>/s<seed>, grouped by the plan) and then the report as the plan's
+summary run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from olmo_mini.analysis.study import (
     render,
     run_plan,
 )
+from olmo_mini.analysis.study_wandb import log_summary, run_labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CSV",
         help="a seeds plan's summary.csv: add each arm's sensitivity std under that noise",
     )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log the runs trained now and the report's tables and figures to wandb",
+    )
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
@@ -63,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.render_only:
             rows, ran = completed_rows(plan, args.out), 0
         else:
-            rows, ran = run_plan(plan, args.out)
+            rows, ran = run_plan(plan, args.out, run_labels(plan) if args.wandb else None)
         sigma = None
         if args.seed_spread is not None:
             sigma = pooled_std(read_rows(args.seed_spread))
             if not math.isfinite(sigma):
                 raise StudyError(f"{args.seed_spread}: no grid point was run with several seeds")
         written = render(plan, rows, args.report or args.out / "report", args.out, sigma)
+        if args.wandb:
+            summary = log_summary(plan, rows, written, args.out)
+            written += [summary] if summary is not None else []
     except ValueError as err:  # a StudyError, or a --out that is a file
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -54,6 +54,9 @@ from olmo_mini.analysis.sensitivity import (
 )
 from olmo_mini.integrity import write_text_atomic
 from olmo_mini.run_dir import try_lock, unlock
+
+if TYPE_CHECKING:
+    from olmo_mini.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ FIELDS = (
     "overrides",
 )
 _LSE_KEY = "logits/mean_logsumexp"
+# A run's wandb logger from its spec and its config's logger (``study_wandb.run_labels``).
+WandbLabels = Callable[["RunSpec", "LoggerConfig"], "LoggerConfig"]
 
 
 class StudyError(ValueError):
@@ -271,16 +276,21 @@ def summarize(
     }
 
 
-def train_run(spec: RunSpec, plan: str, run_dir: Path) -> dict[str, Any]:
+def train_run(
+    spec: RunSpec, plan: str, run_dir: Path, wandb: WandbLabels | None = None
+) -> dict[str, Any]:
     """Train ``spec`` in this process into a fresh ``run_dir``; return its summary row.
 
     A run that stops on non-finite steps (``TrainingDiverged``) is a result, not an error.
+    ``wandb``: log the run to wandb, as this labels its logger (``study_wandb.run_labels``).
     """
     from olmo_mini.config import compose_config
     from olmo_mini.training.module import TrainingDiverged
     from olmo_mini.training.run import train
 
     config = compose_config(list(spec.overrides))
+    if wandb is not None:
+        config.logger = wandb(spec, config.logger)
     load = os.getloadavg()[0]
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     stopped_early = False
@@ -317,9 +327,11 @@ def check_runs(plan: Plan) -> None:
             raise StudyError(f"plan {plan.name!r}, arm {spec.arm}: {err}") from None
 
 
-def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
-    """Run every incomplete run of ``plan`` under ``out``; return the completed rows and how
-    many ran here.
+def run_plan(
+    plan: Plan, out: Path, wandb: WandbLabels | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """Run every incomplete run of ``plan`` under ``out`` (``wandb``: each logged to wandb, as
+    in ``train_run``); return the completed rows and how many ran here.
 
     A run dir without ``result.json`` is what a killed study left behind: it is removed and
     the run starts again from scratch, so no run ever continues another launch's files. Each
@@ -347,7 +359,7 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
                     log.info("%s: incomplete (no %s); starting it again", run_dir, RESULT_FILE)
                     shutil.rmtree(run_dir)
                 log.info("%s", tag)
-                row = train_run(spec, plan.name, run_dir)
+                row = train_run(spec, plan.name, run_dir, wandb)
                 write_text_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
                 ran += 1
                 done = "%s: final loss %.4f, max train loss %.4g, diverged %s, %.0f s CPU"

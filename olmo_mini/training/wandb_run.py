@@ -89,18 +89,7 @@ class LazyWandbLogger(Logger):
 
     def __init__(self, config: LoggerConfig, run_dir: Path, run_id: str | None) -> None:
         super().__init__()
-        timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": INIT_TIMEOUT_S}
-        self._init: dict[str, Any] = {
-            "project": config.project,
-            "entity": config.entity,
-            "name": config.name or run_dir.name,
-            "group": config.group,
-            "tags": list(config.tags),
-            "dir": str(run_dir),
-            "id": run_id,
-            "resume": "allow",
-            "settings": {"silent": True, **timeout},  # no banner or summary: those are in wandb/
-        }
+        self._init = init_args(config, run_dir, run_id)
         self._mode = config.mode
         self._run: Any = None
 
@@ -150,6 +139,23 @@ class StartWandbRun(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.logger.start()
+
+
+def init_args(config: LoggerConfig, run_dir: Path, run_id: str | None) -> dict[str, Any]:
+    """``wandb.init``'s arguments for the run ``run_id`` of ``run_dir``, labelled by ``config``:
+    its files under ``<run_dir>/wandb``, continued by a later start with the same id."""
+    timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": INIT_TIMEOUT_S}
+    return {
+        "project": config.project,
+        "entity": config.entity,
+        "name": config.name or run_dir.name,
+        "group": config.group,
+        "tags": list(config.tags),
+        "dir": str(run_dir),
+        "id": run_id,
+        "resume": "allow",
+        "settings": {"silent": True, **timeout},  # no banner or summary: those are in wandb/
+    }
 
 
 def start_run(init: dict[str, Any], requested_mode: str | None) -> Any:
