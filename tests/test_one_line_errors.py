@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from olmo_mini.sizing.memory import plan_main
+from olmo_mini.bench.trace import main as plan_main
 from tests.interop.helpers import tool
 from tests.training.helpers import REPO, train_command
 
