@@ -312,7 +312,16 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RESULT_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return {**dict.fromkeys(FIELDS), **legacy_columns(json.loads(path.read_text()))}
+
+
+def legacy_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A row from before the trajectory columns (a CSV line or a ``result.json``): its
+    ``diverged`` was judged on the final loss only, so it is also ``diverged_by_final``; the
+    trajectory columns stay absent (None)."""
+    if "diverged_by_final" not in row and "diverged" in row:
+        return {**row, "diverged_by_final": row["diverged"]}
+    return row
 
 
 def check_runs(plan: Plan) -> None:
@@ -397,12 +406,13 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
     with path.open(newline="") as f:
         for line, raw in enumerate(csv.DictReader(f), start=2):
-            if "diverged_by_final" not in raw and "diverged" in raw:
-                raw = {**raw, "diverged_by_final": raw["diverged"]}
+            raw = legacy_columns(raw)
             optional = TRAJECTORY_FIELDS if "max_train_loss" not in raw else ()
             missing = [k for k in FIELDS if k not in raw and k not in optional]
             if missing:
                 raise StudyError(f"{path}:{line}: missing columns {missing}")
+            absent = [k for k in TRAJECTORY_FIELDS if raw.get(k) == ""]  # a legacy row's None
+            raw = {k: v for k, v in raw.items() if k not in absent}
             rows.append({key: parse[key](raw[key]) if key in raw else None for key in FIELDS})
     return rows
 

@@ -30,6 +30,7 @@ from olmo_mini.analysis.study import (
     arm_results,
     load_plan,
     pooled_std,
+    read_result,
     read_rows,
     report_markdown,
     run_plan,
@@ -281,3 +282,14 @@ def test_killed_study_continues_without_redoing_completed_runs(tmp_path) -> None
     for run_dir in (p.parent for p in out.glob(f"*/{RESULT_FILE}")):  # one launch each
         assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
     assert read_rows(out / "report" / "summary.csv")[0]["run_id"] in done
+
+
+def test_a_result_json_from_before_the_trajectory_columns_still_renders(tmp_path) -> None:
+    """``--render-only`` over runs that finished before the trajectory columns: their
+    ``diverged`` was the final-loss rule's, and the trajectory columns read as None."""
+    old = {k: v for k, v in row("none", 1.0, 6.0).items() if k not in TRAJECTORY_FIELDS}
+    old["diverged"] = old.pop("diverged_by_final")
+    (tmp_path / RESULT_FILE).write_text(json.dumps(old))
+    back = read_result(tmp_path)
+    assert back["diverged_by_final"] is False and back["max_train_loss"] is None
+    assert read_rows(write_rows([back], tmp_path / "summary.csv"))[0]["final_loss"] == 6.0
