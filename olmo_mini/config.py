@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -280,9 +281,26 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         return load_config(compose("train", overrides=list(overrides)))
 
 
+def reject_repeated_overrides(overrides: Sequence[str]) -> None:
+    """A key given twice on one command line (``optim.lr=1e-3 optim.lr=2e-3``) is a slip that
+    Hydra settles silently (the last wins): refuse it, naming both."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    seen: dict[tuple[str, str | None], str] = {}
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = (override.key_or_group, override.package)
+        if key in seen:
+            raise ConfigError(
+                f"{override.get_key_element().lstrip('+~')} is given twice ({seen[key]}, "
+                f"{override.input_line}): keep one"
+            )
+        seen[key] = override.input_line
+
+
 def compose_or_exit(overrides: list[str]) -> TrainConfig:
     """The config of ``train.py`` ``overrides``, or exit with one ``error:`` line (for tools)."""
     try:
+        reject_repeated_overrides(overrides)
         return compose_config(overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from olmo_mini.config import ConfigError, TrainConfig, load_config, unknown_key_error
+from olmo_mini.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    reject_repeated_overrides,
+    unknown_key_error,
+)
 from olmo_mini.data.corpus import expand_files
 from olmo_mini.run_dir import LOCK_FILE, continues, is_rank_zero, trained_threads
 
@@ -61,6 +67,10 @@ def override_error(e: Exception) -> str:
     first, _, rest = str(e).partition("\n")
     if isinstance(e, OverrideParseException):  # bad syntax; the rest links Hydra's grammar docs
         return f"{first} ({rest.strip()})"
+    if "To append to your default list use " in rest:  # a group train.yaml does not list
+        added = rest.split("To append to your default list use ")[1].split()[0]
+        group = added.removeprefix("+").split("=")[0]
+        return f"{added[1:]}: {group} is not in train.yaml's defaults; add it with {added}"
     if isinstance(e, MissingConfigException) and "Available options" in rest:
         options = rest.split("Config search path:")[0].split(":", 1)[1].split()
         return f"{first}; available: {', '.join(options)}"
@@ -77,6 +87,7 @@ def prepare(cfg: DictConfig) -> TrainConfig:
 
     hydra_cfg = HydraConfig.get()
     try:
+        reject_repeated_overrides(hydra_cfg.overrides.task)
         config = load_config(cfg)
         if config.data.source == "files":
             expand_files(config.data.files)

@@ -1,4 +1,4 @@
-"""Run a stability study plan (configs/study/<plan>.yaml), resumably, and render its report.
+"""Run a stability study plan (studies/<plan>.yaml), resumably, and render its report.
 
     python tools/study.py --plan A --out /path/to/study-runs/A --report docs/stability-study/A
 
@@ -29,7 +29,7 @@ from olmo_mini.analysis.study import (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", required=True, help="a name in configs/study/ or a .yaml path")
+    parser.add_argument("--plan", required=True, help="a name in studies/ or a .yaml path")
     parser.add_argument("--out", type=Path, required=True, help="folder of the plan's run dirs")
     parser.add_argument("--report", type=Path, help="report folder (default: <out>/report)")
     parser.add_argument(
