@@ -25,6 +25,10 @@ from olmo_mini.model.config import OLMo2Config
 from olmo_mini.stability.config import StabilityConfig
 from olmo_mini.validation import ConfigError, at_least, in_range, one_of, positive
 
+# wandb's limits: characters a project or entity name may not hold, and a tag's length.
+WANDB_PATH_CHARS = "/\\#?%:"
+WANDB_TAG_LENGTH = 64
+
 
 @dataclass
 class ModelConfig(OLMo2Config):
@@ -122,19 +126,41 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    """Extra logger beside the always-on CSV file; wandb runs offline unless told otherwise."""
+    """Extra logger beside the always-on CSV file. A wandb run is named, grouped and tagged from
+    the run dir, the sweep and the overrides unless these say otherwise (docs/wandb.md)."""
 
     kind: str = "none"
     project: str = "olmo-mini"
+    # null: wandb's default entity (WANDB_ENTITY, else the logged-in user's).
+    entity: str | None = None
+    # null: the run dir's name (a sweep job: its overrides, else <sweep dir name>/<job number>).
     name: str | None = None
+    # null: the sweep dir of a -m sweep, else the experiment (+experiment=...), else none.
     group: str | None = None
+    # Added to the tags made from the command line's overrides (e.g. lr=1e-3, qk_norm=none).
     tags: list[str] = field(default_factory=list)
-    # null: WANDB_MODE if set, else online when an API key is configured, else offline.
+    # null: as wandb decides (WANDB_MODE, `wandb offline`), online where `wandb login`,
+    # WANDB_API_KEY or a settings file gives credentials, else offline.
     mode: str | None = None
 
     def __post_init__(self) -> None:
         one_of("logger", self, "kind", ("none", "wandb"))
         one_of("logger", self, "mode", ("online", "offline", "disabled"))
+        for name in ("project", "entity"):  # parts of wandb's run path entity/project/id
+            value = getattr(self, name)
+            if value is not None and (not value or set(value) & set(WANDB_PATH_CHARS)):
+                raise ConfigError(
+                    f"logger.{name} must be a non-empty name without any of "
+                    f"{WANDB_PATH_CHARS!r}, got {value!r}"
+                )
+        for name in ("name", "group"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"logger.{name} must not be empty (null: the default)")
+        for tag in self.tags:
+            if not 0 < len(tag) <= WANDB_TAG_LENGTH:
+                raise ConfigError(
+                    f"logger.tags: each tag must be 1 to {WANDB_TAG_LENGTH} characters, got {tag!r}"
+                )
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,10 +11,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
-from olmo_mini.config import ConfigError, LoggerConfig, TrainConfig, load_config
+from olmo_mini.config import ConfigError, TrainConfig, load_config
 from olmo_mini.data import OLMoDataModule
 from olmo_mini.run_dir import claim, release, resume_command
 from olmo_mini.sizing.flops import datasheet_bf16_peak, default_precision, measure_matmul_flops
@@ -25,6 +24,7 @@ from olmo_mini.training.interrupt import Interrupted
 from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
 from olmo_mini.training.parallel import build_strategy, cluster_plugins
 from olmo_mini.training.recorder import log_config
+from olmo_mini.training.wandb_run import LazyWandbLogger, StartWandbRun, hydra_labels
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,12 @@ class RunResult:
 def run(cfg: DictConfig) -> RunResult:
     """``train.py``'s body: validate, train, print the result; bad input exits with one line."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         config = load_config(cfg)
-        if hydra_cfg.mode == RunMode.MULTIRUN and config.logger.group is None:
-            config.logger.group = hydra_cfg.sweep.dir  # a sweep is one wandb group
+        config.logger = hydra_labels(config.logger, hydra_cfg, run_dir)
         result = train(config, run_dir)
     except (ConfigError, TrainingDiverged, CheckpointError) as e:  # DataError is a ConfigError
         sys.exit(f"error: {e}")
@@ -90,6 +88,8 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
     )
     peak = trainer_cfg.peak_flops or peak_flops(device, precision)
     callbacks = build_callbacks(config, run_dir, precision, peak, checkpoint, callbacks)
+    loggers = _loggers(config, run_dir, run_id)
+    starts = [StartWandbRun(logger) for logger in loggers if isinstance(logger, LazyWandbLogger)]
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=trainer_cfg.devices,
@@ -105,8 +105,8 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
-        logger=_loggers(config, run_dir),
-        callbacks=callbacks,
+        logger=loggers,
+        callbacks=[*starts, *callbacks],
         enable_checkpointing=False,
         enable_progress_bar=False,  # ConsoleProgress counts optimizer steps instead
         enable_model_summary=False,
@@ -143,45 +143,23 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def _loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
-    """CSV always, wandb when asked; both get the full config.
+def _loggers(config: TrainConfig, run_dir: Path, run_id: str | None) -> list[Logger]:
+    """CSV always, wandb when asked (its run id: the run dir's); both get the full config.
 
     The CSV file is ``<run_dir>/csv/version_<k>/metrics.csv`` with one version per launch: a
     resumed run starts a new version rather than overwriting the file of the run it continues.
     """
     loggers: list[Logger] = [CSVLogger(run_dir, name="csv")]
     if config.logger.kind == "wandb":
-        cfg = config.logger
-        loggers.append(
-            WandbLogger(
-                project=cfg.project,
-                name=cfg.name,
-                group=cfg.group,
-                tags=list(cfg.tags),
-                save_dir=str(run_dir),
-                mode=_wandb_mode(cfg),
-                settings={"silent": True},  # no banner or summary: those are in wandb/
-            )
-        )
-        loggers[-1]._wandb_init.pop("anonymous")  # a no-op in wandb that warns on every run
+        loggers.append(LazyWandbLogger(config.logger, run_dir, run_id))
     log_config(loggers, config)
     return loggers
 
 
 def _finish_wandb(loggers: Sequence[Logger]) -> None:
-    """Close the wandb run: Lightning leaves it open, and the next run in this process (a
-    sequential Hydra sweep) would otherwise log into it instead of starting its own."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()  # a no-op stand-in on ranks other than 0
-
-
-def _wandb_mode(config: LoggerConfig) -> str:
-    if config.mode is not None:
-        return config.mode
-    return os.environ.get("WANDB_MODE") or (
-        "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    )
+        if isinstance(logger, LazyWandbLogger):
+            logger.finish()
 
 
 def _uses_gpu(accelerator: str) -> bool:

@@ -280,9 +280,11 @@ def test_submitit_local_sweep_writes_a_run_dir_per_point(tmp_path):
         (str(sweep / "0"), 1e-3),
         (str(sweep / "1"), 1e-2),
     ]
-    for run in runs:
+    for run, lr in zip(runs, ("0.001", "0.01"), strict=True):
         assert run.final_step == 2 and run.series("val/loss")[0].tolist() == [2]
         (wandb_file,) = Path(run.source).glob("wandb/offline-run-*/run-*.wandb")
         records, _ = read_wandb_records(wandb_file)
         (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        assert (meta.run_group, list(meta.tags)) == (str(sweep), ["t"])
+        # The user's tag, then the job's overrides in short form (docs/wandb.md).
+        tags = ["t", f"lr={lr}", "debug=smoke", "max_steps=2", "val_check_interval=2"]
+        assert (meta.run_group, list(meta.tags)) == (str(sweep), [*tags, "accelerator=cpu"])
