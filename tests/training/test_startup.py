@@ -235,7 +235,7 @@ def test_console_tells_the_runs_story_in_plain_lines(tmp_path):
     check(result)
     out = result.stdout
     assert "\r" not in out and "step 4/4 | loss" in out and "final val/loss" in out
-    assert "\nmodel: 0.6M parameters (0.3M non-embedding) | 8 × 64 = 512 tokens/step" in "\n" + out
+    assert "\nmodel: 0.6M parameters (0.1M non-embedding) | 8 × 64 = 512 tokens/step" in "\n" + out
     noise = ("wandb:", "anonymous", "litlogger", "LeafSpec", "weights_only", "GPU available")
     assert not [n for n in noise if n in out + result.stderr], out + result.stderr
     log = (tmp_path / "train.log").read_text()
