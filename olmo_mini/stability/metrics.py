@@ -55,6 +55,13 @@ class Reduction:
                 offset += size
 
 
+def device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """``value`` as a float32 scalar on ``device``, written there by a fill kernel:
+    ``torch.tensor(value, device=device)`` would copy it from host memory, a copy that makes
+    the host wait on CUDA (``olmo_mini/training/syncs.py``)."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def rms_statistics(stats: Reduction, prefix: str, x: torch.Tensor, n_heads: int) -> None:
     """Per-head sums of squares and the per-head count of ``x``.
 
@@ -67,7 +74,7 @@ def rms_statistics(stats: Reduction, prefix: str, x: torch.Tensor, n_heads: int)
         per_head = x.reshape(-1, n_heads, x.shape[-1] // n_heads)
         sumsq, count = per_head.square().sum(dim=(0, 2)), per_head[:, 0].numel()
     stats.add(f"{prefix}_sumsq_head", sumsq)
-    stats.add(f"{prefix}_count_head", torch.tensor(float(count), device=x.device))
+    stats.add(f"{prefix}_count_head", device_scalar(count, x.device))
 
 
 def finalize_rms(stats: Reduction, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +108,7 @@ def causal_logit_chunks(
 def max_attention_logit(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact max causal logit per query head, ``[H]`` (what QK-Clip bounds on every step:
     :func:`attention_logit_statistics` without the entropy)."""
-    best = torch.tensor(float("-inf"), device=q.device)
+    best = device_scalar(float("-inf"), q.device)
     for logits, visible in causal_logit_chunks(q, k, scale):
         best = torch.maximum(best, logits.masked_fill(~visible, float("-inf")).amax(dim=(0, 3, 4)))
     return best.reshape(q.shape[1])
@@ -121,7 +128,7 @@ def attention_logit_statistics(
     The max is of the raw logits (what QK-norm and QK-Clip bound); the entropy is of the
     attention actually used (after any soft-cap).
     """
-    max_per_head = torch.tensor(float("-inf"), device=q.device)
+    max_per_head = device_scalar(float("-inf"), q.device)
     entropy_sum = torch.zeros((), device=q.device)
     for logits, visible in causal_logit_chunks(q, k, scale):
         masked = logits.masked_fill(~visible, float("-inf"))
@@ -133,7 +140,7 @@ def attention_logit_statistics(
     batch, heads, seq, _ = q.shape
     stats.max(f"{prefix}_max_logit_head", max_per_head.reshape(heads))
     stats.add(f"{prefix}_entropy_sum", entropy_sum)
-    stats.add(f"{prefix}_entropy_count", torch.tensor(float(batch * heads * seq), device=q.device))
+    stats.add(f"{prefix}_entropy_count", device_scalar(batch * heads * seq, q.device))
 
 
 @torch.no_grad()
@@ -144,7 +151,7 @@ def logit_statistics(
     chunked LM-head loss reports, so that the full logits are never needed."""
     stats.max("logits_max", max_logit.float())
     stats.add("logits_lse_sum", lse_sum.float())
-    stats.add("logits_count", torch.tensor(float(positions), device=lse_sum.device))
+    stats.add("logits_count", device_scalar(positions, lse_sum.device))
 
 
 class SpikeScore:

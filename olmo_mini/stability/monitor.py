@@ -23,6 +23,7 @@ from olmo_mini.stability.metrics import (
     Reduction,
     SpikeScore,
     attention_logit_statistics,
+    device_scalar,
     finalize_rms,
     logit_statistics,
     rms_statistics,
@@ -117,7 +118,7 @@ class StabilityMonitor(StepCallback):
 
             def output(_m: nn.Module, _args: tuple, out: torch.Tensor, i: int = i):
                 stats.add(f"{i}/act_sumsq", out.detach().float().square().sum())
-                stats.add(f"{i}/act_count", torch.tensor(float(out.numel()), device=out.device))
+                stats.add(f"{i}/act_count", device_scalar(out.numel(), out.device))
 
             handles.append(attn.pre_norm_probe.register_forward_hook(pre_norm))
             handles.append(attn.logit_probe.register_forward_hook(logits))
@@ -144,9 +145,7 @@ class StabilityMonitor(StepCallback):
                 if norm is not None and norm.weight is not None:
                     w = _local(norm.weight).detach().float()
                     self._stats.add(f"{i}/{name}_gain_sum", w.abs().sum())
-                    self._stats.add(
-                        f"{i}/{name}_gain_count", torch.tensor(float(w.numel()), device=w.device)
-                    )
+                    self._stats.add(f"{i}/{name}_gain_count", device_scalar(w.numel(), w.device))
 
     # -- after each micro-batch: output logits; after the step: update ratios, reduce, record
     def on_train_batch_end(

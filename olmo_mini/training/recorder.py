@@ -3,9 +3,11 @@
 Whoever measures (the module, callbacks) calls ``record(step, name, value, reduce)``; tensor
 values stay on the device. ``flush`` runs on logging steps, checkpoints, validation ends, the
 end of training and exceptions: it combines the values over ranks (one all-reduce per kind of
-reduction), brings all of them to the host in one transfer, hands the rows to the callbacks'
-``pre_log_metrics(rows)`` hooks (which read them and add their own, as OLMo-core's trainer
-does) and logs each step's metrics in one call. Between flushes nothing waits for the device.
+reduction, in place: nothing is copied from host memory to the device), brings all of them to
+the host in one transfer (a ``tolist``: the flush's one host sync), hands the rows to the
+callbacks' ``pre_log_metrics(rows)`` hooks (which read them and add their own, as OLMo-core's
+trainer does) and logs each step's metrics in one call. Between flushes nothing waits for the
+device (``tests/training/test_train.py`` checks both with ``training/syncs.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class MetricRecorder:
                 )
             entries = [entry for entry in entries if entry[3] is None]
         on_device = [i for i, entry in enumerate(entries) if isinstance(entry[2], torch.Tensor)]
+        on_device.sort(key=lambda i: entries[i][3] or "")  # each reduction one contiguous run
         values = [value for _, _, value, _ in entries]
         if on_device:
             stacked = torch.stack([values[i] for i in on_device])
@@ -96,16 +99,18 @@ def _world_size() -> int:
 
 
 def _reduce_over_ranks(values: torch.Tensor, reduces: list[Reduce | None]) -> torch.Tensor:
-    """``values`` combined over the default process group, each by its reduction."""
+    """``values`` combined over the default process group, each by its reduction. ``reduces``
+    is grouped (each kind one contiguous run), so that every all-reduce works in place on a
+    slice: no index tensor is copied from host memory to the device."""
     for reduce, op in (
         ("sum", dist.ReduceOp.SUM),
         ("mean", dist.ReduceOp.SUM),
         ("max", dist.ReduceOp.MAX),
     ):
-        index = torch.tensor([i for i, r in enumerate(reduces) if r == reduce], dtype=torch.long)
-        if len(index):
-            index = index.to(values.device)
-            part = values[index]
+        run = [i for i, r in enumerate(reduces) if r == reduce]
+        if run:
+            part = values[run[0] : run[-1] + 1]  # a view of ``values``
             dist.all_reduce(part, op=op)
-            values[index] = part / dist.get_world_size() if reduce == "mean" else part
+            if reduce == "mean":
+                part /= dist.get_world_size()
     return values

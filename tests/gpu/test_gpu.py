@@ -1,6 +1,6 @@
 """The GPU paths: compiled Triton norm kernels, custom-op registration, the Triton model, bf16 HF
 parity, FlexAttention soft-capping, FSDP2 with bf16 mixed precision and found_inf under NCCL,
-whole-model compile. Skipped without CUDA; ``tools/gpu_check.py`` runs them and summarizes.
+whole-model compile, a training step that never waits for the GPU. Skipped without CUDA; ``tools/gpu_check.py`` runs them and summarizes.
 
 Tolerances follow flash-attn's rule where a low-precision result is checked:
 ``|result - fp32 reference| <= 2 * |torch in the same dtype - fp32 reference| + atol``.
@@ -27,7 +27,7 @@ from tests.kernels.test_norm_kernels import (
     qk_inputs,
     scaled_rows,
 )
-from tests.training.helpers import check, run_train, series
+from tests.training.helpers import check, host_syncs, run_train, series
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
@@ -158,6 +158,24 @@ def test_flex_attention_softcap_equals_the_math_path(dtype) -> None:
     math = softcapped_attention(q, k, v, cap=5.0, scale=64**-0.5, mask=mask)
     ref = softcapped_attention(q.float(), k.float(), v.float(), cap=5.0, scale=64**-0.5, mask=mask)
     assert_within("attention", flex, math, ref, 2e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, monkeypatch) -> None:
+    """``tests/training/test_train.py``'s no-host-sync check on a GPU, in bf16: CUDA's own
+    check (``torch.cuda.set_sync_debug_mode("error")``) raises inside every step, and the
+    detector sees the real host/device boundary; each flush copies to the host once."""
+    syncs = host_syncs(
+        tmp_path,
+        monkeypatch,
+        "trainer.accelerator=gpu",
+        "trainer.precision=bf16-mixed",
+        device="cuda",
+    )
+    assert {label: ops for label, ops in syncs.items() if isinstance(label, int)} == {}
+    flushes = {("flush", 3), ("flush", 6), ("flush", "validation")}
+    assert {label: ops for label, ops in syncs.items() if label in flushes} == dict.fromkeys(
+        flushes, ["aten._to_copy.default in recorder.py:flush"]
+    )  # tolist's device-to-host copy
 
 
 def _gpus() -> int:

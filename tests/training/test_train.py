@@ -15,6 +15,7 @@ from tests.training.helpers import (
     REPO,
     check,
     compose_config,
+    host_syncs,
     metrics,
     run_train,
     series,
@@ -220,47 +221,57 @@ def test_sequential_runs_in_one_process_get_their_own_wandb_runs(tmp_path):
         assert len(list((tmp_path / name / "wandb").glob("offline-run-*"))) == 1, name
 
 
-class CountHostSyncs(L.Callback):
-    """Counts, per optimizer step, the calls that make the host wait for a tensor's value."""
-
-    SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.counts: dict[int, int] = {}
-        self._step = 0
-        for name in self.SYNCS:
-            original = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _original=original, **kwargs):
-                if self._step:
-                    self.counts[self._step] = self.counts.get(self._step, 0) + 1
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-    def on_train_batch_start(self, trainer, *args):
-        # A step's window runs until the next one starts: the module flushes in its own
-        # on_train_batch_end, which Lightning calls after every callback's.
-        self._step = trainer.global_step + 1
+# What a flush may wait for: the recorder's one transfer of every pending value.
+FLUSH_TRANSFER = "Tensor.tolist in recorder.py:flush"
 
 
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
-    """Between logging steps a training step never waits for a device value: the metrics,
-    the stability measurements, the skip decision and QK-Clip stay on the device until the
-    flush."""
-    syncs = CountHostSyncs(monkeypatch)
-    config = compose_config(
-        "debug=smoke",
-        "trainer.max_steps=6",
-        "trainer.log_every_n_steps=3",
-        "stability.every_n_steps=2",
-        "trainer.val_check_interval=100",
-        "optim.qk_clip_tau=100",
-    )
-    train(config, tmp_path, callbacks=[syncs])
-    assert sorted(syncs.counts) == [3, 6], syncs.counts  # the flush steps only
-    loss = series(tmp_path, "train/loss")
-    assert sorted(loss) == [1, 2, 3, 4, 5, 6]  # every step is still logged
+    """Between logging steps a training step never waits for the device: the loss and backward,
+    the gradient clipping, the skip decision, the optimizer, the stability measurements and
+    QK-Clip stay on the device (no ``.item()``, no data-dependent shape, nothing copied from
+    host memory) until the flush, which transfers everything in one ``tolist``."""
+    syncs = host_syncs(tmp_path, monkeypatch)
+    assert {label: ops for label, ops in syncs.items() if isinstance(label, int)} == {}
+    assert syncs == {
+        ("flush", 3): [FLUSH_TRANSFER],
+        ("flush", 6): [FLUSH_TRANSFER],
+        ("flush", "validation"): [FLUSH_TRANSFER],
+    }
+    assert sorted(series(tmp_path, "train/loss")) == [1, 2, 3, 4, 5, 6]  # every step logged
+
+
+class AddToStep(L.Callback):
+    """Runs ``add(module)`` just before step 1's optimizer step (not a flush step)."""
+
+    def __init__(self, add) -> None:
+        self.add = add
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.add(pl_module)
+
+
+def read_a_value(module) -> None:
+    module.model.embed_tokens.weight.sum().item()
+
+
+def tensor_from_a_number(module) -> None:
+    torch.tensor(1.0, device=module.device)
+
+
+@pytest.mark.parametrize(
+    ("add", "found"),
+    [
+        (read_a_value, "aten._local_scalar_dense.default in test_train.py:read_a_value"),
+        (tensor_from_a_number, "aten.lift_fresh.default in test_train.py:tensor_from_a_number"),
+    ],
+    ids=["item", "tensor"],
+)
+def test_the_host_sync_check_finds_a_sync_added_to_a_step(tmp_path, monkeypatch, add, found):
+    """What ``test_no_host_sync_outside_logging_steps`` would see with one ``.item()`` or one
+    ``torch.tensor(x, device=...)`` in a step that does not flush."""
+    syncs = host_syncs(tmp_path, monkeypatch, "trainer.max_steps=2", callbacks=[AddToStep(add)])
+    assert {label: ops for label, ops in syncs.items() if isinstance(label, int)} == {1: [found]}
 
 
 def test_spike_scores_see_every_step_when_logging_every_few(tmp_path):
