@@ -49,7 +49,8 @@ class ModelConfig(OLMo2Config):
 
 @dataclass
 class OptimConfig:
-    """AdamW with OLMo 2's groups (no weight decay on the embedding only), warmup + cosine."""
+    """AdamW with OLMo 2's groups (no weight decay on the embedding only), warmup + cosine or
+    constant."""
 
     lr: float = 3e-3
     beta1: float = 0.9
@@ -59,10 +60,18 @@ class OptimConfig:
     # coupled: AdamW's θ ← θ − lr_t·weight_decay·θ. independent (Wortsman et al. 2023):
     # θ ← θ − (lr_t / lr)·weight_decay·θ, not scaled by the peak LR (they use 1e-4, not 0.1).
     weight_decay_mode: str = "coupled"
+    # Decay the token embedding too (Wortsman et al. decay every weight); OLMo 2 exempts it.
+    embedding_weight_decay: bool = False
     warmup_steps: int = 20
-    # The cosine ends at min_lr_ratio * lr at trainer.max_steps.
+    # After the linear warmup: cosine (to the minimum LR at trainer.max_steps) or constant
+    # (the peak LR held to the end).
+    schedule: str = "cosine"
+    # The cosine ends at min_lr_ratio * lr, or at min_lr when set (absolute: Wortsman et al.
+    # decay to 1e-5 whatever the peak, so an LR sweep keeps one end point).
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    min_lr: float | None = None
+    # Global-norm gradient clipping at this norm; null: no clipping (the norm is still logged).
+    grad_clip: float | None = 1.0
     z_loss: float = 1e-5
     # Non-finite loss or grad norm skips the step; this many in a row stops the run.
     max_consecutive_skips: int = 5
@@ -72,10 +81,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         one_of("optim", self, "weight_decay_mode", ("coupled", "independent"))
+        one_of("optim", self, "schedule", ("cosine", "constant"))
         positive("optim", self, "lr", "eps", "grad_clip", "qk_clip_tau")
         at_least("optim", self, 0, "weight_decay", "z_loss", "warmup_steps")
         at_least("optim", self, 1, "max_consecutive_skips")
         in_range("optim", self, 0, 1, "beta1", "beta2", "min_lr_ratio")
+        in_range("optim", self, 0, "lr", "min_lr")
+
+    @property
+    def final_lr_ratio(self) -> float:
+        """Where the cosine ends, as a multiple of the peak LR."""
+        return self.min_lr_ratio if self.min_lr is None else self.min_lr / self.lr
 
 
 @dataclass

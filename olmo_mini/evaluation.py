@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders
+from torch.nn.utils.rnn import pad_sequence
 
 from olmo_mini.config import ConfigError, TrainConfig, load_config
 from olmo_mini.data import DataConfig, OLMoDataModule
@@ -131,12 +132,9 @@ def _corpus(data: DataConfig) -> str:
 
 
 def eval_config(loaded: Loaded, overrides: list[str]) -> TrainConfig:
-    """The run's config with ``key=value`` overrides that keep its held-out text and token ids.
-
-    Any other data override would evaluate other text, or other token ids than the weights
-    learned (the default tokenizer is derived from data settings): an error naming the setting.
-    The data is read with the tokenizer file the run recorded.
-    """
+    """The run's config with ``key=value`` overrides that keep its held-out text and token ids
+    (others would evaluate other text, or ids the weights did not learn: the default tokenizer is
+    derived from data settings), reading the data with the tokenizer file the run recorded."""
     if loaded.config is None:
         raise ValueError(
             f"{loaded.path}: a model folder has no held-out split of its own; name the text to "
@@ -228,10 +226,9 @@ def evaluate_text(
 
 def _padded(windows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
     """One batch, right-padded: a causal model's earlier positions never see the padding."""
-    width = max(len(ids) for ids, _ in windows)
-    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, targets) in enumerate(windows):
-        input_ids[row, : len(ids)] = torch.from_numpy(ids)
-        labels[row, : len(targets)] = torch.from_numpy(targets)
-    return {"input_ids": input_ids, "labels": labels}
+    ids = [torch.from_numpy(window) for window, _ in windows]
+    labels = [torch.from_numpy(targets) for _, targets in windows]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+    }

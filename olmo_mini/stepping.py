@@ -1,16 +1,13 @@
 """Optimizer steps in Lightning's micro-batch hooks: the one place that says where a step ends.
 
 With gradient accumulation Lightning calls ``on_train_batch_end`` once per micro-batch and
-``on_before_optimizer_step`` once per optimizer step, after the last micro-batch's backward.
-``StepBoundary`` pairs the two: a step that starts its update is the step that ends at the next
-``on_train_batch_end``. ``StepCallback`` turns that into the two hooks OLMo-core's callbacks
-have: ``pre_optim_step`` (gradients complete, update about to run) and ``post_optim_step``
-(OLMo-core's ``post_train_batch``: step N's update and its last micro-batch are done).
+``on_before_optimizer_step`` once per optimizer step, after the last micro-batch's backward: the
+step whose update starts there ends at the next ``on_train_batch_end``. ``StepCallback`` gives
+callbacks OLMo-core's two hooks on top of that: ``pre_optim_step`` and ``post_optim_step`` (its
+``post_train_batch``).
 
-It lives below ``training`` and ``stability`` and imports nothing of ours, so both use it (the
-stability monitor sits below training). ``recount_micro_batches`` is the one place that touches
-Lightning's private loop state, for the same reason: Lightning counts micro-batches, the project
-counts optimizer steps.
+It imports nothing of ours, so both ``training`` and the stability monitor (below training) use
+it. ``recount_micro_batches`` is the one place that touches Lightning's private loop state.
 """
 
 from __future__ import annotations

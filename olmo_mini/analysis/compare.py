@@ -20,7 +20,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from olmo_mini.analysis.runs import Run, experiment_keys
-from olmo_mini.analysis.sensitivity import Arm, GridRun, capped_loss, is_diverged, score_arms
+from olmo_mini.analysis.sensitivity import (
+    Arm,
+    GridRun,
+    Trajectory,
+    capped_loss,
+    is_diverged,
+    score_arms,
+    trajectory,
+)
 
 LR_KEY = "optim.lr"
 # (group, name) of the per-layer metrics drawn, one panel each when any run logged them.
@@ -105,33 +113,52 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return groups
 
 
+# The training cross-entropy without z-loss; runs logged before it existed have train/loss only.
+TRAIN_CE_KEYS = ("train/ce_loss", "train/loss")
+
+
+def training_losses(run: Run) -> tuple[str, np.ndarray, np.ndarray]:
+    """The key, steps and values of the run's per-step training cross-entropy (z-loss
+    excluded where the run logged it apart: ``train/ce_loss``)."""
+    key = next((k for k in TRAIN_CE_KEYS if k in run.keys()), TRAIN_CE_KEYS[-1])
+    return (key, *run.series(key))
+
+
 def init_loss(run: Run) -> LossValue:
-    """The loss at initialization: val/loss at step 0 when logged, else the first train loss."""
+    """The loss at initialization: val/loss at step 0 when logged, else the first training
+    cross-entropy (step 1's, computed before any update)."""
     steps, values = run.series("val/loss")
     if steps.size and steps[0] == 0:
         return LossValue(float(values[0]), "val/loss @ 0")
-    steps, values = run.series("train/loss")
+    key, steps, values = training_losses(run)
     if not steps.size:
-        return LossValue(math.nan, "no train/loss")
-    return LossValue(float(values[0]), f"train/loss @ {steps[0]}")
+        return LossValue(math.nan, f"no {key}")
+    return LossValue(float(values[0]), f"{key} @ {steps[0]}")
 
 
 def final_loss(run: Run) -> LossValue:
     """The last val/loss when validation ran at (or after) the last training step; otherwise the
-    mean of the last ``FINAL_TRAIN_WINDOW`` train losses (non-finite if any of them is).
+    mean of the last ``FINAL_TRAIN_WINDOW`` training cross-entropies (non-finite if any of them
+    is).
 
     A run that diverged and stopped early has no validation at its end; its earlier, healthy
     val/loss must not stand for the final loss, hence the train-loss fallback.
     """
     val_steps, val = run.series("val/loss")
-    train_steps, train = run.series("train/loss")
+    key, train_steps, train = training_losses(run)
     if val_steps.size and (not train_steps.size or val_steps[-1] >= train_steps[-1]):
         return LossValue(float(val[-1]), f"val/loss @ {val_steps[-1]}")
     if not train_steps.size:
         return LossValue(math.nan, "no loss logged")
     window = train[-FINAL_TRAIN_WINDOW:]
     first = train_steps[-len(window)]
-    return LossValue(float(np.mean(window)), f"train/loss mean @ {first}–{train_steps[-1]}")
+    return LossValue(float(np.mean(window)), f"{key} mean @ {first}–{train_steps[-1]}")
+
+
+def run_trajectory(run: Run, init: float, final: float, warmup_steps: int) -> Trajectory:
+    """``sensitivity.trajectory`` of the run's training cross-entropy."""
+    _, steps, losses = training_losses(run)
+    return trajectory(steps, losses, init, final, warmup_steps)
 
 
 def max_attention_logit(run: Run) -> tuple[float, int, int] | None:
@@ -156,7 +183,9 @@ def analyze(runs: Sequence[Run]) -> list[Arm[Run]]:
     for label, members in group_runs(runs).items():
         for run in members:
             init, final = init_loss(run).value, final_loss(run).value
-            diverged = is_diverged(final, init, stopped_early=False)
+            warmup = int(run.config.get("optim.warmup_steps", 0))
+            path = run_trajectory(run, init, final, warmup)
+            diverged = is_diverged(path, final, init, stopped_early=False)
             grid.append(
                 GridRun(label, float(run.config[LR_KEY]), init, final, diverged, run.source, run)
             )
@@ -248,8 +277,7 @@ def plot_final_loss_vs_lr(arms: Sequence[Arm], path: Path) -> Path:
         ax.plot(lrs, capped, **line_style(i), marker="o", markersize=4, label=arm.label)
         bad = np.isin(lrs, arm.diverged_lrs)
         if bad.any():
-            cross = {"linestyle": "none", "marker": "x", "markersize": 10}
-            ax.plot(lrs[bad], capped[bad], **cross, color=line_style(i)["color"])
+            ax.plot(lrs[bad], capped[bad], "x", markersize=10, color=line_style(i)["color"])
     ax.set(
         xscale="log",
         xlabel=f"peak learning rate ({LR_KEY})",

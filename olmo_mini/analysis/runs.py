@@ -158,16 +158,11 @@ def read_wandb_records(path: str | Path) -> tuple[list[Any], str | None]:
             raise RunReadError(f"{path}: unknown chunk type {kind} at byte {pos}")
         if (kind in (_FULL, _FIRST)) == (pending is not None):
             raise RunReadError(f"{path}: chunk of type {kind} out of sequence at byte {pos}")
-        if kind == _FULL:
-            records.append(_parse_record(wandb_internal_pb2, payload, path, pos))
-        elif kind == _FIRST:
-            pending, pending_at = bytearray(payload), pos
-        elif kind == _MIDDLE:
-            pending += payload
-        else:  # _LAST
-            records.append(
-                _parse_record(wandb_internal_pb2, bytes(pending + payload), path, pending_at)
-            )
+        if kind in (_FULL, _FIRST):
+            pending, pending_at = bytearray(), pos
+        pending += payload
+        if kind in (_FULL, _LAST):
+            records.append(_parse_record(wandb_internal_pb2, bytes(pending), path, pending_at))
             pending = None
         pos = end
     if pending is not None:
@@ -277,9 +272,8 @@ def load_run_dir(run_dir: str | Path) -> Run:
     if not csv_files:
         raise RunReadError(f"{run_dir}: no wandb/offline-run-* folder and no csv/**/metrics.csv")
     histories = [list(_read_csv(f)) for f in csv_files]
-    return Run(
-        str(config.get("logger.name") or ""), config, _join_launches(histories), str(run_dir)
-    )
+    name = str(config.get("logger.name") or "")
+    return Run(name, config, _join_launches(histories), str(run_dir))
 
 
 def _read_csv(path: Path) -> Iterator[dict[str, float]]:

@@ -13,6 +13,7 @@ directory and skips every completed one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,10 +38,20 @@ from olmo_mini.analysis.compare import (
     line_style,
     max_attention_logit,
     plot_final_loss_vs_lr,
+    run_trajectory,
     save_figure,
 )
 from olmo_mini.analysis.runs import Run, load_run_dir
-from olmo_mini.analysis.sensitivity import Arm, GridRun, is_diverged, lr_sensitivity, score_arms
+from olmo_mini.analysis.sensitivity import (
+    DIVERGED_SHARE_ABOVE_INIT,
+    Arm,
+    GridRun,
+    Trajectory,
+    ended_diverged,
+    is_diverged,
+    lr_sensitivity,
+    score_arms,
+)
 from olmo_mini.integrity import write_text_atomic
 from olmo_mini.run_dir import try_lock, unlock
 
@@ -49,6 +60,20 @@ log = logging.getLogger(__name__)
 PLAN_DIR = Path(__file__).resolve().parents[2] / "studies"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
+# The trajectory outcomes (``sensitivity.Trajectory``), as columns; CSVs written before they
+# existed lack them (and ``diverged_by_final``), and read back with them unknown (None).
+TRAJECTORY_FIELDS = (
+    "max_train_loss",
+    "max_train_loss_step",
+    "non_finite_steps",
+    "steps_above_init",
+    "share_above_init",
+    "first_above_init",
+    "recovered",
+)
+_TRAJECTORY_COLUMNS = dict(
+    zip(TRAJECTORY_FIELDS, (f.name for f in dataclasses.fields(Trajectory)), strict=True)
+)
 # One row per run, in this column order (the committed per-plan CSV).
 FIELDS = (
     "plan",
@@ -63,6 +88,8 @@ FIELDS = (
     "final_from",
     "stopped_early",
     "diverged",
+    "diverged_by_final",
+    *TRAJECTORY_FIELDS,
     "peak_attn_logit",
     "peak_attn_logit_layer",
     "peak_attn_logit_step",
@@ -195,11 +222,18 @@ def load_plan(name: str | Path) -> Plan:
 
 
 def summarize(
-    spec: RunSpec, plan: str, run: Run, max_steps: int, stopped_early: bool, cost: dict[str, float]
+    spec: RunSpec,
+    plan: str,
+    run: Run,
+    max_steps: int,
+    warmup_steps: int,
+    stopped_early: bool,
+    cost: dict[str, float],
 ) -> dict[str, Any]:
     """The summary row of one finished run, from its logged history; ``cost`` holds the
     ``cpu_s``, ``wall_s`` and ``load_avg_1m`` columns."""
     init, final = init_loss(run).value, final_loss(run)
+    path = run_trajectory(run, init, final.value, warmup_steps)
     peak = max_attention_logit(run)
     entropies = [
         v
@@ -221,7 +255,9 @@ def summarize(
         "final_loss": final.value,
         "final_from": final.how,
         "stopped_early": stopped_early,
-        "diverged": is_diverged(final.value, init, stopped_early),
+        "diverged": is_diverged(path, final.value, init, stopped_early),
+        "diverged_by_final": ended_diverged(final.value, init, stopped_early),
+        **{column: getattr(path, name) for column, name in _TRAJECTORY_COLUMNS.items()},
         "peak_attn_logit": peak[0] if peak else math.nan,
         "peak_attn_logit_layer": peak[1] if peak else -1,
         "peak_attn_logit_step": peak[2] if peak else -1,
@@ -257,7 +293,8 @@ def train_run(spec: RunSpec, plan: str, run_dir: Path) -> dict[str, Any]:
     cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
     cost = {"cpu_s": cpu, "wall_s": time.perf_counter() - start, "load_avg_1m": load}
     run = load_run_dir(run_dir)
-    return summarize(spec, plan, run, config.trainer.max_steps, stopped_early, cost)
+    max_steps, warmup = config.trainer.max_steps, config.optim.warmup_steps
+    return summarize(spec, plan, run, max_steps, warmup, stopped_early, cost)
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -300,8 +337,9 @@ def run_plan(plan: Plan, out: Path) -> tuple[list[dict[str, Any]], int]:
                 row = train_run(spec, plan.name, run_dir)
                 write_text_atomic(run_dir / RESULT_FILE, json.dumps(row, indent=1))
                 ran += 1
-                done = "%s: final loss %.4f, diverged %s, %.0f s CPU"
-                log.info(done, tag, row["final_loss"], row["diverged"], row["cpu_s"])
+                done = "%s: final loss %.4f, max train loss %.4g, diverged %s, %.0f s CPU"
+                values = (row["final_loss"], row["max_train_loss"], row["diverged"], row["cpu_s"])
+                log.info(done, tag, *values)
         finally:
             unlock(lock)
         rows.append(row)
@@ -321,20 +359,26 @@ def write_rows(rows: Iterable[Mapping[str, Any]], path: Path) -> Path:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Summary rows from a plan's CSV, typed as ``summarize`` wrote them."""
+    """Summary rows from a plan's CSV, typed as ``summarize`` wrote them. A CSV from before the
+    trajectory columns reads with them None and ``diverged_by_final`` = its ``diverged`` (then
+    judged on the final loss only)."""
     parse: dict[str, Callable[[str], Any]] = dict.fromkeys(FIELDS, float)
     parse |= dict.fromkeys(("plan", "arm", "run_id", "final_from", "overrides"), str)
-    parse |= dict.fromkeys(
-        ("seed", "steps", "max_steps", "peak_attn_logit_layer", "peak_attn_logit_step"), int
-    )
-    parse |= dict.fromkeys(("stopped_early", "diverged"), lambda value: value == "True")
+    integers = ("seed", "steps", "max_steps", "peak_attn_logit_layer", "peak_attn_logit_step")
+    integers += ("max_train_loss_step", "non_finite_steps", "steps_above_init", "first_above_init")
+    parse |= dict.fromkeys(integers, int)
+    flags = ("stopped_early", "diverged", "diverged_by_final", "recovered")
+    parse |= dict.fromkeys(flags, lambda value: value == "True")
     rows = []
     with path.open(newline="") as f:
         for line, raw in enumerate(csv.DictReader(f), start=2):
-            missing = [k for k in FIELDS if k not in raw]
+            if "diverged_by_final" not in raw and "diverged" in raw:
+                raw = {**raw, "diverged_by_final": raw["diverged"]}
+            optional = TRAJECTORY_FIELDS if "max_train_loss" not in raw else ()
+            missing = [k for k in FIELDS if k not in raw and k not in optional]
             if missing:
                 raise StudyError(f"{path}:{line}: missing columns {missing}")
-            rows.append({key: parse[key](raw[key]) for key in FIELDS})
+            rows.append({key: parse[key](raw[key]) if key in raw else None for key in FIELDS})
     return rows
 
 
@@ -350,10 +394,12 @@ class ArmResult(Arm[Mapping[str, Any]]):
     peak_abs_logsumexp: float
     max_spike_score_loss: float
     max_spike_score_grad: float
+    max_share_above_init: float  # NaN when the rows predate the trajectory columns
+    diverged_by_final_lrs: list[float]
 
 
-def _nanmax(values: Iterable[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
+def _nanmax(values: Iterable[float | None]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     return max(finite) if finite else math.nan
 
 
@@ -389,6 +435,10 @@ def arm_results(rows: Sequence[Mapping[str, Any]]) -> list[ArmResult]:
                 peak_abs_logsumexp=_nanmax(r["peak_abs_logsumexp"] for r in members),
                 max_spike_score_loss=_nanmax(r["spike_score_loss"] for r in members),
                 max_spike_score_grad=_nanmax(r["spike_score_grad"] for r in members),
+                max_share_above_init=_nanmax(r["share_above_init"] for r in members),
+                diverged_by_final_lrs=[
+                    lr for lr, r in scored.runs.items() if r["diverged_by_final"]
+                ],
             )
         )
     return sorted(results, key=lambda a: (a.sensitivity, a.arm, a.seed))
@@ -431,8 +481,41 @@ def sensitivity_noise(
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _num(value: float, digits: int = 4) -> str:
-    return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
+def _num(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _percent(share: float | None) -> str:
+    return "—" if share is None or not math.isfinite(share) else f"{100 * share:.0f}%"
+
+
+def trajectory_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Report lines: the runs whose training loss went above the loss at init after warmup
+    (or was non-finite), one row each; one sentence when none did or nothing was recorded."""
+    if any(r["max_train_loss"] is None for r in rows):
+        return ["", "No trajectory columns in these rows (written before they existed)."]
+    excursions = [r for r in rows if r["steps_above_init"] or r["non_finite_steps"]]
+    if not excursions:
+        return ["", "No run's training loss went above its loss at init after warmup."]
+    lines = [
+        "",
+        "Runs whose training cross-entropy went above the loss at init after warmup:",
+        "",
+        "| arm | LR | seed | loss at init | max train loss (step) | steps above init (share) | "
+        "first above init | non-finite steps | final loss | recovered | diverged | "
+        "diverged, final-loss rule |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in sorted(excursions, key=lambda r: (r["arm"], r["lr"], r["seed"])):
+        lines.append(
+            f"| {r['arm']} | {r['lr']:g} | {r['seed']} | {r['init_loss']:.3f} | "
+            f"{_num(r['max_train_loss'])} ({r['max_train_loss_step']}) | "
+            f"{r['steps_above_init']} ({_percent(r['share_above_init'])}) | "
+            f"{r['first_above_init']} | {r['non_finite_steps']} | {_num(r['final_loss'])} | "
+            f"{'yes' if r['recovered'] else 'no'} | {'yes' if r['diverged'] else 'no'} | "
+            f"{'yes' if r['diverged_by_final'] else 'no'} |"
+        )
+    return lines
 
 
 def report_markdown(
@@ -457,7 +540,11 @@ def report_markdown(
         "final loss (Wortsman et al. 2023, §2.2). Peak/min columns are over every run of the arm; "
         "spike scores (OLMo 2, % of steps ≥ 7σ from the rolling mean) are the worst run's. "
         "*LRs*: how many LRs of the grid ran; an arm with fewer than the others is incomplete "
-        "and its sensitivity, over its own LRs only, is not comparable."
+        "and its sensitivity, over its own LRs only, is not comparable. *Diverged* (judged on "
+        "the trajectory): stopped on non-finite steps, any non-finite training loss, a final "
+        "loss above the loss at init, or a training cross-entropy above the loss at init on "
+        f"more than {DIVERGED_SHARE_ABOVE_INIT:.0%} of the steps after warmup (*share above "
+        "init*, the arm's largest); the final-loss rule alone is beside it."
         + (
             ""
             if sigma is None
@@ -469,13 +556,17 @@ def report_markdown(
         + (" seed |" if multi_seed else "")
         + " LRs | loss at init | best LR | best final "
         "loss | LR sensitivity | peak max attn logit | min attn entropy | peak \\|mean log Z\\| | "
-        "spike score loss % | spike score grad % | diverged at LR |",
+        "spike score loss % | spike score grad % | max share above init | diverged at LR | "
+        "diverged at LR, final-loss rule |",
         "|---|"
         + ("---:|" if multi_seed else "")
-        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for a in arms:
         diverged = ", ".join(f"{lr:g}" for lr in a.diverged_lrs) or "none"
+        by_final = ", ".join(f"{lr:g}" for lr in a.diverged_by_final_lrs) or "none"
+        if not math.isfinite(a.max_share_above_init):
+            diverged = "— (no trajectory)"
         noise = "" if sigma is None else f" ± {sensitivity_noise(a.finals, a.init_loss, sigma):.3f}"
         lines.append(
             f"| {a.arm} |"
@@ -483,7 +574,8 @@ def report_markdown(
             + f" {len(a.finals)} | {a.init_loss:.3f} | {_num(a.best_lr)} | {_num(a.best_loss)} | "
             f"**{a.sensitivity:.3f}**{noise} | {_num(a.peak_attn_logit)} | {_num(a.min_attn_entropy, 3)} | "
             f"{_num(a.peak_abs_logsumexp, 3)} | {_num(a.max_spike_score_loss, 2)} | "
-            f"{_num(a.max_spike_score_grad, 2)} | {diverged} |"
+            f"{_num(a.max_spike_score_grad, 2)} | {_percent(a.max_share_above_init)} | "
+            f"{diverged} | {by_final} |"
         )
     spread = seed_spread(rows)
     if spread:
@@ -497,6 +589,7 @@ def report_markdown(
         lines += [
             f"| {arm} | {lr:g} | {n} | {mean:.4f} | {std:.4f} |" for arm, lr, n, mean, std in spread
         ]
+    lines += trajectory_table(rows)
     lrs = sorted({r["lr"] for r in rows})
     lines += [
         "",

@@ -19,7 +19,7 @@ from olmo_mini.analysis.compare import (
     set_growth_scale,
 )
 from olmo_mini.analysis.runs import Run
-from olmo_mini.analysis.sensitivity import Arm, capped_loss
+from olmo_mini.analysis.sensitivity import DIVERGED_SHARE_ABOVE_INIT, Arm, capped_loss
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,14 @@ def report(arms: Sequence[Arm[Run]], figures: Sequence[Path]) -> str:
         "loss (Wortsman et al. 2023, §2.2); a non-finite final loss counts as the loss at init.",
         "",
         "- *final loss*: the last val/loss when validation ran at or after the last training "
-        "step, else the mean of the last train losses (a run that stopped early on divergence "
-        "is scored by its last training losses, not by an earlier healthy validation).",
-        "- *loss at init*: val/loss at step 0 when logged, else the first logged train loss; "
-        "averaged over the arm's runs.",
+        "step, else the mean of the last training cross-entropies (a run that stopped early on "
+        "divergence is scored by its last training losses, not by an earlier healthy "
+        "validation).",
+        "- *loss at init*: val/loss at step 0 when logged, else the first logged training "
+        "cross-entropy (z-loss excluded); averaged over the arm's runs.",
+        "- *diverged* (crossed in the figure): a non-finite training loss, a final loss above "
+        "the loss at init, or a training loss above it on more than "
+        f"{DIVERGED_SHARE_ABOVE_INIT:.0%} of the steps after warmup.",
         "",
         "| arm | runs | loss at init | best lr | best final loss | LR sensitivity |",
         "|---|---|---|---|---|---|",

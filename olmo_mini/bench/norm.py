@@ -160,15 +160,11 @@ def write_report(
         f"torch.clone bandwidth {clone_gbps:.0f} GB/s.\n\n{table}\n"
     )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     ops = list(dict.fromkeys(r.op for r in results))
-    fig, axes = plt.subplots(
-        len(ops), len(PASSES), figsize=(5 * len(PASSES), 3.5 * len(ops)), squeeze=False
-    )
+    fig = Figure(figsize=(5 * len(PASSES), 3.5 * len(ops)))
+    axes = fig.subplots(len(ops), len(PASSES), squeeze=False)
     shapes = list(dict.fromkeys((r.m, r.d) for r in results))
     labels = [f"{m}x{d}" for m, d in shapes]
     by_case = {(r.op, r.pass_, r.provider, r.m, r.d): r.gbps for r in results}
@@ -186,7 +182,6 @@ def write_report(
     fig.suptitle(f"Norm kernels, bf16, {device_name}")
     fig.tight_layout()
     fig.savefig(out_dir / "norm_bench.png", dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,8 +52,7 @@ optimizer step; no host sync)."""
 @dataclasses.dataclass(frozen=True)
 class TrainMode:
     """How a training step runs: ``precision`` ``fp32`` or ``bf16`` (autocast), compiled or not,
-    and (olmo-mini only) ``full_logits_loss``: the plain loss over full fp32 logits instead of
-    the model's chunked one (a comparison point, not what the trainer runs)."""
+    and (olmo-mini only, ``full-ce``) the plain loss over full fp32 logits."""
 
     precision: str = "fp32"
     compile: bool = False
@@ -133,8 +132,7 @@ def train_step(
 
 def olmo_loss(model: OLMo2, mode: TrainMode, z_loss: float = 1e-4) -> StepFn:
     """olmo-mini's loss as its trainer runs it (``model.compile()`` in place first, as
-    ``model.compile=true`` does on one device), or with ``full-ce`` CE + z-loss over the full
-    fp32 logits: the plain path the chunked loss replaces."""
+    ``model.compile=true`` does on one device), or with ``full-ce`` the plain path it replaces."""
     if mode.compile:
         model.compile()
     if not mode.full_logits_loss:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def is_val(key: str, val_fraction: float) -> bool:
@@ -29,32 +30,29 @@ def stdlib_files(max_docs: int | None = None) -> tuple[Path, ...]:
     """Every ``.py`` under the stdlib in sorted order, site-packages excluded (nothing installed).
 
     Cached per process: the installation does not change under a running job."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     excluded = {"site-packages", "dist-packages"}
     files = sorted(
         p
-        for p in root.rglob("*.py")
-        if p.is_file() and not excluded & set(p.relative_to(root).parts)
+        for p in STDLIB.rglob("*.py")
+        if p.is_file() and not excluded & set(p.relative_to(STDLIB).parts)
     )
     if not files:
-        raise FileNotFoundError(f"empty corpus: no .py files under the stdlib at {root}")
+        raise FileNotFoundError(f"empty corpus: no .py files under the stdlib at {STDLIB}")
     return tuple(files[:max_docs])
 
 
 def stdlib_documents(max_docs: int | None = None) -> Iterator[tuple[str, str]]:
     """Stdlib sources keyed by their path relative to the stdlib (the issue's path-hash split)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     for path in stdlib_files(max_docs):
-        yield path.relative_to(root).as_posix(), path.read_bytes().decode("utf-8", "replace")
+        yield path.relative_to(STDLIB).as_posix(), path.read_bytes().decode("utf-8", "replace")
 
 
 @functools.lru_cache(maxsize=8)
 def stdlib_hash(max_docs: int | None = None) -> str:
     """Content hash of the stdlib corpus, so caches follow the Python installation."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     h = hashlib.sha256()
     for path in stdlib_files(max_docs):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.relative_to(STDLIB).as_posix().encode() + b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 

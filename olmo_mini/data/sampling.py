@@ -11,6 +11,7 @@ sequence of global batches depends on the seed and the data only.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,19 +42,15 @@ class GlobalBatches:
     """The instance ids of each global batch; the current epoch's permutation is kept."""
 
     def __init__(self, num_instances: int, global_batch_size: int, seed: int, what: str) -> None:
-        self.num_instances, self.global_batch_size, self.seed = (
-            num_instances,
-            global_batch_size,
-            seed,
-        )
+        self.num_instances, self.global_batch_size = num_instances, global_batch_size
+        self.seed = seed
         self.batches_per_epoch = num_instances // global_batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{what} has {num_instances} instances, fewer than one global batch "
                 f"(data.global_batch_size={global_batch_size}): use more data or a smaller batch"
             )
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def __call__(self, g: int) -> np.ndarray:
         epoch, b = divmod(g, self.batches_per_epoch)
@@ -96,14 +93,12 @@ class ShuffledTrainStream(IterableDataset):
         batches = GlobalBatches(
             self.instances.num_instances, at.global_batch_size, self.seed, self.what
         )
-        k = worker
-        while True:
+        for k in itertools.count(worker, num_workers):
             g, j = divmod(k, at.micro_per_step)
             lo = at.rank * at.per_rank + j * at.micro_batch_size
             yield to_batch(
                 self.instances.read(batches(at.start + g)[lo : lo + at.micro_batch_size])
             )
-            k += num_workers
 
 
 def fixed_batches(

@@ -41,38 +41,24 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Triton RMSNorm; saves x, weight and the fp32 rstd per row."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-        out, rstd = triton_norm.rms_norm_fwd(x, weight, None, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = triton_norm.rms_norm_bwd(dout, x, weight, rstd)
-        return dx, None if weight is None else dw, None
-
-
-class AddRMSNormFunction(torch.autograd.Function):
-    """Triton ``residual + rms_norm(x)`` in one pass; the residual's gradient is ``dout``."""
+    """Triton ``rms_norm(x)``, or ``residual + rms_norm(x)`` in one pass (the residual's gradient
+    is ``dout``); saves x, weight and the fp32 rstd per row."""
 
     @staticmethod
     def forward(
-        ctx, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float
+        ctx, residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None, eps: float
     ) -> torch.Tensor:
         out, rstd = triton_norm.rms_norm_fwd(x, weight, residual, eps)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.residual_dtype = residual.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = triton_norm.rms_norm_bwd(dout, x, weight, rstd)
-        return dout.to(ctx.residual_dtype), dx, None if weight is None else dw, None
+        dresidual = None if ctx.residual_dtype is None else dout.to(ctx.residual_dtype)
+        return dresidual, dx, None if weight is None else dw, None
 
 
 class QKRMSNormFunction(torch.autograd.Function):
@@ -106,7 +92,7 @@ def rms_norm(
 ) -> torch.Tensor:
     """``weight * x * rsqrt(mean(x^2) + eps)`` over the last dim, in fp32, cast back."""
     if _use_triton(backend, x):
-        return RMSNormFunction.apply(x, weight, eps)
+        return RMSNormFunction.apply(None, x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
@@ -119,7 +105,7 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """``residual + rms_norm(x, weight, eps)``: OLMo 2's reordered residual step."""
     if _use_triton(backend, x):
-        return AddRMSNormFunction.apply(residual, x, weight, eps)
+        return RMSNormFunction.apply(residual, x, weight, eps)
     return add_rms_norm_torch(residual, x, weight, eps)
 
 

@@ -38,6 +38,8 @@ CHOICES = {
     "block": ("reordered", "pre"),
     "norm_type": ("rms", "layer"),
     "norm_backend": ("auto", "torch", "triton"),
+    "mlp": ("swiglu", "gelu"),
+    "init": ("olmo2", "wortsman"),
 }
 # The shape: what configs/model/*.yaml name.
 SIZES = tuple("vocab_size d_model n_layers n_heads n_kv_heads mlp_hidden_size max_seq_len".split())
@@ -58,6 +60,13 @@ class OLMo2Config:
     ``norm_type``: ``rms`` or ``layer`` (LayerNorm without bias); ``norm_affine=False``
     drops the norms' learnable weights (OLMo 1's non-parametric LayerNorm).
     ``attn_logit_softcap`` / ``final_logit_softcap``: ``cap * tanh(x / cap)`` (Gemma 2).
+
+    Wortsman et al. (2023)'s block, with ``block="pre"``, ``norm_type="layer"`` and
+    ``qk_norm="head"`` (``configs/model/wortsman.yaml``): ``mlp="gelu"`` (``down(gelu(up(x)))``,
+    the tanh approximation, as JAX's default; its width is ``mlp_hidden_size``, 4·d_model
+    there) instead of SwiGLU, and ``init="wortsman"``: embedding N(0, 1), every other
+    matrix a normal truncated at ±2σ whose std is 1/√fan_in (JAX's ``truncated_normal``
+    variance scaling), instead of OLMo 2's truncated N(0, ``init_std``).
     """
 
     vocab_size: int = 4096
@@ -77,6 +86,8 @@ class OLMo2Config:
     norm_affine: bool = True
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    mlp: str = "swiglu"
+    init: str = "olmo2"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -107,6 +118,7 @@ class OLMo2Config:
             and self.qk_norm == QKNorm.full
             and self.norm_type == "rms"
             and self.norm_affine
+            and self.mlp == "swiglu"
             and self.attn_logit_softcap is None
             and self.final_logit_softcap is None
         )

@@ -35,8 +35,7 @@ def sample_next(
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -72,8 +71,7 @@ def generate(
     model.eval()
     try:
         cache = model.new_cache(prompt_ids.shape[0], total) if use_cache else None
-        ids = prompt_ids
-        next_input = ids
+        ids = next_input = prompt_ids
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = model(next_input, cache)[:, -1] if use_cache else model(ids)[:, -1]

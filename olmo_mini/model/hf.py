@@ -60,14 +60,13 @@ def to_hf_key(name: str) -> str:
 
 
 def from_hf_key(name: str) -> str:
-    for ours, theirs in _TOP_KEYS.items():
-        if name == theirs:
-            return ours
+    top = {theirs: ours for ours, theirs in _TOP_KEYS.items()}
+    layer = {theirs: ours for ours, theirs in _LAYER_KEYS.items()}
+    if name in top:
+        return top[name]
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if match:
-        for ours, theirs in _LAYER_KEYS.items():
-            if match.group(2) == theirs:
-                return f"blocks.{match.group(1)}.{ours}"
+    if match and match.group(2) in layer:
+        return f"blocks.{match.group(1)}.{layer[match.group(2)]}"
     raise KeyError(f"unexpected tensor {name!r} in a Hugging Face Olmo2 checkpoint")
 
 
@@ -126,12 +125,7 @@ def _warn_default_context(source: str, value: str) -> None:
 def generation_config(special_tokens: dict[str, int | None] | None) -> dict:
     """``generation_config.json`` content (what transformers' ``GenerationConfig`` writes): the
     special token ids, so that ``generate`` and OLMo-core's ``load_hf_model`` find them."""
-    return {
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        **(special_tokens or {}),
-    }
+    return dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id")) | (special_tokens or {})
 
 
 def config_to_hf(
@@ -172,10 +166,7 @@ def config_to_hf(
         "torch_dtype": str(torch_dtype).removeprefix("torch."),
         "dtype": str(torch_dtype).removeprefix("torch."),
         # Unset ids would otherwise default to GPT-NeoX's (50279), wrong for any other tokenizer.
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        **(special_tokens or {}),
+        **generation_config(special_tokens),
     }
 
 

@@ -25,6 +25,10 @@ from olmo_mini.model import hf
 from olmo_mini.model.config import OLMo2Config, QKNorm
 from olmo_mini.model.shards import init_
 
+# The std of a standard normal truncated to [-2, 2] (JAX's truncated_normal initializers divide
+# by it so that the truncated distribution has the std asked for).
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
 
 class Norm(nn.Module):
     """RMSNorm (HF ``Olmo2RMSNorm`` numerics) or bias-free LayerNorm, weight optional.
@@ -324,6 +328,18 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GeluMLP(nn.Module):
+    """``down(gelu(up(x)))`` with the tanh approximation (Wortsman et al.'s JAX default)."""
+
+    def __init__(self, config: OLMo2Config) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
 class Block(nn.Module):
     """One transformer block; ``reordered`` normalizes sublayer outputs, ``pre`` their inputs."""
 
@@ -331,7 +347,7 @@ class Block(nn.Module):
         super().__init__()
         self.reordered = config.block == "reordered"
         self.attention = attention(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.attention_norm = Norm(config.d_model, config)
         self.mlp_norm = Norm(config.d_model, config)
 
@@ -360,7 +376,9 @@ class OLMo2(nn.Module):
             self.init_weights()
 
     def init_weights(self, seed: int | None = None) -> None:
-        """Truncated normal (std ``init_std``, cut at +-3 std) everywhere; norm weights 1.
+        """OLMo 2's truncated normal (std ``init_std``, cut at +-3 std) everywhere, or with
+        ``init="wortsman"`` (see ``OLMo2Config``) N(0, 1) embeddings and truncated normals of
+        std 1/sqrt(fan_in); norm weights 1.
 
         With ``seed`` the result depends on nothing else (a private generator is used), not even
         on FSDP2 sharding: sharded parameters are drawn whole on the CPU, one at a time, and each
@@ -371,19 +389,29 @@ class OLMo2(nn.Module):
             weight = self.embed_tokens.weight
             device = "cpu" if isinstance(weight, DTensor) else weight.device
             generator = torch.Generator(device=device).manual_seed(seed)
-        std = self.config.init_std
-        normal = functools.partial(
-            nn.init.trunc_normal_, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
-        )
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                init_(module.weight, normal)
+                init_(module.weight, self._weight_init(module, generator))
             elif isinstance(module, Norm) and module.weight is not None:
                 nn.init.ones_(module.weight)
             elif isinstance(module, L2NormAttention):
                 module.qk_scale.data.fill_(module.initial_qk_scale)
         # Recomputed so that a model materialized from the meta device gets real tables.
         self.rope.inv_freq.copy_(self.rope.frequencies(self.rope.inv_freq.device))
+
+    def _weight_init(
+        self, module: nn.Linear | nn.Embedding, generator: torch.Generator | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The in-place initializer of ``module``'s weight under ``config.init``."""
+        if self.config.init == "olmo2":
+            std, cut = self.config.init_std, 3.0
+        elif isinstance(module, nn.Embedding):
+            return functools.partial(nn.init.normal_, mean=0.0, std=1.0, generator=generator)
+        else:  # a normal cut at ±2σ has std 0.8796σ: widen σ so the result has 1/sqrt(fan_in)
+            std, cut = module.in_features**-0.5 / TRUNCATED_NORMAL_STD, 2.0
+        return functools.partial(
+            nn.init.trunc_normal_, mean=0.0, std=std, a=-cut * std, b=cut * std, generator=generator
+        )
 
     def rope_tables(self, seq_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(offset, offset + seq_len, device=self.rope.inv_freq.device)

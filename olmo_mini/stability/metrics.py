@@ -125,8 +125,9 @@ def attention_logit_statistics(
 ) -> None:
     """Exact max causal logit (per head) and attention entropy sums for ``q, k``.
 
-    The max is of the raw logits (what QK-norm and QK-Clip bound); the entropy is of the
-    attention actually used (after any soft-cap).
+    The max is of the raw logits (what QK-norm and QK-Clip bound); with a ``softcap`` also the
+    max the softmax sees, ``cap * tanh(max / cap)`` (the cap is monotonic); the entropy is of
+    the attention actually used (after any soft-cap).
     """
     max_per_head = device_scalar(float("-inf"), q.device)
     entropy_sum = torch.zeros((), device=q.device)
@@ -139,6 +140,9 @@ def attention_logit_statistics(
         entropy_sum += -(log_p.exp() * log_p.masked_fill(~visible, 0.0)).sum()
     batch, heads, seq, _ = q.shape
     stats.max(f"{prefix}_max_logit_head", max_per_head.reshape(heads))
+    if softcap is not None:
+        capped = softcap * torch.tanh(max_per_head.reshape(heads) / softcap)
+        stats.max(f"{prefix}_max_softcapped_logit_head", capped)
     stats.add(f"{prefix}_entropy_sum", entropy_sum)
     stats.add(f"{prefix}_entropy_count", device_scalar(batch * heads * seq, q.device))
 

@@ -191,6 +191,9 @@ class StabilityMonitor(StepCallback):
                     gain = sums[f"{i}/{name}_gain_sum"] / sums[f"{i}/{name}_gain_count"]
                     metrics[f"qk/layer{i}/{name}_norm_gain"] = gain
             metrics[f"attn/layer{i}/max_logit"] = stats.maxes[f"{i}/attn_max_logit_head"].max()
+            if f"{i}/attn_max_softcapped_logit_head" in stats.maxes:  # after the soft-cap
+                capped = stats.maxes[f"{i}/attn_max_softcapped_logit_head"].max()
+                metrics[f"attn/layer{i}/max_logit_softcapped"] = capped
             entropy = sums[f"{i}/attn_entropy_sum"] / sums[f"{i}/attn_entropy_count"]
             metrics[f"attn/layer{i}/entropy"] = entropy
             metrics[f"act/layer{i}/rms"] = (sums[f"{i}/act_sumsq"] / sums[f"{i}/act_count"]).sqrt()

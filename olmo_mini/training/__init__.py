@@ -6,16 +6,8 @@ from typing import TYPE_CHECKING
 from olmo_mini._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from olmo_mini.training.module import LanguageModelModule, TrainingDiverged
-    from olmo_mini.training.run import RunResult, train
+    from olmo_mini.training.module import TrainingDiverged
+    from olmo_mini.training.run import train
 
-__all__ = ["LanguageModelModule", "RunResult", "TrainingDiverged", "train"]
-__getattr__ = lazy_exports(
-    __name__,
-    {
-        "LanguageModelModule": ".module",
-        "TrainingDiverged": ".module",
-        "RunResult": ".run",
-        "train": ".run",
-    },
-)
+__all__ = ["TrainingDiverged", "train"]
+__getattr__ = lazy_exports(__name__, {"TrainingDiverged": ".module", "train": ".run"})

@@ -116,26 +116,21 @@ class ConsoleProgress(StepCallback):
                 log.info(f"step {step}: val/loss {row['val/loss']:.4f}")
 
     def _progress(self, step: int, loss: float, tokens_per_s: float) -> None:
-        max_steps = self._max_steps
-        eta = (max_steps - step) * self.tokens_per_step / tokens_per_s
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        if step % self._line_every and step < max_steps:
+        if step % self._line_every and step < self._max_steps:
             return
+        eta = (self._max_steps - step) * self.tokens_per_step / tokens_per_s
         log.info(
-            f"step {step}/{max_steps} | loss {loss:.4f} | "
+            f"step {step}/{self._max_steps} | loss {loss:.4f} | "
             f"{tokens_per_s:,.0f} tok/s | ETA {_duration(eta)}"
         )
 
     def on_train_end(self, *args: object) -> None:
-        self._close()
-
-    def on_exception(self, *args: object) -> None:
-        self._close()
-
-    def _close(self) -> None:
         self._bar = None
         self._exit.close()
+
+    on_exception = on_train_end  # the bar and the log redirection end on failure too
 
 
 def summary(

@@ -92,8 +92,9 @@ class LanguageModelModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = self._steps.starting(self.trainer)  # the step this update completes
+        clip = self.config.optim.grad_clip  # null: no clipping (an infinite norm scales by 1)
         norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.config.optim.grad_clip, foreach=True
+            self.model.parameters(), math.inf if clip is None else clip, foreach=True
         )
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()

@@ -29,40 +29,30 @@ log = logging.getLogger(__name__)
 
 
 class RecordTokenizer(L.Callback):
-    """Copy the DataModule's tokenizer file into ``run_dir`` once the data is set up."""
+    """Copy the DataModule's tokenizer file and its EOS token into ``run_dir`` once the data is
+    set up. A run dir that already records another tokenizer is an error: its checkpoints were
+    trained with that one."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        data = trainer.datamodule
+        data, target = trainer.datamodule, self.run_dir / TOKENIZER_FILE
+        ours = tokenizer_hash(data.tokenizer)
+        # Every rank checks (so all of them stop together); rank zero writes.
+        if target.is_file():
+            recorded = tokenizer_hash(Tokenizer.from_file(str(target)))
+            if recorded != ours:
+                raise ConfigError(
+                    f"{target} records another tokenizer (hash {recorded}) than this run's "
+                    f"(hash {ours}); start the run in a new hydra.run.dir"
+                )
+            return
+        if not trainer.is_global_zero:
+            return
         with fsspec.open(data.tokenizer_path, "rt", encoding="utf-8", newline="") as f:
             text = f.read()
-        # Every rank checks (so all of them stop together); rank zero writes.
-        record_tokenizer(self.run_dir, text, data.tokenizer, data.eos_id, trainer.is_global_zero)
-
-
-def record_tokenizer(
-    run_dir: Path, text: str, tokenizer: Tokenizer, eos: int, write: bool = True
-) -> None:
-    """Write ``text`` (the tokenizer file) and ``tokenizer``'s EOS token into ``run_dir``.
-
-    A run dir that already records another tokenizer is an error: its checkpoints were trained
-    with that one.
-    """
-    target = run_dir / TOKENIZER_FILE
-    if target.is_file():
-        recorded = tokenizer_hash(Tokenizer.from_file(str(target)))
-        if recorded != tokenizer_hash(tokenizer):
-            raise ConfigError(
-                f"{target} records another tokenizer (hash {recorded}) than this run's "
-                f"(hash {tokenizer_hash(tokenizer)}); start the run in a new hydra.run.dir"
-            )
-        return
-    if not write:
-        return
-    write_text_atomic(
-        run_dir / TOKENIZER_CONFIG, json.dumps({"eos_token": tokenizer.id_to_token(eos)}, indent=2)
-    )
-    write_text_atomic(target, text)  # last: its presence means both files are complete
-    log.info("recorded the run's tokenizer (hash %s) in %s", tokenizer_hash(tokenizer), target)
+        eos = {"eos_token": data.tokenizer.id_to_token(data.eos_id)}
+        write_text_atomic(self.run_dir / TOKENIZER_CONFIG, json.dumps(eos, indent=2))
+        write_text_atomic(target, text)  # last: its presence means both files are complete
+        log.info("recorded the run's tokenizer (hash %s) in %s", ours, target)

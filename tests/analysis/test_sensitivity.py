@@ -1,4 +1,5 @@
-"""LR sensitivity against hand-worked numbers, NaN runs, and the tool end to end."""
+"""LR sensitivity against hand-worked numbers, NaN runs, trajectory outcomes and the diverged
+rule on hand-made loss curves, and the tool end to end."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import pytest
 
 from olmo_mini.analysis.compare import analyze
 from olmo_mini.analysis.runs import Run
-from olmo_mini.analysis.sensitivity import lr_sensitivity
+from olmo_mini.analysis.sensitivity import (
+    Trajectory,
+    ended_diverged,
+    is_diverged,
+    lr_sensitivity,
+    trajectory,
+)
 from olmo_mini.analysis.sweep import write_report
 from tests.analysis.test_runs import write_csv_run
 
@@ -34,6 +41,57 @@ def test_non_finite_losses_count_as_the_loss_at_init() -> None:
         lr_sensitivity({}, 6.0)
     with pytest.raises(ValueError, match="must be finite"):
         lr_sensitivity({1e-3: 2.0}, math.nan)
+
+
+# Hand-made training curves of 20 steps, warmup 2, loss at init 8.0 (step 1).
+STEPS = list(range(1, 21))
+
+
+def curve(*segments: tuple[int, float]) -> list[float]:
+    """Losses per step from (number of steps, value) segments."""
+    return [value for n, value in segments for _ in range(n)]
+
+
+def test_mid_run_excursion_that_recovers() -> None:
+    # Steps 1-5 fall to 5; 6-13 (8 of the 18 steps after warmup) sit above 8, peak 40 at 9;
+    # the decay brings it back to 4.5. Final 4.5 < 8: the final-loss rule sees nothing.
+    losses = curve((1, 8.0), (4, 5.0), (3, 9.0), (1, 40.0), (4, 12.0), (7, 4.5))
+    path = trajectory(STEPS, losses, init_loss=8.0, final_loss=4.5, warmup_steps=2)
+    assert path == Trajectory(40.0, 9, 0, 8, 8 / 18, 6, True)
+    assert is_diverged(path, 4.5, 8.0, stopped_early=False)
+    assert not ended_diverged(4.5, 8.0, stopped_early=False)
+
+
+def test_a_short_spike_is_not_a_divergence_and_the_threshold_is_strict() -> None:
+    # One step of 18 above init (5.6% ≤ 10%): a spike; the run recovered from it.
+    losses = curve((1, 8.0), (9, 5.0), (1, 30.0), (9, 4.0))
+    path = trajectory(STEPS, losses, 8.0, 4.0, warmup_steps=2)
+    assert (path.steps_above_init, path.first_above_init, path.recovered) == (1, 11, True)
+    assert not is_diverged(path, 4.0, 8.0, False)
+    # Exactly at init is not above it; warmup steps do not count (step 2 at 50 is in warmup).
+    losses = curve((1, 8.0), (1, 50.0), (18, 8.0))
+    path = trajectory(STEPS, losses, 8.0, 8.0, warmup_steps=2)
+    assert (path.max_loss, path.max_loss_step, path.steps_above_init) == (50.0, 2, 0)
+    assert not path.recovered and not is_diverged(path, 8.0, 8.0, False)
+
+
+def test_a_nan_is_a_divergence_even_when_the_run_ends_well() -> None:
+    losses = curve((1, 8.0), (9, 5.0), (1, math.nan), (9, 4.0))
+    path = trajectory(STEPS, losses, 8.0, 4.0, warmup_steps=2)
+    assert path == Trajectory(8.0, 1, 1, 1, 1 / 18, 11, True)
+    assert is_diverged(path, 4.0, 8.0, False) and not ended_diverged(4.0, 8.0, False)
+    nothing = trajectory([1, 2], [math.nan, math.inf], 8.0, math.nan, warmup_steps=5)
+    assert (nothing.max_loss_step, nothing.non_finite_steps) == (-1, 2)
+    assert math.isnan(nothing.max_loss) and math.isnan(nothing.share_above_init)
+
+
+def test_a_late_drift_above_init() -> None:
+    # Trains to 5, then drifts up from step 17 and ends at 9: above init on 3 of 18 steps
+    # (17%), not recovered; both rules call it diverged.
+    losses = curve((1, 8.0), (15, 5.0), (1, 7.5), (1, 8.5), (2, 9.0))
+    path = trajectory(STEPS, losses, 8.0, 9.0, warmup_steps=2)
+    assert path == Trajectory(9.0, 19, 0, 3, 3 / 18, 18, False)
+    assert is_diverged(path, 9.0, 8.0, False) and ended_diverged(9.0, 8.0, False)
 
 
 def history(train: list[float], val_at_end: float | None = None) -> list[dict[str, float]]:

@@ -16,10 +16,16 @@ from pathlib import Path
 import pytest
 
 from olmo_mini.analysis.compare import plot_final_loss_vs_lr
-from olmo_mini.analysis.sensitivity import is_diverged
+from olmo_mini.analysis.sensitivity import (
+    DIVERGED_SHARE_ABOVE_INIT,
+    ended_diverged,
+    is_diverged,
+    trajectory,
+)
 from olmo_mini.analysis.study import (
     FIELDS,
     RESULT_FILE,
+    TRAJECTORY_FIELDS,
     StudyError,
     arm_results,
     load_plan,
@@ -46,7 +52,11 @@ def row(
     stopped: bool = False,
     logit: float = 10.0,
     entropy: float = 1.0,
+    losses: tuple[float, ...] = (),
 ) -> dict:
+    """A summary row; ``losses``: the training losses of steps 2, 3, ... after ``init`` at
+    step 1 (warmup 1), else a run that falls straight to its final loss."""
+    path = trajectory(range(1, 3 + len(losses)), (init, *losses, final), init, final, 1)
     values = {key: math.nan for key in FIELDS}
     values.update(
         plan="fixed",
@@ -60,7 +70,15 @@ def row(
         final_loss=final,
         final_from="val/loss @ 100",
         stopped_early=stopped,
-        diverged=is_diverged(final, init, stopped),
+        diverged=is_diverged(path, final, init, stopped),
+        diverged_by_final=ended_diverged(final, init, stopped),
+        max_train_loss=path.max_loss,
+        max_train_loss_step=path.max_loss_step,
+        non_finite_steps=path.non_finite_steps,
+        steps_above_init=path.steps_above_init,
+        share_above_init=path.share_above_init,
+        first_above_init=path.first_above_init,
+        recovered=path.recovered,
         peak_attn_logit=logit,
         peak_attn_logit_layer=0,
         peak_attn_logit_step=10,
@@ -96,12 +114,12 @@ FIXED += [
 
 
 def test_divergence_classification_hand_worked() -> None:
-    assert is_diverged(math.nan, 8.0, False)
-    assert is_diverged(math.inf, 8.0, False)
-    assert is_diverged(8.01, 8.0, False)  # ended above the loss at init
-    assert is_diverged(5.0, 8.0, True)  # stopped on non-finite steps
-    assert not is_diverged(8.0, 8.0, False)
-    assert not is_diverged(7.9, 8.0, False)
+    assert ended_diverged(math.nan, 8.0, False)
+    assert ended_diverged(math.inf, 8.0, False)
+    assert ended_diverged(8.01, 8.0, False)  # ended above the loss at init
+    assert ended_diverged(5.0, 8.0, True)  # stopped on non-finite steps
+    assert not ended_diverged(8.0, 8.0, False)
+    assert not ended_diverged(7.9, 8.0, False)
 
 
 def test_arm_results_hand_worked_and_ranked_by_sensitivity() -> None:
@@ -162,6 +180,35 @@ def test_report_renders_fixed_rows(tmp_path) -> None:
     assert "| **0.550** ± 0.0" in with_noise
 
 
+def test_report_judges_the_trajectory_beside_the_final_loss(tmp_path) -> None:
+    # "none" at LR 1: above init 8 on steps 3-6 (4 of the 6 steps after warmup, peak 50 at 4),
+    # then back to 6.0: diverged by the trajectory, not by the final loss.
+    rows = [row("full", lr, f) for lr, f in ((0.1, 4.0), (1.0, 4.5))]
+    rows += [row("none", 0.1, 5.0), row("none", 1.0, 6.0, losses=(7.0, 9.0, 50.0, 20.0, 9.0))]
+    md = report_markdown("traj", "", rows)
+    assert "| none | 2 | 8.000 | 0.1 | 5 | **0.500** |" in md
+    assert "| 67% | 1 | none |" in md  # max share, diverged at LR, by the final-loss rule
+    assert "| full | 2 | 8.000 | 0.1 | 4 | **0.250** |" in md and "| 0% | none | none |" in md
+    assert "| none | 1 | 0 | 8.000 | 50 (4) | 4 (67%) | 3 | 0 | 6 | yes | yes | no |" in md
+    assert "| none | 5 | 6 ✗ |" in md
+    back = read_rows(write_rows(rows, tmp_path / "summary.csv"))
+    assert report_markdown("traj", "", back) == md
+    # A CSV from before the trajectory columns (its diverged was the final-loss rule's): they
+    # read as None.
+    legacy = tmp_path / "legacy.csv"
+    columns = [k for k in FIELDS if k not in TRAJECTORY_FIELDS and k != "diverged_by_final"]
+    with legacy.open("w") as f:
+        f.write(",".join(columns) + "\n")
+        for r in rows:
+            r = {**r, "diverged": r["diverged_by_final"]}
+            f.write(",".join(str(r[k]) for k in columns) + "\n")
+    old = read_rows(legacy)
+    assert old[3]["max_train_loss"] is None and old[3]["diverged_by_final"] is False
+    assert [r["final_loss"] for r in old] == [r["final_loss"] for r in rows]
+    assert "No trajectory columns in these rows" in report_markdown("old", "", old)
+    assert "| — | — (no trajectory) | none |" in report_markdown("old", "", old)
+
+
 def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
     with pytest.raises(StudyError, match="no file .*nosuch.yaml.*tiny"):
         load_plan("nosuch")
@@ -196,6 +243,14 @@ def test_tiny_plan_end_to_end_then_skips_completed_runs(tmp_path) -> None:
         assert r["steps"] == r["max_steps"] == 4 and r["final_from"] == "val/loss @ 4"
         assert math.isfinite(r["final_loss"]) and math.isfinite(r["peak_attn_logit"])
         assert r["cpu_s"] > 0 and math.isfinite(r["peak_abs_logsumexp"])
+        # From train/ce_loss (step 1's is the loss at init); 4 steps barely train, so a step
+        # after warmup may sit above init by batch noise, and the trajectory rule counts it.
+        assert r["max_train_loss"] >= r["init_loss"] and 1 <= r["max_train_loss_step"] <= 4
+        assert r["non_finite_steps"] == 0 and r["diverged_by_final"] is (
+            r["final_loss"] > r["init_loss"]
+        )
+        assert r["share_above_init"] == r["steps_above_init"] / 3
+        assert r["diverged"] is (r["share_above_init"] > DIVERGED_SHARE_ABOVE_INIT)
     assert len({r["run_id"] for r in rows}) == 4
     again, ran = run_plan(plan, tmp_path)
     assert ran == 0 and again == rows

@@ -99,6 +99,43 @@ def test_init_statistics_match_truncated_normal() -> None:
             assert param.std().item() == pytest.approx(expected_std, rel=0.02), name
 
 
+def test_wortsman_init_std_per_parameter() -> None:
+    # Embedding N(0, 1); every matrix std 1/sqrt(fan_in), cut at 2 / 0.8796 of it: q/k/v/o,
+    # up and the LM head read d_model = 64 (std 1/8), down reads 256 (std 1/16).
+    config = OLMo2Config(**{**SMALL, "vocab_size": 1024, "mlp_hidden_size": 256}, init="wortsman")
+    model = OLMo2(config)
+    model.init_weights(seed=0)
+    expected = {"embed_tokens.weight": 1.0, "lm_head.weight": 1 / 8}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        expected[f"blocks.0.attention.{name}.weight"] = 1 / 8
+    expected |= {"blocks.1.mlp.up_proj.weight": 1 / 8, "blocks.1.mlp.down_proj.weight": 1 / 16}
+    params = dict(model.named_parameters())
+    for name, std in expected.items():
+        weight = params[name].detach()
+        assert weight.std().item() == pytest.approx(std, rel=0.05), name
+        assert weight.mean().abs().item() < 0.05 * std, name
+        if name != "embed_tokens.weight":  # truncated at ±2σ, σ = std / 0.8796
+            bound = 2 * std / 0.87962566103423978
+            assert bound * 0.97 < weight.abs().max().item() <= bound, name
+    assert params["embed_tokens.weight"].abs().max().item() > 4  # untruncated N(0, 1)
+    assert torch.equal(params["blocks.0.attention_norm.weight"], torch.ones(64))
+
+
+def test_gelu_mlp_shapes_and_values() -> None:
+    config = OLMo2Config(**{**SMALL, "mlp_hidden_size": 4 * 64}, mlp="gelu")
+    model = OLMo2(config)
+    mlp = model.blocks[0].mlp
+    shapes = {name: tuple(p.shape) for name, p in mlp.named_parameters()}
+    assert shapes == {"up_proj.weight": (256, 64), "down_proj.weight": (64, 256)}
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    hidden = x @ mlp.up_proj.weight.T
+    tanh_gelu = (
+        0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+    )
+    torch.testing.assert_close(mlp(x), tanh_gelu @ mlp.down_proj.weight.T)
+    assert not config.is_olmo2 and OLMo2Config(**SMALL).is_olmo2
+
+
 def test_init_is_seeded_and_reproducible() -> None:
     config = OLMo2Config(**SMALL)
     a, b, c = OLMo2(config), OLMo2(config), OLMo2(config)
@@ -179,6 +216,8 @@ def test_every_model_config_file_is_a_valid_flat_mapping(path: Path) -> None:
         (dict(vocab_size=-5), r"vocab_size must be a positive integer"),
         (dict(norm_eps=0.0), r"norm_eps must be a positive number"),
         (dict(d_model=12, n_heads=4), r"head_dim .* must be even"),
+        (dict(mlp="relu"), r"model.mlp must be one of \['swiglu', 'gelu'\]"),
+        (dict(init="xavier"), r"model.init must be one of \['olmo2', 'wortsman'\]"),
     ],
 )
 def test_bad_config_raises_naming_the_field(override: dict, message: str) -> None:

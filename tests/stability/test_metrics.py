@@ -80,6 +80,13 @@ def test_attention_statistics_equal_the_full_matrix(cap: float | None, monkeypat
     attention_logit_statistics(stats, "a", q, k, scale=8**-0.5, softcap=cap)
     max_ref, entropy_ref = _full_reference(q, k, 8**-0.5, cap)
     torch.testing.assert_close(stats.maxes["a_max_logit_head"], max_ref)
+    if cap is None:
+        assert "a_max_softcapped_logit_head" not in stats.maxes
+    else:  # the logits the softmax sees, below the cap 2 (the raw maxima are 10-14 here)
+        assert max_ref.min() > 10
+        capped = stats.maxes["a_max_softcapped_logit_head"]
+        torch.testing.assert_close(capped, cap * torch.tanh(max_ref / cap))
+        assert capped.max() < cap
     entropy = stats.sums["a_entropy_sum"] / stats.sums["a_entropy_count"]
     torch.testing.assert_close(entropy, entropy_ref, rtol=1e-5, atol=1e-6)
 

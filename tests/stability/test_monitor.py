@@ -85,3 +85,16 @@ def test_logged_stability_values_equal_direct_measurement(tmp_path) -> None:
     assert logged["qk/layer0/q_norm_gain"] == pytest.approx(1.0)  # norm weights start at 1
     assert 0 < logged["update/layer0/ratio"] < 0.1
     assert "attn/layer1/max_logit" in _logged(tmp_path, 2)
+    assert "attn/layer0/max_logit_softcapped" not in logged  # no soft-cap, no second value
+
+
+def test_softcapped_runs_log_the_max_logit_before_and_after_the_cap(tmp_path) -> None:
+    cap = 0.5  # below the raw logits of a fresh model, so that the cap bites
+    config = compose_config("debug=smoke", "trainer.max_steps=1", f"model.attn_logit_softcap={cap}")
+    train(config, tmp_path)
+    logged = _logged(tmp_path, 1)
+    for layer in range(config.model.n_layers):
+        raw, capped = (
+            logged[f"attn/layer{layer}/{k}"] for k in ("max_logit", "max_logit_softcapped")
+        )
+        assert capped == pytest.approx(cap * math.tanh(raw / cap), rel=1e-6) and capped < cap

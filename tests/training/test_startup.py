@@ -77,7 +77,7 @@ def test_config_error_is_one_line_before_torch_and_leaves_no_run_dir(tmp_path):
         (
             "model=olmo2_huge",
             "In 'train': Could not find 'model/olmo2_huge'; available: olmo2_13b, olmo2_1b, "
-            "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny",
+            "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny, wortsman",
         ),
         ("trainer.foo.bar=1", "trainer.foo: no such config key"),
         (
