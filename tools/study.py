@@ -25,6 +25,7 @@ from olmo_mini.analysis.study import (
     render,
     run_plan,
 )
+from olmo_mini.startup import quiet_third_party
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     logging.getLogger("olmo_mini").addHandler(handler)
     logging.getLogger("olmo_mini").setLevel(logging.INFO)
+    quiet_third_party()  # as train.py: no GPU/TPU, litlogger or AMP lines per run
     try:
         plan = load_plan(args.plan)
         if args.threads is not None:
