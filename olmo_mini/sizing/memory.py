@@ -1,18 +1,33 @@
 """Memory per device, planned from the composed config before a cluster job is submitted
-(``tools/plan_memory.py``; ``olmo_mini.bench.memory`` measures it). Per device:
+(``tools/plan_memory.py``; ``--trace`` checks it against a traced step, ``olmo_mini.bench.trace``;
+``olmo_mini.bench.memory`` measures it on real processes). Per device, at the step's peak, which
+for every shipped job is the chunked LM-head loss at the end of a forward:
 
 - parameters: fp32 (bf16 under ``bf16-true``), divided by the world size under FSDP;
-- gradients: as the parameters (FSDP2 reduce-scatters them into shards);
+- gradients: as the parameters (FSDP2 reduce-scatters them into shards; from the second
+  micro-batch of a global batch on, they exist during the forward);
 - optimizer state: AdamW's two fp32 moments per parameter, sharded like the parameters;
-- FSDP working set: what FSDP2 unshards for compute, in the compute dtype: the root module's
-  parameters (embedding, final norm, LM head; the root stays unsharded from forward to backward)
-  and two blocks (the one running and the prefetched one), plus their unsharded gradients
-  before the reduce-scatter;
-- activations saved for backward: about ``B*T*(13*d + 4*h)`` values per block (inputs of the
-  projections, q/k/v before and after QK-norm and RoPE, the attention output, the four SwiGLU
-  tensors, the residual stream) in the compute dtype, plus ``B*T*d`` for the final norm. With
-  activation checkpointing each block keeps only its input ``B*T*d``, and one block's
-  activations exist again while it is recomputed. The chunked LM-head loss never holds logits.
+- FSDP working set: what FSDP2 holds unsharded at that point, in the compute dtype: the root
+  module's parameters (embedding, final norm, LM head; the root stays unsharded from forward to
+  backward) and one block's all-gather buffer;
+- activations saved for backward, per block ``B*T*(4*d + 3*q + 3*kv + 4*h)`` values in the
+  compute dtype (block input, q and k before and after QK-norm and RoPE, v, the attention
+  output, the o_proj and MLP outputs, the residual after attention, the four SwiGLU tensors;
+  ``q``/``kv`` the query/key widths), the fp32 statistics (four RMSNorm rstds and attention's
+  log-sum-exp per head, per token) and the RoPE tables, which FSDP2 casts to the compute dtype
+  per block (``cast_forward_inputs``); plus the final norm's input and output. With activation checkpointing each block keeps only its input and RoPE tables, and
+  one block's activations exist again while it is recomputed (after the loss's memory is gone);
+- the chunked LM-head loss (``kernels/linear_cross_entropy.py``): its fp32 ``[V, d]`` weight
+  gradient, computed in the forward and kept for backward, plus, at its peak, one chunk's
+  matmul result and its fp32 copy (``grad_weight += (g.t() @ h).float()``), one chunk of fp32
+  softmax ``[rows, V]`` with its compute-dtype copy, and the ``[B*T, d]`` hidden-state gradient.
+
+Not counted: the CUDA caching allocator's slack and cuBLAS/NCCL workspaces (GPU memory reserved
+beyond the tensors), and ``model.compile`` (a compiled block may save less than eager). The terms
+are those of FSDP jobs (``tools/plan_memory.py --trace`` checks them); on one device under
+``bf16-mixed`` autocast also caches a bf16 copy of every weight during the forward and the
+residual stream stays fp32 (the embedding's output is fp32 without FSDP2's bf16 parameters),
+which the plan does not count.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from olmo_mini.config import TrainConfig, compose_or_exit
+from olmo_mini.kernels.linear_cross_entropy import DEFAULT_CHUNK_ROWS
 from olmo_mini.model import OLMo2
 from olmo_mini.sizing.flops import default_precision
 
@@ -44,6 +60,7 @@ class MemoryPlan:
     fsdp_working_set: int
     activations: int
     activations_checkpointed: int
+    lm_head_loss: int
     total: int
 
     @property
@@ -68,14 +85,22 @@ def plan_memory(config: TrainConfig, device_type: str = "cuda") -> MemoryPlan:
     shards = trainer.world_size if trainer.strategy == "fsdp" else 1
     params = -(-count * state_bytes // shards)
     optimizer = -(-count * ADAM_STATE_BYTES // shards)
-    # The root and two blocks unsharded: their parameters, and gradients before reduce-scatter.
-    working = 2 * (root + 2 * block) * compute_bytes if shards > 1 else 0
-    tokens = data.micro_batch_size * data.seq_len
-    per_block = tokens * (13 * arch.d_model + 4 * arch.mlp_hidden_size) * compute_bytes
-    residual = tokens * arch.d_model * compute_bytes
-    activations = arch.n_layers * per_block + residual
-    checkpointed = arch.n_layers * residual + per_block + residual
-    used = checkpointed if trainer.activation_checkpointing else activations
+    working = (root + block) * compute_bytes if shards > 1 else 0
+    tokens, d, h = data.micro_batch_size * data.seq_len, arch.d_model, arch.mlp_hidden_size
+    q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
+    # RoPE's cos and sin [T, head_dim]: a bf16 copy per block under FSDP2 mixed precision.
+    cast_per_block = shards > 1 and precision == "bf16-mixed"
+    rope = 2 * data.seq_len * arch.head_dim * compute_bytes if cast_per_block else 0
+    stats = tokens * 4 * (4 + arch.n_heads)  # fp32 rstd of four norms, log-sum-exp per head
+    per_block = tokens * (4 * d + 3 * q + 3 * kv + 4 * h) * compute_bytes + stats + rope
+    residual = tokens * d * compute_bytes
+    outside = 2 * residual  # the final norm's input and output (block 0's input is counted)
+    activations = arch.n_layers * per_block + outside
+    checkpointed = arch.n_layers * (residual + rope) + outside
+    loss = lm_head_loss_bytes(arch.vocab_size, d, tokens, compute_bytes)
+    used = activations
+    if trainer.activation_checkpointing:  # the peak: the loss, or one block recomputed
+        used = checkpointed + max(0, per_block - loss)
     return MemoryPlan(
         devices=trainer.world_size,
         shards=shards,
@@ -87,8 +112,20 @@ def plan_memory(config: TrainConfig, device_type: str = "cuda") -> MemoryPlan:
         fsdp_working_set=working,
         activations=activations,
         activations_checkpointed=checkpointed,
-        total=2 * params + optimizer + working + used,
+        lm_head_loss=loss,
+        total=2 * params + optimizer + working + used + loss,
     )
+
+
+def lm_head_loss_bytes(vocab: int, d_model: int, tokens: int, compute_bytes: int) -> int:
+    """Peak bytes of the chunked LM-head loss's forward (see the module docstring)."""
+    rows = min(DEFAULT_CHUNK_ROWS, tokens)
+    mixed = compute_bytes != 4  # casts between the compute dtype and fp32 make copies
+    # The fp32 gradient, a chunk's matmul result and (mixed) its fp32 copy.
+    weight_grad = vocab * d_model * (4 + compute_bytes + (4 if mixed else 0))
+    # A chunk's fp32 softmax and (mixed) its compute-dtype copy; the hidden-state gradient.
+    chunk = rows * vocab * (4 + (compute_bytes if mixed else 0))
+    return weight_grad + chunk + tokens * d_model * compute_bytes
 
 
 def format_plan(plan: MemoryPlan, activation_checkpointing: bool) -> str:
@@ -107,13 +144,14 @@ def format_plan(plan: MemoryPlan, activation_checkpointing: bool) -> str:
         f"  FSDP working set (unsharded)    {gib(plan.fsdp_working_set)}",
         f"  activations, no checkpointing   {gib(plan.activations)}",
         f"  activations, checkpointing      {gib(plan.activations_checkpointed)}",
+        f"  LM-head loss (chunked)          {gib(plan.lm_head_loss)}",
         f"  total ({using} checkpointing)    {gib(plan.total)}",
     ]
     return "\n".join(rows)
 
 
-def plan_main(argv: list[str] | None = None) -> int:
-    """``tools/plan_memory.py``: Hydra-style overrides in, the per-device table out."""
+def plan_parser() -> argparse.ArgumentParser:
+    """The arguments of ``tools/plan_memory.py`` (``olmo_mini.bench.trace`` adds ``--trace``)."""
     description = "Per-device memory of a training config (python train.py's overrides)."
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -124,7 +162,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", help="e.g. model=olmo2_7b trainer=fsdp")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def report_plan(args: argparse.Namespace) -> int:
+    """Print the plan of ``args.overrides`` as a table or, with ``--json``, one object."""
     config = compose_or_exit(args.overrides)
     plan = plan_memory(config, args.device)
     if args.json:

@@ -55,16 +55,34 @@ def build_model(
     """
     with torch.device("meta"):
         model = OLMo2(config)
+    wrap_model(model, trainer, precision, mesh, compiled=config.compile)
+    model.to_empty(device="cpu" if mesh is None else mesh.device_type)
+    model.init_weights(seed)
+    if config.init_from is not None:
+        load_init_weights(model, config.init_from)
+    return model
+
+
+def wrap_model(
+    model: OLMo2,
+    trainer: TrainerConfig,
+    precision: str,
+    mesh: DeviceMesh | None = None,
+    compiled: bool = False,
+) -> None:
+    """Activation checkpointing, ``torch.compile`` (``compiled``) and ``fully_shard`` as
+    ``trainer`` asks, in place, on a model without memory yet (``build_model``; the memory
+    trace, ``olmo_mini.bench.trace``, wraps a fake-tensor model so)."""
     # One graph for embedding, blocks, final norm and the chunked LM-head loss where nothing
     # wraps the blocks (one device, or DDP, which wraps the LightningModule): per-block graphs
     # leave the loss and the glue eager.
-    whole_model_compile = config.compile and mesh is None and not trainer.activation_checkpointing
+    whole_model_compile = compiled and mesh is None and not trainer.activation_checkpointing
     for block in model.blocks:
         if trainer.activation_checkpointing:
             from torch.distributed._composable import checkpoint
 
             checkpoint(block)  # in place: parameter names stay those of the plain model
-        if config.compile and not whole_model_compile:
+        if compiled and not whole_model_compile:
             block.compile()
     if whole_model_compile:
         model.compile()  # compiles the module call in place: names and hooks stay
@@ -77,8 +95,3 @@ def build_model(
         for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.to_empty(device="cpu" if mesh is None else mesh.device_type)
-    model.init_weights(seed)
-    if config.init_from is not None:
-        load_init_weights(model, config.init_from)
-    return model

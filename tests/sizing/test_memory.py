@@ -25,12 +25,19 @@ def test_plan_divides_the_states_by_the_shards_and_counts_adam_moments() -> None
     assert (one.params, one.grads, one.optimizer) == (4 * COUNT, 4 * COUNT, 8 * COUNT)
     assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (2 * COUNT, 2 * COUNT, 4 * COUNT)
     assert one.fsdp_working_set == 0
-    # The root (embedding, final norm, head) and two blocks, fp32, parameters and gradients.
-    assert fsdp.fsdp_working_set == 2 * 4 * (2 * VOCAB * D + D + 2 * BLOCK)
+    # The root (embedding, final norm, head) and one block's all-gather buffer, fp32.
+    assert fsdp.fsdp_working_set == 4 * (2 * VOCAB * D + D + BLOCK)
     tokens = 2 * 64  # micro_batch_size x seq_len
-    assert one.activations == 4 * tokens * (LAYERS * (13 * D + 4 * HIDDEN) + D)
-    assert one.activations_checkpointed < one.activations
-    assert one.total == 2 * one.params + one.optimizer + one.activations
+    # Per block 10 widths (block input; q, k before and after QK-norm and RoPE; v; attention,
+    # o_proj and MLP outputs; the residual) and 4 SwiGLU tensors, fp32; four norm rstds and a
+    # log-sum-exp per head (2 heads) per token; the final norm's input and output.
+    per_block = tokens * (4 * (10 * D + 4 * HIDDEN) + 4 * (4 + 2))
+    assert one.activations == LAYERS * per_block + 2 * 4 * tokens * D
+    assert one.activations_checkpointed == LAYERS * 4 * tokens * D + 2 * 4 * tokens * D
+    # fp32: the [V, D] weight gradient and a chunk's matmul result, one [128, V] chunk of
+    # softmax, the hidden-state gradient; no dtype-cast copies.
+    assert one.lm_head_loss == 8 * VOCAB * D + 4 * tokens * VOCAB + 4 * tokens * D
+    assert one.total == 2 * one.params + one.optimizer + one.activations + one.lm_head_loss
 
 
 def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
