@@ -316,11 +316,16 @@ def _is_none(value: object) -> bool:
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """``configs/train.yaml`` with command-line style overrides, as ``train.py`` would see it
     (for tools and tests that run the trainer in process)."""
+    return load_config(compose_unchecked(overrides))
+
+
+def compose_unchecked(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed ``DictConfig`` before the rules that span fields (``load_config``) run."""
     from hydra import compose, initialize_config_dir
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        return load_config(compose("train", overrides=list(overrides)))
+        return compose("train", overrides=list(overrides))
 
 
 def reject_repeated_overrides(overrides: Sequence[str]) -> None:
