@@ -6,8 +6,7 @@ step whose update starts there ends at the next ``on_train_batch_end``. ``StepCa
 callbacks OLMo-core's two hooks on top of that: ``pre_optim_step`` and ``post_optim_step`` (its
 ``post_train_batch``).
 
-It imports nothing of ours, so both ``training`` and the stability monitor (below training) use
-it. ``recount_micro_batches`` is the one place that touches Lightning's private loop state.
+It imports nothing of ours, so both ``training`` and the stability monitor (below training) use it.
 """
 
 from __future__ import annotations
@@ -62,8 +61,7 @@ class StepCallback(L.Callback):
         """The step's gradients are complete (before clipping); its update is about to run."""
 
     def post_optim_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        """Optimizer step ``step`` (1-based, ``== trainer.global_step``) and its last
-        micro-batch are done."""
+        """Step ``step`` (1-based, ``== trainer.global_step``) and its last micro-batch are done."""
 
 
 def recount_micro_batches(checkpoint: dict[str, Any], micro_batches_per_step: int) -> None:

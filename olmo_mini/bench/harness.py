@@ -100,8 +100,7 @@ def quiet_run(steps: int, overrides: Sequence[str] = ()) -> list[str]:
 class StepTimes(StepCallback):
     """Seconds of each optimizer step, from the previous one's end: data loading and Lightning's
     loop included, the first step (which has no such start) left out. ``between`` runs after
-    every step, outside the timing: e.g. an interleaved model-level step, so that machine noise
-    hits both alike."""
+    every step, outside the timing (an interleaved model-level step: noise hits both alike)."""
 
     def __init__(self, between: Callable[[], object] = lambda: None) -> None:
         super().__init__()

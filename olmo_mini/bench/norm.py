@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -122,24 +123,22 @@ def sweep(
     """Every (op, M, D, provider), printed as it goes."""
     results = []
     elem = torch.empty(0, dtype=dtype).element_size()
-    for op in ops:
+    for op, m, d in itertools.product(ops, ms, ds):
         fwd, bwd = TRAFFIC[op]
         units = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
-        for m in ms:
-            for d in ds:
-                torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit
-                inputs = make_inputs(op, m, d, dtype, device)
-                for provider in providers:
-                    times = time_passes(provider_fn(op, provider), inputs, timer)
-                    for pass_, t in times.items():
-                        gbps = units[pass_] * m * d * elem / (t * 1e-3) / 1e9
-                        r = NormRow(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
-                        results.append(r)
-                        print(
-                            f"{op:>13} {pass_:>7} {provider:>10} M={m:>6} D={d:>5} "
-                            f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {r.pct_clone:5.1f}% of clone"
-                        )
-                del inputs
+        torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit
+        inputs = make_inputs(op, m, d, dtype, device)
+        for provider in providers:
+            times = time_passes(provider_fn(op, provider), inputs, timer)
+            for pass_, t in times.items():
+                gbps = units[pass_] * m * d * elem / (t * 1e-3) / 1e9
+                r = NormRow(op, pass_, provider, m, d, t, gbps, 100 * gbps / clone_gbps)
+                results.append(r)
+                print(
+                    f"{op:>13} {pass_:>7} {provider:>10} M={m:>6} D={d:>5} "
+                    f"{t * 1e3:9.1f} us {gbps:8.1f} GB/s {r.pct_clone:5.1f}% of clone"
+                )
+        del inputs
     return results
 
 
@@ -154,10 +153,9 @@ def write_report(
         (*dataclasses.astuple(r)[:5], f"{r.ms * 1e3:.1f}", round(r.gbps), round(r.pct_clone))
         for r in results
     ]
-    table = markdown_table(header, rows)
     (out_dir / "norm_bench.md").write_text(
         f"# Norm kernel benchmark on {device_name}\n\nbf16 activations, fp32 weights; "
-        f"torch.clone bandwidth {clone_gbps:.0f} GB/s.\n\n{table}\n"
+        f"torch.clone bandwidth {clone_gbps:.0f} GB/s.\n\n{markdown_table(header, rows)}\n"
     )
 
     from matplotlib.figure import Figure

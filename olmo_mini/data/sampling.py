@@ -81,8 +81,7 @@ class RankSlice:
 
 
 class ShuffledTrainStream(IterableDataset):
-    """This rank's micro-batches from global batch ``at.start`` on, without end (epochs roll
-    over)."""
+    """This rank's micro-batches from global batch ``at.start`` on, endless (epochs roll over)."""
 
     def __init__(self, instances: Instances, what: str, seed: int, at: RankSlice) -> None:
         self.instances, self.what, self.seed, self.at = instances, what, seed, at

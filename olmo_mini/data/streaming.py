@@ -44,7 +44,8 @@ class HFSource:
         files = f", data_files={self.data_files}" if self.data_files else ""
         return f"HF dataset {self.path!r} (name={self.name!r}, split={split!r}{files})"
 
-    def load(self, split: str) -> datasets.IterableDataset:
+    def texts(self, split: str, slot: int = 0, num_slots: int = 1) -> Iterator[list[str]]:
+        """One pass over the documents of ``split`` that fall to ``slot``, in batches."""
         for pattern in (p for p in self.data_files if "://" not in p):  # local files
             matches = glob.glob(pattern)
             if not matches:
@@ -52,11 +53,7 @@ class HFSource:
             if all(os.path.getsize(m) == 0 for m in matches):  # datasets fails obscurely on these
                 raise ValueError(f"empty corpus: {pattern} has no data")
         kwargs = {"data_files": list(self.data_files)} if self.data_files else {}
-        return datasets.load_dataset(self.path, self.name, split=split, streaming=True, **kwargs)
-
-    def texts(self, split: str, slot: int = 0, num_slots: int = 1) -> Iterator[list[str]]:
-        """One pass over the documents of ``split`` that fall to ``slot``, in batches."""
-        ds = self.load(split)
+        ds = datasets.load_dataset(self.path, self.name, split=split, streaming=True, **kwargs)
         if num_slots > 1:
             ds = split_dataset_by_node(ds, rank=slot, world_size=num_slots)
         for batch in ds.iter(batch_size=DOCS_PER_TASK):
@@ -102,8 +99,7 @@ def packed_windows(
 
 
 class StreamingTrainStream(IterableDataset):
-    """This rank's micro-batches from global batch ``at.start`` on, tokenized in the loader
-    workers."""
+    """This rank's micro-batches from global batch ``at.start`` on, tokenized in loader workers."""
 
     def __init__(
         self,

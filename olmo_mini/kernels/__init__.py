@@ -3,9 +3,6 @@
 ``backend="torch"`` is the reference, ``"triton"`` the fused kernels (CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``) and ``"auto"`` picks Triton for CUDA tensors when it
 imports, torch otherwise. Triton is imported guarded, so the package works without it.
-
-Under ``torch.compile`` the Triton path traces to opaque ``torch.library`` custom ops (with
-fake implementations) inside ``autograd.Function``s: one graph, no breaks.
 """
 
 from __future__ import annotations

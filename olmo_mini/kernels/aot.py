@@ -8,15 +8,12 @@ first GPU. The launches are not described a second time: the host functions of
 which yields each kernel's exact arguments, block sizes and ``num_warps``; Triton's own binder
 then turns them into the signature, specializations and options a GPU launch would compile
 (its internal ``create_function_from_signature`` and ``_pack_args``, as of Triton 3.9).
-
-Resources per compiled kernel: registers and local memory (where spills go) from the cubin
-(``cuobjdump -res-usage``, shipped with Triton) or the AMDGCN metadata; shared memory from the
-kernel's metadata (what the launch requests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import subprocess
 import tempfile
@@ -79,14 +76,6 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, 
         triton_norm._rms_norm_bwd(torch.empty_like(out), x, weight, rstd)
 
 
-def _qk_norm(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, backward: bool):
-    """The launches of one QK-norm forward, and its backward when ``backward``."""
-    q_out, k_out, rstd_q, rstd_k = triton_norm._qk_rms_norm_fwd(q, k, wq, wk, 1e-6)
-    if backward:
-        dq, dk = torch.empty_like(q_out), torch.empty_like(k_out)
-        triton_norm._qk_rms_norm_bwd(dq, dk, q, k, wq, wk, rstd_q, rstd_k)
-
-
 def model_launches(shape: ModelShape, dtype: str, qk_norm: str, decode: bool) -> list[Launch]:
     """Every norm launch of one training step (``decode=False``: one sequence of ``seq_len``
     tokens, forward and backward) or one generated token (forward only) of a decoder.
@@ -117,7 +106,10 @@ def model_launches(shape: ModelShape, dtype: str, qk_norm: str, decode: bool) ->
         else:
             q, k = _meta(1, tokens, q_size, dtype=act), _meta(1, tokens, kv_size, dtype=act)
             wq, wk = _meta(q_size, dtype=param), _meta(kv_size, dtype=param)
-        _qk_norm(q, k, wq, wk, backward)
+        q_out, k_out, rstd_q, rstd_k = triton_norm._qk_rms_norm_fwd(q, k, wq, wk, 1e-6)
+        if backward:
+            dq, dk = torch.empty_like(q_out), torch.empty_like(k_out)
+            triton_norm._qk_rms_norm_bwd(dq, dk, q, k, wq, wk, rstd_q, rstd_k)
         if qk_norm == "qkv":
             _norm(_meta(1, tokens, kv_size, dtype=act), wk, None, backward)
     return launches
@@ -155,17 +147,13 @@ def compile_launch(launch: Launch, target: str) -> Compiled:
             f"{launch.name}: the kernels were made for Triton's interpreter (TRITON_INTERPRET=1 "
             "when triton was imported); compile ahead of time in a process without it"
         )
+    name = kernel.fn.__name__
     pointers = ",".join(SHORT[a.dtype] for a in launch.args if torch.is_tensor(a))
-    key = (target, kernel.fn.__name__, pointers, tuple(sorted(launch.meta.items())))
-    if key not in _CACHE:
-        _CACHE[key] = _compile(launch, target, pointers)
-    return _CACHE[key]
-
-
-def _compile(launch: Launch, target: str, pointers: str) -> Compiled:
+    key = (target, name, pointers, tuple(sorted(launch.meta.items())))
+    if key in _CACHE:
+        return _CACHE[key]
     gpu = TARGETS[target]
     backend = make_backend(gpu)
-    kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.meta)
     options, signature, constants, attrs = kernel._pack_args(
@@ -176,24 +164,20 @@ def _compile(launch: Launch, target: str, pointers: str) -> Compiled:
         compiled = triton.compile(source, target=gpu, options=options.__dict__)
     except Exception as error:  # Triton's CompilationError, PTXASError, MLIR failures
         raise AOTCompileError(
-            f"{kernel.fn.__name__} ({launch.name}) failed to compile for {target}: {error}"
+            f"{name} ({launch.name}) failed to compile for {target}: {error}"
         ) from error
     registers, spills = _resources(compiled.asm, gpu.backend)
-    return Compiled(
-        kernel.fn.__name__,
-        target,
-        pointers,
-        launch.meta["BLOCK_M"],
-        launch.meta["BLOCK_N"],
-        compiled.metadata.num_warps,
-        registers,
-        spills,
-        compiled.metadata.shared,
+    meta = compiled.metadata
+    block_m, block_n = launch.meta["BLOCK_M"], launch.meta["BLOCK_N"]
+    _CACHE[key] = Compiled(
+        name, target, pointers, block_m, block_n, meta.num_warps, registers, spills, meta.shared
     )
+    return _CACHE[key]
 
 
 def _resources(asm: dict, backend: str) -> tuple[int, int]:
-    """``(registers, spill bytes)`` of a compiled kernel, from its binary or assembly."""
+    """``(registers, spill bytes)`` of a compiled kernel: from the cubin (``cuobjdump``, shipped
+    with Triton) or the AMDGCN metadata."""
     if backend == "hip":
         counts = dict(re.findall(r"\.(\w+_count):\s+(\d+)", asm["amdgcn"]))
         spills = int(counts["vgpr_spill_count"]) + int(counts["sgpr_spill_count"])
@@ -224,17 +208,14 @@ def compile_models(shapes: Iterable[ModelShape], targets: Iterable[str]) -> list
     """Compile every norm launch of ``shapes`` (training steps and decoding, every QK-norm mode,
     every dtype class) for ``targets``; one row per compiled kernel and dtype class."""
     rows: dict[tuple[Compiled, str], Row] = {}
-    for shape in shapes:
-        for dtype in DTYPES:
-            for qk_norm in QK_NORMS:
-                for decode in (False, True):
-                    use = f"{shape.name} {qk_norm}{' decode' if decode else ''}"
-                    for launch in model_launches(shape, dtype, qk_norm, decode):
-                        for target in targets:
-                            compiled = compile_launch(launch, target)
-                            row = rows.setdefault((compiled, dtype), Row(compiled, dtype, []))
-                            if use not in row.uses:
-                                row.uses.append(use)
+    for shape, dtype, qk_norm, decode in itertools.product(shapes, DTYPES, QK_NORMS, (False, True)):
+        use = f"{shape.name} {qk_norm}{' decode' if decode else ''}"
+        launches = model_launches(shape, dtype, qk_norm, decode)
+        for launch, target in itertools.product(launches, targets):
+            compiled = compile_launch(launch, target)
+            row = rows.setdefault((compiled, dtype), Row(compiled, dtype, []))
+            if use not in row.uses:
+                row.uses.append(use)
     return list(rows.values())
 
 
@@ -265,12 +246,16 @@ def _summarize(uses: list[str]) -> str:
 
 
 def shipped_shapes(folder: Path) -> list[ModelShape]:
-    """The shapes of ``configs/model/*.yaml`` by width, GQA after MHA (read as plain YAML)."""
+    """The shapes of ``configs/model/*.yaml`` by width, GQA after MHA (read as plain YAML).
+    A LayerNorm model (``norm_type: layer``, the ``wortsman`` preset) launches no Triton norm
+    kernel: it has no shape here."""
     import yaml
 
     shapes = []
     for path in folder.glob("*.yaml"):
         values = yaml.safe_load(path.read_text())
+        if values.get("norm_type", "rms") != "rms":
+            continue
         heads = values["n_heads"]
         kv_heads = values.get("n_kv_heads") or heads
         shape = ModelShape(path.stem, values["d_model"], heads, kv_heads, values["max_seq_len"])

@@ -7,9 +7,6 @@ right away, the gradient of the loss with respect to those logits; it then multi
 gradient into the hidden-state and weight gradients and drops the logits. Backward only
 scales the stored gradients by the incoming scalar. Same three matmuls as the plain path;
 peak extra memory is one chunk of logits plus an fp32 ``[V, D]`` weight gradient.
-
-Numerics follow the plain path under autocast: the matmul runs in the compute dtype (bf16
-under bf16 autocast), logits are upcast to fp32 before soft-cap, logsumexp and CE.
 """
 
 from __future__ import annotations
@@ -43,10 +40,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         softcap: float | None,
         chunk_rows: int,
         compute_dtype: torch.dtype,
-        ignore_index: int,
     ) -> tuple[torch.Tensor, ...]:
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        valid = labels != ignore_index
+        valid = labels != IGNORE_INDEX
         count = valid.sum().clamp_min(1).float()
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if need_dh else None
@@ -100,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
         dw = None if grad_weight is None else grad_weight * grad_loss
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -110,12 +106,11 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    ignore_index: int = IGNORE_INDEX,
 ) -> LinearCrossEntropyOutput:
     """Mean over non-ignored rows of ``CE(hidden @ weight.T, labels) + z_loss * lse**2``.
 
     ``hidden`` ``[..., D]``, ``weight`` ``[V, D]`` (the LM head), ``labels`` ``[...]`` with
-    ``ignore_index`` for rows that do not count. ``softcap`` applies ``cap * tanh(z / cap)``
+    ``IGNORE_INDEX`` for rows that do not count. ``softcap`` applies ``cap * tanh(z / cap)``
     to the logits first. Under autocast the matmuls run in the autocast dtype, as
     ``F.linear`` would; the weight gradient is accumulated in fp32. With gradients disabled
     (evaluation) only the loss is computed.
@@ -135,7 +130,6 @@ def linear_cross_entropy(
             softcap,
             chunk_rows,
             compute_dtype,
-            ignore_index,
         )
     return LinearCrossEntropyOutput(loss, ce, z, max_logit, lse_sum)
 
@@ -146,7 +140,6 @@ def linear_cross_entropy_reference(
     labels: torch.Tensor,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    ignore_index: int = IGNORE_INDEX,
 ) -> LinearCrossEntropyOutput:
     """The plain path: full logits, fp32 logsumexp; what the chunked version must equal."""
     logits = (hidden @ weight.t()).float()
@@ -154,7 +147,7 @@ def linear_cross_entropy_reference(
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
-    valid = labels != ignore_index
+    valid = labels != IGNORE_INDEX
     count = valid.sum().clamp_min(1)
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)

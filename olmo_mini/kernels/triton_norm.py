@@ -21,9 +21,6 @@ only ever loaded, stored or cast (all arithmetic after an fp32 cast), ``eps`` a 
 The host side is ``torch.library.custom_op``s with fake implementations, so the ops are
 opaque single nodes to ``torch.compile`` (no graph break, and Inductor never re-launches
 the kernels with fp64 scalars); ``autograd.Function``s in ``olmo_mini.kernels`` wire them.
-Their bodies (``_rms_norm_fwd`` ...) launch through ``_launch``; under ``recorded_launches``
-they run on ``meta`` tensors and record instead, which ``olmo_mini.kernels.aot`` compiles for
-real GPU targets without one.
 """
 
 from __future__ import annotations
@@ -187,9 +184,6 @@ def _qk_bwd_kernel(
 # fmt: on
 
 
-# --------------------------------------------------------------------------- launch config
-
-
 def _blocks(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows per program, several when rows are narrow."""
     block_n = triton.next_power_of_2(n_cols)
@@ -254,9 +248,6 @@ def recorded_launches() -> Iterator[list[Launch]]:
         _recording = previous
 
 
-# --------------------------------------------------------------------------- layout helpers
-
-
 def _row_order(x: torch.Tensor) -> list[int]:
     """Leading dims by decreasing stride: the order in which x's rows lie in memory.
 
@@ -317,9 +308,6 @@ def _dw_out(
     return partial.sum(0).to(weight.dtype)
 
 
-# --------------------------------------------------------------------------- custom ops
-
-
 def _rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,7 +339,7 @@ rms_norm_fwd = torch.library.custom_op("olmo_mini::rms_norm_fwd", _rms_norm_fwd,
 
 
 @rms_norm_fwd.register_fake
-def _(x, weight, residual, eps):
+def _rms_norm_fwd_fake(x, weight, residual, eps):
     out_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
     out, _ = _empty_rows(x, _row_order(x), out_dtype)
     return out, x.new_empty(_num_rows(x), dtype=torch.float32)
@@ -384,7 +372,7 @@ rms_norm_bwd = torch.library.custom_op("olmo_mini::rms_norm_bwd", _rms_norm_bwd,
 
 
 @rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd):
+def _rms_norm_bwd_fake(dy, x, weight, rstd):
     dx, _ = _empty_rows(x, _row_order(x), x.dtype)
     return dx, x.new_empty(0) if weight is None else torch.empty_like(weight)
 
@@ -397,7 +385,12 @@ def _qk_rms_norm_fwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_out, k_out, rstd_q, rstd_k)``: both norms in one launch."""
-    _check_qk(q, k, q_weight, k_weight)
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_rms_norm: give both q_weight and k_weight, or neither")
+    if q.device != k.device:
+        raise ValueError(f"qk_rms_norm: q on {q.device} but k on {k.device}")
+    _check_weight(q, q_weight)
+    _check_weight(k, k_weight)
     q_order, k_order = _row_order(q), _row_order(k)
     q_out, yq2 = _empty_rows(q, q_order, q.dtype)
     k_out, yk2 = _empty_rows(k, k_order, k.dtype)
@@ -427,10 +420,9 @@ qk_rms_norm_fwd = torch.library.custom_op(
 
 @qk_rms_norm_fwd.register_fake
 def _(q, k, q_weight, k_weight, eps):
-    q_out, _ = _empty_rows(q, _row_order(q), q.dtype)
-    k_out, _ = _empty_rows(k, _row_order(k), k.dtype)
-    f32 = torch.float32
-    return q_out, k_out, q.new_empty(_num_rows(q), dtype=f32), k.new_empty(_num_rows(k), dtype=f32)
+    q_out, rstd_q = _rms_norm_fwd_fake(q, q_weight, None, eps)
+    k_out, rstd_k = _rms_norm_fwd_fake(k, k_weight, None, eps)
+    return q_out, k_out, rstd_q, rstd_k
 
 
 def _qk_rms_norm_bwd(
@@ -449,12 +441,8 @@ def _qk_rms_norm_bwd(
     dk, dk2 = _empty_rows(k, k_order, k.dtype)
     rows_q, rows_k = _num_rows(q), _num_rows(k)
     if rows_q + rows_k == 0:
-        return (
-            dq,
-            dk,
-            _dw_out(_dw_partial(q_weight, 0), q_weight, q),
-            _dw_out(_dw_partial(k_weight, 0), k_weight, k),
-        )
+        dwq, dwk = (_dw_out(_dw_partial(w, 0), w, t) for w, t in ((q_weight, q), (k_weight, k)))
+        return dq, dk, dwq, dwk
     q2, k2 = _as_rows(q, q_order), _as_rows(k, k_order)
     dyq2, dyk2 = _as_rows(dq_out, q_order), _as_rows(dk_out, k_order)
     block_m, block_n, num_warps = _blocks(max(q.shape[-1], k.shape[-1]), max(rows_q, rows_k))
@@ -485,19 +473,6 @@ qk_rms_norm_bwd = torch.library.custom_op(
 
 @qk_rms_norm_bwd.register_fake
 def _(dq_out, dk_out, q, k, q_weight, k_weight, rstd_q, rstd_k):
-    dq, _ = _empty_rows(q, _row_order(q), q.dtype)
-    dk, _ = _empty_rows(k, _row_order(k), k.dtype)
-    dwq = q.new_empty(0) if q_weight is None else torch.empty_like(q_weight)
-    dwk = k.new_empty(0) if k_weight is None else torch.empty_like(k_weight)
+    dq, dwq = _rms_norm_bwd_fake(dq_out, q, q_weight, rstd_q)
+    dk, dwk = _rms_norm_bwd_fake(dk_out, k, k_weight, rstd_k)
     return dq, dk, dwq, dwk
-
-
-def _check_qk(
-    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None
-) -> None:
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("qk_rms_norm: give both q_weight and k_weight, or neither")
-    if q.device != k.device:
-        raise ValueError(f"qk_rms_norm: q on {q.device} but k on {k.device}")
-    _check_weight(q, q_weight)
-    _check_weight(k, k_weight)

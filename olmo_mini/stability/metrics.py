@@ -48,11 +48,8 @@ class Reduction:
             names = sorted(table)
             flat = torch.cat([table[n].reshape(-1) for n in names])
             torch.distributed.all_reduce(flat, op=op)
-            offset = 0
-            for n in names:
-                size = table[n].numel()
-                table[n] = flat[offset : offset + size].view_as(table[n])
-                offset += size
+            for n, part in zip(names, flat.split([table[n].numel() for n in names]), strict=True):
+                table[n] = part.view_as(table[n])
 
 
 def device_scalar(value: float, device: torch.device) -> torch.Tensor:
@@ -170,11 +167,9 @@ class SpikeScore:
     def __init__(self, window: int = 1000, sigma: float = 7.0, min_history: int = 10) -> None:
         # The stability group's rules, and its messages (stability.spike_window ...).
         StabilityConfig(spike_window=window, spike_sigma=sigma, spike_min_history=min_history)
-        self.sigma = sigma
-        self.min_history = min_history
+        self.sigma, self.min_history = sigma, min_history
         self.history: deque[float] = deque(maxlen=window)
-        self.spikes = 0
-        self.scored = 0
+        self.spikes = self.scored = 0
 
     def update(self, value: float) -> bool:
         """Score ``value`` against the window, then add it; returns whether it was a spike."""

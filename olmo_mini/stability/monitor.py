@@ -71,7 +71,6 @@ class StabilityMonitor(StepCallback):
             row["stability/spike_score_loss"] = self.loss_spikes.score
             row["stability/spike_score_grad"] = self.grad_spikes.score
 
-    # -- which steps measure -------------------------------------------------------------
     def measuring(self, step: int) -> bool:
         return self.config.enabled and (step == 1 or step % self.config.every_n_steps == 0)
 
@@ -173,11 +172,8 @@ class StabilityMonitor(StepCallback):
         stats = self._stats
         for i, (block, before) in enumerate(zip(model.blocks, self._before_step, strict=True)):
             params = [p for p in block.parameters() if p.requires_grad]
-            delta = [
-                _local(p).detach().float() - old.float()
-                for p, old in zip(params, before, strict=True)
-            ]
-            stats.add(f"{i}/update_sumsq", torch.stack([d.square().sum() for d in delta]).sum())
+            delta = [_local(p).float() - old.float() for p, old in zip(params, before, strict=True)]
+            stats.add(f"{i}/update_sumsq", _block_sumsq(delta))
         stats.all_reduce()
         sums = stats.sums
         metrics: dict[str, torch.Tensor] = {}
@@ -205,7 +201,6 @@ class StabilityMonitor(StepCallback):
         metrics["logits/mean_logsumexp"] = sums["logits_lse_sum"] / sums["logits_count"]
         return metrics
 
-    # -- checkpointed state: the spike-score windows ---------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss": self.loss_spikes.state_dict(),

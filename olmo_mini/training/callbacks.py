@@ -133,14 +133,10 @@ class EndOfRunSample(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: LanguageModelModule) -> None:
         tokenizer = trainer.datamodule.tokenizer
-        prompt = tokenizer.encode(self.prompt).ids or [trainer.datamodule.eos_id]
+        ids = tokenizer.encode(self.prompt).ids or [trainer.datamodule.eos_id]
+        prompt = torch.tensor([ids], device=pl_module.device)
         with trainer.precision_plugin.forward_context():
-            ids = generate(
-                pl_module.model,
-                torch.tensor([prompt], device=pl_module.device),
-                self.new_tokens,
-                temperature=0.8,
-                top_k=50,
-                seed=self.seed,
+            out = generate(
+                pl_module.model, prompt, self.new_tokens, temperature=0.8, top_k=50, seed=self.seed
             )
-        self.text = tokenizer.decode(ids[0].tolist())
+        self.text = tokenizer.decode(out[0].tolist())

@@ -48,11 +48,9 @@ class ConsoleProgress(StepCallback):
         self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
         self._bar: tqdm | None = None
         self._exit = ExitStack()
-        self._start_step = 0
-        self._max_steps = 0
+        self._start_step = self._max_steps = self._params = 0
         self._first_step_end = 0.0
         self._line_every = 1
-        self._params = 0
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

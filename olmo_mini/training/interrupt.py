@@ -127,11 +127,8 @@ def _requeue() -> bool:
         return False
     except subprocess.TimeoutExpired:
         log.warning(
-            "could not requeue SLURM job %s: scontrol requeue gave no answer in %g s (stopped it; "
-            "requeue by hand with: scontrol requeue %s)",
-            job,
-            REQUEUE_TIMEOUT_S,
-            job,
+            f"could not requeue SLURM job {job}: scontrol requeue gave no answer in "
+            f"{REQUEUE_TIMEOUT_S:g} s (stopped it; requeue by hand with: scontrol requeue {job})"
         )
         return False
     if done.returncode != 0:

@@ -53,11 +53,7 @@ def check_supported(config: OLMo2Config) -> None:
 
 @torch.no_grad()
 def clip_attention(attn: Attention, gamma: torch.Tensor) -> None:
-    """Scale the logits of each head h of ``attn`` by ``gamma[h]`` (≤ 1), in place.
-
-    Exact per head for ``qk_norm`` none/full/qkv; by ``min(gamma)`` for head/l2 (see the
-    module docstring).
-    """
+    """Scale the logits of each head h of ``attn`` by ``gamma[h]`` (≤ 1), in place (see above)."""
     if attn.qk_scale is not None:  # l2
         _scale(attn.qk_scale, gamma.min())
         return

@@ -2,12 +2,11 @@
 
 Whoever measures (the module, callbacks) calls ``record(step, name, value, reduce)``; tensor
 values stay on the device. ``flush`` runs on logging steps, checkpoints, validation ends, the
-end of training and exceptions: it combines the values over ranks (one all-reduce per kind of
-reduction, in place: nothing is copied from host memory to the device), brings all of them to
-the host in one transfer (a ``tolist``: the flush's one host sync), hands the rows to the
-callbacks' ``pre_log_metrics(rows)`` hooks (which read them and add their own, as OLMo-core's
-trainer does) and logs each step's metrics in one call. Between flushes nothing waits for the
-device (``tests/training/test_train.py`` checks both with ``training/syncs.py``).
+end of training and exceptions: it combines the values over ranks (``_reduce_over_ranks``),
+brings all of them to the host in one transfer (a ``tolist``: the flush's one host sync), hands
+the rows to the callbacks' ``pre_log_metrics(rows)`` hooks (which read them and add their own,
+as OLMo-core's trainer does) and logs each step's metrics in one call. Between flushes nothing
+waits for the device (``tests/training/test_train.py`` checks both with ``training/syncs.py``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,6 @@ a GPU), and reading a tensor into Python (``.tolist()``, ``.numpy()``, seen by a
 ``TorchFunctionMode`` since they dispatch no aten op on CPU) counts as a device-to-host copy.
 The proxy cannot tell a tensor meant to stay on the host from one meant for the device: use it
 on code that runs on the device. On CUDA the real boundary is checked and the proxy is off.
-
-Each record carries the caller's ``label`` at the time (the test sets it to the optimizer step,
-or ``"flush"``) and the line that called it.
 """
 
 from __future__ import annotations
@@ -78,7 +75,7 @@ class HostSync:
         return f"{self.op} ({self.reason}) at {where}"
 
 
-class HostSyncDetector:
+class HostSyncDetector(TorchDispatchMode):
     """Context manager recording :class:`HostSync` entries in ``records`` while active.
 
     ``device``: where the step's tensors live (``torch.device("cpu")``: the proxy above).
@@ -87,6 +84,7 @@ class HostSyncDetector:
     """
 
     def __init__(self, device: torch.device | str) -> None:
+        super().__init__()
         self.device = torch.device(device)
         self.proxy = self.device.type == "cpu"
         self.records: list[HostSync] = []
@@ -97,18 +95,20 @@ class HostSyncDetector:
         self._stack = ExitStack()
         if self.proxy:
             self._stack.enter_context(_PythonReads(self))
-        self._stack.enter_context(_DispatchWatch(self))
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
         self._stack.close()
         self._stack = None
 
     def record(self, op: str, reason: str) -> None:
         self.records.append(HostSync(op, reason, self.label, _caller()))
 
-    def check(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
-        """Record ``func`` if it makes the host wait (see the module docstring)."""
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types, args=(), kwargs=None):
+        """Run ``func``; record it if it makes the host wait (see the module docstring)."""
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         packet = func.overloadpacket
         if packet in _READS:
             self.record(str(func), "reads a device value on the host")
@@ -127,17 +127,6 @@ class HostSyncDetector:
                     self.record(str(func), "host-to-device copy (blocking or from pageable memory)")
             elif source.device.type != "cpu" and target.type == "cpu":
                 self.record(str(func), "device-to-host copy")
-
-
-class _DispatchWatch(TorchDispatchMode):
-    def __init__(self, detector: HostSyncDetector) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.detector.check(func, args, kwargs, out)
         return out
 
 

@@ -5,12 +5,10 @@ wandb's own conventions for going online.
   adds tags made from the overrides; ``hydra_labels`` takes them from the launch (the run dir, the
   sweep, ``+experiment=``); a study can pass its own (``<plan>/<arm>/lr<LR>/s<seed>``, the plan).
 - One run: the wandb run id is the run dir's run id (``run.json``, ``olmo_mini.run_dir``), so a
-  resume, a requeue or a relaunch after a crash continues the same wandb run (``resume="allow"``);
-  metrics carry the optimizer step as ``trainer/global_step``, the run's x-axis.
+  resume, a requeue or a relaunch after a crash continues the same wandb run (``resume="allow"``).
 - Mode: as wandb decides (``WANDB_MODE``, ``wandb offline``), online where wandb finds
   credentials (``wandb login``'s netrc, ``WANDB_API_KEY``, a settings file), else offline. A server
   out of reach costs ``INIT_TIMEOUT_S`` seconds, then the run goes on offline under the same id.
-  The run starts as training starts, so a launch refused before its first step leaves none.
 """
 
 from __future__ import annotations
@@ -70,8 +68,7 @@ def label(
 
 def hydra_labels(logger: LoggerConfig, hydra_cfg: DictConfig, run_dir: Path) -> LoggerConfig:
     """``label`` from the Hydra launch: a single run is named by its run dir and grouped by its
-    experiment; a sweep job is named by its overrides (else ``<sweep dir name>/<job number>``)
-    and grouped by its sweep dir."""
+    experiment; a sweep job by its overrides (else ``<sweep dir name>/<job number>``) and sweep dir."""
     from hydra.types import RunMode
 
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -156,8 +153,7 @@ class StartWandbRun(L.Callback):
 
 
 def start_run(init: dict[str, Any], requested_mode: str | None) -> Any:
-    """``wandb.init(**init)`` in the mode ``choose_mode`` picks, announced in one console line;
-    an online start that fails (no route to the server, a rejected key) goes on offline."""
+    """``wandb.init(**init)`` in ``choose_mode``'s mode, announced in one console line."""
     import wandb
 
     mode, why = choose_mode(requested_mode)
@@ -191,9 +187,7 @@ def start_run(init: dict[str, Any], requested_mode: str | None) -> Any:
 
 
 def choose_mode(requested: str | None) -> tuple[str, str]:
-    """The mode a wandb run starts in, and why (for its console line): ``logger.mode`` if set,
-    else wandb's own settings (``WANDB_MODE``, ``wandb offline``/``wandb online``), with online
-    only where wandb finds credentials, as ``wandb login`` leaves them."""
+    """The mode a wandb run starts in (see the module docstring), and why, for its console line."""
     import wandb
 
     if requested is not None:
