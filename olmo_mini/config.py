@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -315,11 +316,32 @@ def _is_none(value: object) -> bool:
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """``configs/train.yaml`` with command-line style overrides, as ``train.py`` would see it
     (for tools and tests that run the trainer in process)."""
+    return load_config(compose_unchecked(overrides))
+
+
+def compose_unchecked(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed ``DictConfig`` before the rules that span fields (``load_config``) run."""
     from hydra import compose, initialize_config_dir
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        return load_config(compose("train", overrides=list(overrides)))
+        return compose("train", overrides=list(overrides))
+
+
+def reject_repeated_overrides(overrides: Sequence[str]) -> None:
+    """A key given twice on one command line (``optim.lr=1e-3 optim.lr=2e-3``) is a slip that
+    Hydra settles silently (the last wins): refuse it, naming both."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    seen: dict[tuple[str, str | None], str] = {}
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = (override.key_or_group, override.package)
+        if key in seen:
+            raise ConfigError(
+                f"{override.get_key_element().lstrip('+~')} is given twice ({seen[key]}, "
+                f"{override.input_line}): keep one"
+            )
+        seen[key] = override.input_line
 
 
 def override_error(e: Exception) -> str:
@@ -333,6 +355,10 @@ def override_error(e: Exception) -> str:
     first, _, rest = str(e).partition("\n")
     if isinstance(e, OverrideParseException):  # bad syntax; the rest links Hydra's grammar docs
         return f"{first} ({rest.strip()})"
+    if "To append to your default list use " in rest:  # a group train.yaml does not list
+        added = rest.split("To append to your default list use ")[1].split()[0]
+        group = added.removeprefix("+").split("=")[0]
+        return f"{added[1:]}: {group} is not in train.yaml's defaults; add it with {added}"
     if isinstance(e, MissingConfigException) and "Available options" in rest:
         options = rest.split("Config search path:")[0].split(":", 1)[1].split()
         return f"{first}; available: {', '.join(options)}"
@@ -356,6 +382,7 @@ def compose_checked(overrides: list[str] | tuple[str, ...]) -> TrainConfig:
 def compose_or_exit(overrides: list[str]) -> TrainConfig:
     """The config of ``train.py`` ``overrides``, or exit with one ``error:`` line (for tools)."""
     try:
+        reject_repeated_overrides(overrides)
         return compose_checked(overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None

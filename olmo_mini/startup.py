@@ -16,7 +16,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from olmo_mini.config import ConfigError, TrainConfig, load_config, override_error
+from olmo_mini.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    override_error,
+    reject_repeated_overrides,
+)
 from olmo_mini.data.corpus import expand_files
 from olmo_mini.data.shards import check_shard_files
 from olmo_mini.run_dir import LOCK_FILE, continues, is_rank_zero, trained_threads
@@ -58,6 +64,7 @@ def prepare(cfg: DictConfig) -> TrainConfig:
 
     hydra_cfg = HydraConfig.get()
     try:
+        reject_repeated_overrides(hydra_cfg.overrides.task)
         config = load_config(cfg)
         if config.data.source == "files":
             expand_files(config.data.files)

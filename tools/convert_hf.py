@@ -39,18 +39,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf":
-            print(export_hf(args.source, args.out, DTYPES[args.dtype]))
+            out = export_hf(args.source, args.out, DTYPES[args.dtype])
+            print(f"wrote {_written(out)}: {args.dtype} weights from {args.source}")
             return 0
         config = import_hf(args.source, args.out)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     overrides = " ".join(model_overrides(config))
+    print(f"wrote {_written(args.out)}")
+    if (args.out / "tokenizer.json").is_file():
+        tokenizer = f" data.tokenizer={args.out}"
+    else:  # OLMo-core writes none; a train.py pointing data.tokenizer here would fail
+        tokenizer = ""
+        print(
+            f"{args.source} has no tokenizer files: the command below trains with olmo-mini's "
+            "default tokenizer; add data.tokenizer=PATH for the one these weights learned"
+        )
     print(
-        f"wrote {args.out}; continue pretraining from it (optimizer state starts fresh) with\n"
-        f"  python train.py {overrides} data.tokenizer={args.out} model.init_from={args.out}"
+        "continue pretraining from it (optimizer state starts fresh) with\n"
+        f"  python train.py {overrides}{tokenizer} model.init_from={args.out}"
     )
     return 0
+
+
+def _written(folder: Path) -> str:
+    """``folder (N MB: file, file, ...)``: what a conversion wrote."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    return f"{folder} ({size / 1e6:.1f} MB: {', '.join(p.name for p in files)})"
 
 
 if __name__ == "__main__":

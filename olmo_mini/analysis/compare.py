@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.colors import Colormap
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -40,11 +41,22 @@ LAYER_METRICS = (
     ("attn", "max_logit"),
     ("attn", "entropy"),
 )
-# Metrics that grow by orders of magnitude in an unstable run: drawn on a log axis.
-_LOG_SCALE = {"max_logit", "q_rms_pre", "k_rms_pre"}
-# One sequential colormap and one line style per run; the shade gives the layer.
-_RUN_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "PuRd")
+# What each per-layer metric measures: its panel's y-axis label.
+_LAYER_UNITS = {
+    "q_rms": "RMS of q (after QK-norm)",
+    "k_rms": "RMS of k (after QK-norm)",
+    "q_rms_pre": "RMS of q (before QK-norm)",
+    "k_rms_pre": "RMS of k (before QK-norm)",
+    "max_logit": "max attention logit",
+    "entropy": "attention entropy (nats)",
+}
+# The layer is the color (one sequential colormap, with a colorbar); the run is the line style,
+# then the marker.
+_LAYER_COLORMAP = "viridis"
 _RUN_LINESTYLES = ("-", "--", ":", "-.")
+_RUN_MARKERS = (None, "o", "s", "^", "v", "D")
+# Values whose largest is this many times their smallest span decades: a log (or symlog) axis.
+_DECADES = 10.0
 # Train losses averaged for the final loss when no validation ran at the end.
 FINAL_TRAIN_WINDOW = 5
 
@@ -207,51 +219,68 @@ def plot_losses(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _run_style(i: int) -> tuple[Colormap, str]:
-    """Run ``i``'s colormap (its shade gives the layer) and line style."""
-    cmap = colormaps[_RUN_COLORMAPS[i % len(_RUN_COLORMAPS)]]
-    return cmap, _RUN_LINESTYLES[i % len(_RUN_LINESTYLES)]
+def _run_style(i: int) -> dict[str, Any]:
+    """Run ``i``'s line style, then marker (the color is the layer's)."""
+    marker = _RUN_MARKERS[i // len(_RUN_LINESTYLES) % len(_RUN_MARKERS)]
+    return {"linestyle": _RUN_LINESTYLES[i % len(_RUN_LINESTYLES)], "marker": marker}
 
 
 def plot_layer_metrics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> Path | None:
-    """A panel per per-layer metric, a line per (run, layer): colormap and style per run,
-    darker shades for deeper layers. None when no run logged any of them."""
+    """``layer_metrics_figure`` written to ``path``; None when no run logged any metric."""
+    fig = layer_metrics_figure(runs, labels)
+    if fig is None:
+        return None
+    return save_figure(fig, path)
+
+
+def layer_metrics_figure(runs: Sequence[Run], labels: Sequence[str]) -> Figure | None:
+    """A panel per per-layer metric, a line per (run, layer): the layer's color from one
+    sequential colormap (the colorbar), the run's line style; a log axis where the values span
+    decades. None when no run logged any of them."""
     metrics = [(g, n) for g, n in LAYER_METRICS if any(run.layer_series(g, n) for run in runs)]
     if not metrics:
         return None
+    n_layers = 1 + max(
+        (max(run.layer_series(g, n), default=0) for run in runs for g, n in metrics), default=0
+    )
+    cmap = colormaps[_LAYER_COLORMAP]
+    norm = BoundaryNorm(np.arange(n_layers + 1) - 0.5, cmap.N)
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
-    fig = Figure(figsize=(5.5 * cols, 4 * rows))
+    # Constrained layout makes room for the colorbar and the legend below.
+    fig = Figure(figsize=(5.5 * cols + 1, 4 * rows + 0.3 * math.ceil(len(labels) / 4)),
+                 layout="constrained")  # fmt: skip
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (group, name) in zip(axes.flat, metrics, strict=False):
-        all_values = []
+        drawn = []
         for i, run in enumerate(runs):
-            layers = run.layer_series(group, name)
-            cmap, style = _run_style(i)
-            for j, (layer, (steps, values)) in enumerate(layers.items()):
-                shade = cmap(0.45 + 0.55 * (j / max(1, len(layers) - 1)))
-                ax.plot(steps, values, color=shade, ls=style, linewidth=1.2, label=f"layer {layer}")
-                all_values.append(values)
-        if name in _LOG_SCALE:
-            set_growth_scale(ax, all_values)
-        ax.set(title=f"{group}/layer*/{name}", xlabel="step")
+            for layer, (steps, values) in run.layer_series(group, name).items():
+                ax.plot(steps, values, color=cmap(norm(layer)), linewidth=1.2, markersize=3,
+                        **_run_style(i))  # fmt: skip
+                drawn.append(values)
+        if spans_decades(drawn):
+            set_growth_scale(ax, drawn)
+        ax.set(title=f"{group}/layer*/{name}", xlabel="step", ylabel=_LAYER_UNITS[name])
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
-    styles = [_run_style(i) for i in range(len(labels))]
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), pad=0.01)
+    bar.set_label("layer")
+    bar.set_ticks(range(n_layers))
     handles = [
-        Line2D([], [], color=cmap(0.75), linestyle=style, label=label)
-        for (cmap, style), label in zip(styles, labels, strict=True)
+        Line2D([], [], color="black", label=label, **_run_style(i))
+        for i, label in enumerate(labels)
     ]
-    fig.legend(
-        handles=handles,
-        loc="lower center",
-        ncol=min(4, len(labels)),
-        fontsize=8,
-        title="run (shade: light = layer 0, dark = last layer)",
-        title_fontsize=8,
-    )
-    return save_figure(fig, path, rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8,
+               title="run", title_fontsize=8)  # fmt: skip
+    return fig
+
+
+def spans_decades(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether the finite non-zero magnitudes span an order of magnitude or more."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64) for a in arrays] or [np.empty(0)])
+    magnitudes = np.abs(values[np.isfinite(values) & (values != 0)])
+    return magnitudes.size > 0 and magnitudes.max() >= _DECADES * magnitudes.min()
 
 
 def set_growth_scale(ax: Axes, arrays: Sequence[np.ndarray]) -> None:
@@ -267,14 +296,25 @@ def line_style(i: int) -> dict[str, str]:
 
 
 def plot_final_loss_vs_lr(arms: Sequence[Arm], path: Path) -> Path:
-    """Final loss against peak LR (log axis), a line per arm, at the values LR sensitivity
-    counts: capped at the arm's loss at init; diverged runs are also marked with a cross."""
+    """``final_loss_vs_lr_figure`` written to ``path``."""
+    return save_figure(final_loss_vs_lr_figure(arms), path, dpi=100)
+
+
+def final_loss_vs_lr_figure(arms: Sequence[Arm]) -> Figure:
+    """Final loss against peak LR (log axis), a line per arm (a marker for an arm of one LR), at
+    the values LR sensitivity counts: capped at the arm's loss at init; diverged runs are also
+    marked with a cross."""
     fig = Figure(figsize=(8, 5.5))
     ax = fig.subplots()
     for i, arm in enumerate(arms):
         lrs = np.array(list(arm.finals))
         capped = np.array([capped_loss(v, arm.init_loss) for v in arm.finals.values()])
-        ax.plot(lrs, capped, **line_style(i), marker="o", markersize=4, label=arm.label)
+        if len(lrs) > 1:
+            ax.plot(lrs, capped, **line_style(i), marker="o", markersize=4, label=arm.label)
+        else:  # one LR: a point, not a line; the marker tells the arms apart
+            marker = _RUN_MARKERS[1:][i % (len(_RUN_MARKERS) - 1)]
+            color = line_style(i)["color"]
+            ax.plot(lrs, capped, color=color, ls="none", marker=marker, ms=8, label=arm.label)
         bad = np.isin(lrs, arm.diverged_lrs)
         if bad.any():
             ax.plot(lrs[bad], capped[bad], "x", markersize=10, color=line_style(i)["color"])
@@ -286,23 +326,25 @@ def plot_final_loss_vs_lr(arms: Sequence[Arm], path: Path) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path, dpi=100)
+    return fig
 
 
 def summary_table(runs: Sequence[Run], labels: Sequence[str]) -> str:
-    """Markdown: one row per run with its config differences, final losses, max attention
-    logit, spike scores and last step."""
+    """Markdown: one row per run with its config differences (unless its label is them), final
+    losses, max attention logit, spike scores and last step."""
     keys = differing_keys(runs)
-    lines = [
-        "| run | config differences | final train loss | final val loss | max attn logit "
-        "(layer, step) | spike score loss % | spike score grad % | steps |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for run, label in zip(runs, labels, strict=True):
+    differences = [describe(run, keys) or "—" for run in runs]
+    # The column only where it says more than the run's label (labels default to it).
+    shown = differences != list(labels)
+    columns = ["run", *(["config differences"] if shown else []), "final train loss",
+               "final val loss", "max attn logit (layer, step)", "spike score loss %",
+               "spike score grad %", "steps"]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for run, label, difference in zip(runs, labels, differences, strict=True):
         peak = max_attention_logit(run)
         cells = [
             label,
-            describe(run, keys) or "—",
+            *([difference] if shown else []),
             _last(run, "train/loss"),
             _last(run, "val/loss"),
             "—" if peak is None else f"{_number(peak[0])} ({peak[1]}, {peak[2]})",
@@ -357,7 +399,9 @@ def compare_runs(
 def save_figure(
     fig: Figure, path: Path, dpi: int = 110, rect: tuple[float, ...] | None = None
 ) -> Path:
-    """Lay out ``fig`` (within ``rect``, leaving room for a figure legend) and write it."""
-    fig.tight_layout(rect=rect)
+    """Lay out ``fig`` (within ``rect``, leaving room for a figure legend; a figure with its
+    own layout engine keeps it) and write it."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     return path

@@ -1,7 +1,7 @@
 """A stability study: a named grid of training runs (arms × LRs × seeds), run one after another,
 resumable, and rendered as one summary row per run plus an arm table and figures.
 
-A plan is a YAML file (``configs/study/<name>.yaml``): ``base`` overrides shared by every run,
+A plan is a YAML file (``studies/<name>.yaml``): ``base`` overrides shared by every run,
 ``arms`` (name → overrides), ``lrs`` and ``seeds``. Each run trains in this process (no
 interpreter start-up per run) in its own directory ``<out>/<run_id>``; the run id carries a
 hash of the run's full overrides, so editing a plan makes new runs instead of reusing old ones.
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLAN_DIR = Path(__file__).resolve().parents[2] / "configs" / "study"
+PLAN_DIR = Path(__file__).resolve().parents[2] / "studies"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.csv"
 # The trajectory outcomes (``sensitivity.Trajectory``), as columns; CSVs written before they
@@ -154,7 +154,7 @@ class Plan:
 
 
 def plan_path(name: str | Path) -> Path:
-    """A plan file: a path as given, else ``configs/study/<name>.yaml``."""
+    """A plan file: a path as given, else ``studies/<name>.yaml``."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         return path

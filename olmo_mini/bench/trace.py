@@ -47,7 +47,14 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from olmo_mini import kernels
 from olmo_mini.config import TrainConfig, compose_or_exit
 from olmo_mini.model import OLMo2
-from olmo_mini.sizing.memory import MemoryPlan, plan_memory, plan_parser, report_plan
+from olmo_mini.sizing.memory import (
+    MemoryPlan,
+    plan_config,
+    plan_memory,
+    plan_parser,
+    report_plan,
+    verdict,
+)
 
 # The tracker's categories (``_FSDPRefType`` values) under the planner's terms.
 PLANNED_AS = {
@@ -261,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.trace:
         return report_plan(args)
-    config = compose_or_exit(args.overrides)
+    config = plan_config(args.overrides)
     trace, plan = trace_memory(config), plan_memory(config)
+    checkpointing = config.trainer.activation_checkpointing
+    fits = None if args.device_memory is None else verdict(plan, args.device_memory, checkpointing)
     if args.json:
-        print(json.dumps({"trace": asdict(trace), "plan": asdict(plan)}))
+        print(json.dumps({"trace": asdict(trace), "plan": asdict(plan), "verdict": fits}))
     else:
         print(format_trace(trace, plan))
+        if fits is not None:
+            print(fits)
     return 0

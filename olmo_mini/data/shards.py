@@ -205,13 +205,20 @@ def write_shards(
     }
     tokenizer.save(str(out_dir / "tokenizer.json"))
     write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    docs, tokens = manifest["num_docs"], manifest["num_tokens"]
+    log.info(
+        f"tokenized {sum(docs.values()):,} documents (train {docs['train']:,}, val "
+        f"{docs['val']:,}), {sum(tokens.values()) / 1e6:.2f}M tokens (train "
+        f"{tokens['train'] / 1e6:.2f}M, val {tokens['val'] / 1e6:.2f}M): the manifest's counts"
+    )
     return manifest
 
 
 def _logged(
     encoded: Iterator[tuple[list[str], np.ndarray, np.ndarray]], every_s: float = 10.0
 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-    """``encoded`` as it is, with a log line every ``every_s`` seconds while it is tokenized."""
+    """``encoded`` as it is, with a progress line every ``every_s`` seconds while it is
+    tokenized (counts so far; ``write_shards`` logs the totals at the end)."""
     docs = tokens = 0
     started = last = time.perf_counter()
     for splits, flat, lengths in encoded:
@@ -220,7 +227,7 @@ def _logged(
         if now - last >= every_s:
             last = now
             log.info(
-                f"tokenized {docs:,} documents, {tokens / 1e6:.1f}M tokens "
+                f"tokenizing: {docs:,} documents, {tokens / 1e6:.1f}M tokens so far "
                 f"({tokens / (now - started) / 1e3:.0f}k tokens/s)"
             )
         yield splits, flat, lengths

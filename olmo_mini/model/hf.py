@@ -10,6 +10,7 @@ with an index), so conversion works wherever safetensors does. ``rms_norm_eps`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -69,8 +70,9 @@ def from_hf_key(name: str) -> str:
     raise KeyError(f"unexpected tensor {name!r} in a Hugging Face Olmo2 checkpoint")
 
 
-def config_from_hf(hf: dict) -> OLMo2Config:
-    """Translate an HF Olmo2 ``config.json`` mapping; refuses what Olmo2 cannot express."""
+def config_from_hf(hf: dict, source: str = "config.json") -> OLMo2Config:
+    """Translate an HF Olmo2 ``config.json`` mapping (read from ``source``); refuses what Olmo2
+    cannot express."""
     if hf.get("model_type") != "olmo2":
         raise ValueError(f"expected model_type 'olmo2', got {hf.get('model_type')!r}")
     if hf.get("tie_word_embeddings"):
@@ -91,7 +93,7 @@ def config_from_hf(hf: dict) -> OLMo2Config:
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         mlp_hidden_size=hf["intermediate_size"],
-        max_seq_len=_context_length(hf.get("max_position_embeddings")),
+        max_seq_len=_context_length(hf.get("max_position_embeddings"), source),
         rope_theta=float(theta),
         norm_eps=hf.get("rms_norm_eps", 1e-5),  # transformers' class default when absent
         qk_norm="full",
@@ -100,17 +102,24 @@ def config_from_hf(hf: dict) -> OLMo2Config:
     )
 
 
-def _context_length(value: object) -> int:
+def _context_length(value: object, source: str) -> int:
     """``max_position_embeddings``, or :data:`DEFAULT_CONTEXT` where a peer wrote none (OLMo-core
     writes -1; RoPE has no learned positions, so any length loads)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
+    _warn_default_context(source, repr(value))
+    return DEFAULT_CONTEXT
+
+
+@functools.cache
+def _warn_default_context(source: str, value: str) -> None:
+    """Once per file and process: a tool reads one folder's config several times."""
     log.warning(
-        "config.json: max_position_embeddings is %r; using max_seq_len=%d (OLMo 2's)",
+        "%s: max_position_embeddings is %s; using max_seq_len=%d (OLMo 2's)",
+        source,
         value,
         DEFAULT_CONTEXT,
     )
-    return DEFAULT_CONTEXT
 
 
 def generation_config(special_tokens: dict[str, int | None] | None) -> dict:
@@ -167,7 +176,7 @@ def read_config(path: Path) -> OLMo2Config:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found; expected a Hugging Face Olmo2 folder")
     try:
-        return config_from_hf(json.loads(config_file.read_text()))
+        return config_from_hf(json.loads(config_file.read_text()), str(config_file))
     except (ValueError, KeyError) as e:
         raise ValueError(
             f"{config_file}: not a convertible Hugging Face Olmo2 model: {e}"

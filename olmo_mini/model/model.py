@@ -489,8 +489,13 @@ class OLMo2(nn.Module):
         return [LayerCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, like) for _ in self.blocks]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Every parameter; with ``exclude_embeddings`` the non-embedding count: all but the token
+        embedding and the LM head, Kaplan et al.'s N (docs/model.md), the one the console, the
+        configs and the docs state."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel() + self.lm_head.weight.numel()
+        return n
 
     @classmethod
     def from_hf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> OLMo2:

@@ -5,8 +5,8 @@ FLOPs per token (forward + backward), as in PaLM's appendix B and nanoGPT:
 
     6 * N + 12 * n_layers * d_model * seq_len
 
-``N`` counts every parameter except the token embedding (a lookup, not a matmul; the untied LM
-head is a matmul and counts). The second term is QK^T and attention x V for forward and backward,
+``N`` counts every parameter except the token embedding (a lookup, not a matmul): the
+non-embedding parameters plus the untied LM head, a matmul. The second term is QK^T and attention x V for forward and backward,
 without discounting the causal mask. MFU = tokens/s x FLOPs per token / (peak x devices).
 """
 
@@ -22,8 +22,9 @@ from olmo_mini.model import OLMo2, OLMo2Config
 
 def flops_per_token(config: OLMo2Config, seq_len: int) -> float:
     with torch.device("meta"):
-        non_embedding = OLMo2(config).num_params(exclude_embeddings=True)
-    return 6 * non_embedding + 12 * config.n_layers * config.d_model * seq_len
+        model = OLMo2(config)
+    matmul_params = model.num_params(exclude_embeddings=True) + model.lm_head.weight.numel()
+    return 6 * matmul_params + 12 * config.n_layers * config.d_model * seq_len
 
 
 def cpu_has_fast_bf16() -> bool:

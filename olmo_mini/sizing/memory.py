@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
-from olmo_mini.config import TrainConfig, compose_or_exit
+from olmo_mini.config import TrainConfig, compose_or_exit, compose_unchecked
 from olmo_mini.kernels.linear_cross_entropy import DEFAULT_CHUNK_ROWS
 from olmo_mini.model import OLMo2
 from olmo_mini.sizing.flops import default_precision
@@ -61,7 +63,9 @@ class MemoryPlan:
     activations: int
     activations_checkpointed: int
     lm_head_loss: int
-    total: int
+    total_without_checkpointing: int
+    total_with_checkpointing: int
+    total: int  # the one of the two the config runs
 
     @property
     def states(self) -> int:
@@ -98,9 +102,10 @@ def plan_memory(config: TrainConfig, device_type: str = "cuda") -> MemoryPlan:
     activations = arch.n_layers * per_block + outside
     checkpointed = arch.n_layers * (residual + rope) + outside
     loss = lm_head_loss_bytes(arch.vocab_size, d, tokens, compute_bytes)
-    used = activations
-    if trainer.activation_checkpointing:  # the peak: the loss, or one block recomputed
-        used = checkpointed + max(0, per_block - loss)
+    fixed = 2 * params + optimizer + working + loss
+    without = fixed + activations
+    # With checkpointing the peak is the loss or one block recomputed, whichever is larger.
+    with_checkpointing = fixed + checkpointed + max(0, per_block - loss)
     return MemoryPlan(
         devices=trainer.world_size,
         shards=shards,
@@ -113,7 +118,9 @@ def plan_memory(config: TrainConfig, device_type: str = "cuda") -> MemoryPlan:
         activations=activations,
         activations_checkpointed=checkpointed,
         lm_head_loss=loss,
-        total=2 * params + optimizer + working + used + loss,
+        total_without_checkpointing=without,
+        total_with_checkpointing=with_checkpointing,
+        total=with_checkpointing if trainer.activation_checkpointing else without,
     )
 
 
@@ -134,7 +141,8 @@ def format_plan(plan: MemoryPlan, activation_checkpointing: bool) -> str:
     def gib(n: int) -> str:
         return f"{n / 2**30:10.2f} GiB"
 
-    using = "with" if activation_checkpointing else "without"
+    this = "  <- this config"
+    without, with_ = ("", this) if activation_checkpointing else (this, "")
     rows = [
         f"{plan.param_count / 1e9:.3f} B parameters, {plan.precision}, {plan.devices} device(s), "
         f"states sharded {plan.shards} way(s); per device:",
@@ -145,9 +153,64 @@ def format_plan(plan: MemoryPlan, activation_checkpointing: bool) -> str:
         f"  activations, no checkpointing   {gib(plan.activations)}",
         f"  activations, checkpointing      {gib(plan.activations_checkpointed)}",
         f"  LM-head loss (chunked)          {gib(plan.lm_head_loss)}",
-        f"  total ({using} checkpointing)    {gib(plan.total)}",
+        f"  total, no checkpointing         {gib(plan.total_without_checkpointing)}{without}",
+        f"  total, checkpointing            {gib(plan.total_with_checkpointing)}{with_}",
     ]
     return "\n".join(rows)
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``80GB``, ``512MiB``, ``1.5TiB`` (case and a space ignored) as bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?b)\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size like 80GiB, 80GB or 512MiB")
+    number, unit = float(match.group(1)), match.group(2)
+    base = 1024 if "i" in unit else 1000
+    return int(number * base ** ("kmgt".index(unit[0]) + 1))
+
+
+def verdict(plan: MemoryPlan, device_memory: int, activation_checkpointing: bool) -> str:
+    """One line: whether the config fits ``device_memory`` per device, and what would."""
+    limit = f"{device_memory / 2**30:.1f} GiB"
+
+    def share(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB, {n / device_memory:.0%} of {limit}"
+
+    if plan.total <= device_memory:
+        return f"fits: {share(plan.total)} per device"
+    if not activation_checkpointing and plan.total_with_checkpointing <= device_memory:
+        return (
+            f"does not fit: {share(plan.total)} per device; with "
+            f"trainer.activation_checkpointing=true it fits ({share(plan.total_with_checkpointing)})"
+        )
+    return (
+        f"does not fit: {share(plan.total)} per device (with checkpointing "
+        f"{share(plan.total_with_checkpointing)}); shard over more devices (trainer=fsdp, "
+        "trainer.devices) or lower data.micro_batch_size"
+    )
+
+
+def plan_config(overrides: list[str]) -> TrainConfig:
+    """The config of ``overrides`` as ``compose_or_exit`` gives it, except that a
+    ``data.global_batch_size`` that is no multiple of ``data.micro_batch_size`` × world size
+    becomes the nearest one, with a note on stderr: the plan does not depend on it."""
+    try:
+        raw = compose_unchecked(overrides)
+        unit = raw.data.micro_batch_size * raw.trainer.devices * raw.trainer.num_nodes
+        batch = raw.data.global_batch_size
+    except Exception:  # a bad override: compose_or_exit names it
+        return compose_or_exit(overrides)
+    if isinstance(batch, int) and isinstance(unit, int) and unit > 0 and batch % unit:
+        nearest = max(unit, round(batch / unit) * unit)
+        print(
+            f"note: data.global_batch_size={batch} is no multiple of data.micro_batch_size × "
+            f"world size ({unit}); planned with the nearest that is, {nearest}",
+            file=sys.stderr,
+        )
+        key = "data.global_batch_size"
+        overrides = [o for o in overrides if o.lstrip("+").split("=")[0] != key]
+        overrides.append(f"{key}={nearest}")
+    return compose_or_exit(overrides)
 
 
 def plan_parser() -> argparse.ArgumentParser:
@@ -161,16 +224,26 @@ def plan_parser() -> argparse.ArgumentParser:
         help="the device precision=auto resolves for (default: cuda)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    parser.add_argument(
+        "--device-memory",
+        type=parse_bytes,
+        metavar="SIZE",
+        help="a device's memory (80GiB, 141GB): add whether the config fits it",
+    )
     parser.add_argument("overrides", nargs="*", help="e.g. model=olmo2_7b trainer=fsdp")
     return parser
 
 
 def report_plan(args: argparse.Namespace) -> int:
     """Print the plan of ``args.overrides`` as a table or, with ``--json``, one object."""
-    config = compose_or_exit(args.overrides)
+    config = plan_config(args.overrides)
     plan = plan_memory(config, args.device)
+    checkpointing = config.trainer.activation_checkpointing
+    fits = None if args.device_memory is None else verdict(plan, args.device_memory, checkpointing)
     if args.json:
-        print(json.dumps({**asdict(plan), "states": plan.states}))
+        print(json.dumps({**asdict(plan), "states": plan.states, "verdict": fits}))
     else:
-        print(format_plan(plan, config.trainer.activation_checkpointing))
+        print(format_plan(plan, checkpointing))
+        if fits is not None:
+            print(fits)
     return 0

@@ -54,8 +54,10 @@ class ConsoleProgress(StepCallback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._params = sum(p.numel() for p in pl_module.parameters())
-        log.info(summary(self.config, self.precision, trainer, self._params))
+        model = pl_module.model
+        self._params = model.num_params()
+        non_embedding = model.num_params(exclude_embeddings=True)
+        log.info(summary(self.config, self.precision, trainer, self._params, non_embedding))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step
@@ -129,15 +131,16 @@ class ConsoleProgress(StepCallback):
     on_exception = on_train_end  # the bar and the log redirection end on failure too
 
 
-def summary(config: TrainConfig, precision: str, trainer: L.Trainer, params: int) -> str:
+def summary(
+    config: TrainConfig, precision: str, trainer: L.Trainer, params: int, non_embedding: int
+) -> str:
     """One line: model size, tokens per step, steps, precision, devices and threads."""
-    embedding = config.model.vocab_size * config.model.d_model
     data = config.data
     device = trainer.strategy.root_device.type
     n = torch.get_num_threads()
     threads = f", {n} thread{'s' if n > 1 else ''} each" if device == "cpu" else ""
     return (
-        f"model: {params / 1e6:.1f}M parameters ({(params - embedding) / 1e6:.1f}M non-embedding) | "
+        f"model: {params / 1e6:.1f}M parameters ({non_embedding / 1e6:.1f}M non-embedding) | "
         f"{data.global_batch_size} × {data.seq_len} = {data.global_batch_size * data.seq_len:,} "
         f"tokens/step | {trainer.max_steps} steps | {precision} | "
         f"{trainer.world_size} {device} process{'es' if trainer.world_size > 1 else ''}{threads}"

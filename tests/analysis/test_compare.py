@@ -8,13 +8,22 @@ import runpy
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import wandb
 import yaml
 from lightning.pytorch.loggers import WandbLogger
 
-from olmo_mini.analysis.compare import final_loss, init_loss, run_labels
+from olmo_mini.analysis.compare import (
+    final_loss,
+    final_loss_vs_lr_figure,
+    init_loss,
+    layer_metrics_figure,
+    run_labels,
+    spans_decades,
+)
 from olmo_mini.analysis.runs import Run, load_run
+from olmo_mini.analysis.sensitivity import Arm
 from tests.analysis.test_runs import write_csv_run
 
 TOOL = Path(__file__).parents[2] / "tools" / "compare_runs.py"
@@ -89,10 +98,11 @@ def test_compare_runs_writes_figures_and_the_summary_table(run_dirs, tmp_path, c
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert matplotlib.image.imread(out / name).shape[2] == 4
     table = parse_table((out / "summary.md").read_text())
-    # run: config differences, final train, final val, max logit (layer, step), spikes, steps
+    # run (its config differences, so no column repeats them), final train, final val, max logit
+    # (layer, step), spikes, steps
+    assert "config differences" not in (out / "summary.md").read_text()
     assert table == {
         "qk_norm=full, lr=0.001": [
-            "qk_norm=full, lr=0.001",
             "2.25",
             "2.3",
             "50 (1, 30)",
@@ -101,7 +111,6 @@ def test_compare_runs_writes_figures_and_the_summary_table(run_dirs, tmp_path, c
             "40",
         ],
         "qk_norm=full, lr=0.01": [
-            "qk_norm=full, lr=0.01",
             "2",
             "2.1",
             "1000 (0, 20)",
@@ -110,7 +119,6 @@ def test_compare_runs_writes_figures_and_the_summary_table(run_dirs, tmp_path, c
             "40",
         ],
         "qk_norm=none, lr=0.001": [
-            "qk_norm=none, lr=0.001",
             "nan",
             "—",
             "inf (0, 30)",
@@ -125,7 +133,8 @@ def test_compare_runs_uses_given_names_and_reports_read_errors(run_dirs, tmp_pat
     main = runpy.run_path(str(TOOL))["main"]
     out = tmp_path / "named"
     assert main([str(run_dirs[0]), str(run_dirs[1]), "--out", str(out), "--names", "a", "b"]) == 0
-    assert set(parse_table((out / "summary.md").read_text())) == {"a", "b"}
+    table = parse_table((out / "summary.md").read_text())
+    assert {k: v[0] for k, v in table.items()} == {"a": "lr=0.001", "b": "lr=0.01"}  # differences
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "no such run folder" in capsys.readouterr().err
 
@@ -159,3 +168,34 @@ def test_long_run_names_give_way_to_config_differences() -> None:
     assert run_labels(runs) == ["qk_norm=full", "qk_norm=none"]
     short = [Run(f"tiny-{qk}", {"model.qk_norm": qk}, [], qk) for qk in ("full", "none")]
     assert run_labels(short) == ["tiny-full", "tiny-none"]
+
+
+def test_layer_figure_labels_axes_colors_layers_and_logs_what_spans_decades(run_dirs) -> None:
+    runs = [load_run(d) for d in run_dirs]
+    fig = layer_metrics_figure(runs, run_labels(runs))
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"qk/layer*/q_rms", "qk/layer*/k_rms", "attn/layer*/max_logit"}
+    assert panels["attn/layer*/max_logit"].get_ylabel() == "max attention logit"
+    assert panels["qk/layer*/q_rms"].get_ylabel() == "RMS of q (after QK-norm)"
+    # max logit: 1 to 1000 (and inf), a log axis; q_rms 1 to 2, linear
+    assert panels["attn/layer*/max_logit"].get_yscale() == "log"
+    assert panels["qk/layer*/q_rms"].get_yscale() == "linear"
+    (colorbar,) = [ax for ax in fig.axes if ax.get_ylabel() == "layer"]
+    assert [t.get_text() for t in colorbar.get_yticklabels()] == ["0", "1"]
+    lines = panels["qk/layer*/q_rms"].get_lines()  # (run, layer): run 0 layer 0, layer 1, ...
+    assert lines[0].get_color() != lines[1].get_color()  # layers differ in color
+    assert lines[0].get_color() == lines[2].get_color()  # runs share it, differ in style
+    assert lines[0].get_linestyle() != lines[2].get_linestyle()
+    assert spans_decades([np.array([0.0, -2.0, 30.0])]) and not spans_decades([np.array([1, 9])])
+
+
+def test_an_arm_of_one_lr_is_a_marker_not_a_line() -> None:
+    one = Arm("one", {}, {1e-3: 3.0}, 6.0, 0.0, [])
+    two = Arm("two", {}, {1e-3: 3.0, 1e-2: 2.5}, 6.0, 0.25, [])
+    other = Arm("other", {}, {1e-2: 7.0}, 6.0, 0.0, [])
+    ax = final_loss_vs_lr_figure([one, two, other]).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["one"].get_linestyle() == "None" and lines["other"].get_linestyle() == "None"
+    assert lines["one"].get_marker() != lines["other"].get_marker()  # told apart by the marker
+    assert lines["two"].get_linestyle() == "-" and list(lines["two"].get_xdata()) == [1e-3, 1e-2]
+    assert list(lines["other"].get_ydata()) == [6.0]  # capped at the loss at init

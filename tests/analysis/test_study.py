@@ -253,6 +253,10 @@ def test_tiny_plan_end_to_end_then_skips_completed_runs(tmp_path) -> None:
         assert r["share_above_init"] == r["steps_above_init"] / 3
         assert r["diverged"] is (r["share_above_init"] > DIVERGED_SHARE_ABOVE_INIT)
     assert len({r["run_id"] for r in rows}) == 4
+    assert {(r["arm"], r["lr"]) for r in rows if r["diverged"]} == {  # none by batch noise
+        ("qk_norm=full", 0.3),
+        ("qk_norm=none", 0.3),
+    }
     again, ran = run_plan(plan, tmp_path)
     assert ran == 0 and again == rows
 

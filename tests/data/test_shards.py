@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -55,17 +56,26 @@ def test_round_trip_and_manifest(shard_dir: Path, corpus: Path, tokenizer_path: 
 
 
 def test_parallel_prepare_writes_identical_bytes(
-    tmp_path: Path, corpus: Path, tokenizer_path: Path, shard_dir: Path
+    tmp_path: Path, corpus: Path, tokenizer_path: Path, shard_dir: Path, caplog
 ) -> None:
-    write_shards(
-        file_documents([corpus]),
-        load_tokenizer(tokenizer_path),
-        0,
-        tmp_path,
-        source=str(corpus),
-        val_fraction=0.1,
-        procs=2,
-        shard_tokens=4000,
+    with caplog.at_level(logging.INFO, logger="olmo_mini.data.shards"):
+        manifest = write_shards(
+            file_documents([corpus]),
+            load_tokenizer(tokenizer_path),
+            0,
+            tmp_path,
+            source=str(corpus),
+            val_fraction=0.1,
+            procs=2,
+            shard_tokens=4000,
+        )
+    docs, tokens = manifest["num_docs"], manifest["num_tokens"]
+    total = tokens["train"] + tokens["val"]
+    assert docs["train"] + docs["val"] == len(list(file_documents([corpus])))
+    assert caplog.messages[-1] == (  # the closing line says what the manifest records
+        f"tokenized {len(list(file_documents([corpus]))):,} documents (train {docs['train']:,}, "
+        f"val {docs['val']:,}), {total / 1e6:.2f}M tokens (train {tokens['train'] / 1e6:.2f}M, "
+        f"val {tokens['val'] / 1e6:.2f}M): the manifest's counts"
     )
     for path in shard_dir.iterdir():
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from olmo_mini.data import resolve_tokenizer_and_shards, train_bpe
 from olmo_mini.data.tokenizer import tokenizer_hash
 from olmo_mini.evaluation import rolling_windows
-from olmo_mini.interop import export_hf, load, trained_tokenizer_hash
+from olmo_mini.interop import export_hf, load, load_model, trained_tokenizer_hash
 from olmo_mini.model import IGNORE_INDEX, OLMo2, OLMo2Config
 from olmo_mini.model.hf import DEFAULT_CONTEXT
 from tests.interop.helpers import tool
@@ -206,8 +206,10 @@ def test_from_hf_takes_a_stated_default_where_peers_give_no_context(
 
     with caplog.at_level(logging.WARNING, logger="olmo_mini.model.hf"):
         ours = OLMo2.from_hf(folder)
+        assert load_model(folder).config.max_seq_len == DEFAULT_CONTEXT  # read again: no repeat
     assert ours.config.max_seq_len == DEFAULT_CONTEXT
-    assert f"max_position_embeddings is {context if context != 'absent' else None!r}" in caplog.text
+    said = f"max_position_embeddings is {context if context != 'absent' else None!r}"
+    assert caplog.text.count(said) == 1 and f"{config_file}: " in caplog.text
     ids = torch.arange(1, 40).unsqueeze(0)
     theirs = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     with torch.no_grad():

@@ -71,6 +71,10 @@ def test_to_hf_cli_writes_bf16_and_names_bad_sources(fsdp_run, tmp_path, capsys)
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'bf16'} (") and "MB: config.json" in (
+        result.stdout
+    )
+    assert result.stdout.rstrip().endswith(f"): bf16 weights from {step}")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     weights = load_file(tmp_path / "bf16" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
@@ -108,6 +112,27 @@ def test_hf_to_olmo_mini_gives_same_logits(hf_folder, tmp_path, capsys):
         expected = hf_model(ids).logits
         torch.testing.assert_close(load_model(out)(ids), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(load_model(hf_folder)(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_from_hf_without_tokenizer_files_prints_a_command_that_runs(hf_folder, tmp_path, capsys):
+    """OLMo-core writes no tokenizer: the printed command must not name one in the folder."""
+    bare = tmp_path / "olmo_core"
+    shutil.copytree(hf_folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "special*"))
+    out = tmp_path / "init"
+    assert _tool("convert_hf").main(["from-hf", str(bare), str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"wrote {out} (") and printed[0].endswith(
+        "MB: config.json, generation_config.json, model.safetensors)"
+    )
+    assert printed[1].startswith(f"{bare} has no tokenizer files")
+    command = printed[-1].split()
+    assert command[:2] == ["python", "train.py"] and "data.tokenizer" not in printed[-1]
+    result = subprocess.run(
+        [sys.executable, *command[1:], "debug=smoke", "trainer.max_steps=1", "trainer.val_check_interval=1",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def _assert_same_weights(model: OLMo2, expected: OLMo2) -> None:

@@ -182,6 +182,19 @@ def test_released_sizes_match_transformers_parameter_counts(name: str) -> None:
     assert ours == pytest.approx(expected[name], rel=0.01)
 
 
+def test_non_embedding_count_leaves_out_the_embedding_and_the_lm_head() -> None:
+    """olmo2_small by hand: 12 blocks of attention (4 d^2), SwiGLU (3 d h) and four norms of d
+    (q, k, post-attention, post-MLP), plus the final norm; its config comment says 85M."""
+    config = OLMo2Config.from_yaml(CONFIGS / "olmo2_small.yaml")
+    d, h = 768, 2048
+    with torch.device("meta"):
+        model = OLMo2(config)
+    non_embedding = 12 * (4 * d * d + 3 * d * h + 4 * d) + d
+    assert model.num_params(exclude_embeddings=True) == non_embedding == 84_972_288
+    assert model.num_params() == non_embedding + 2 * 32768 * d
+    assert "(85M non-embedding)" in (CONFIGS / "olmo2_small.yaml").read_text().splitlines()[0]
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_model_config_file_is_a_valid_flat_mapping(path: Path) -> None:
     config = OLMo2Config.from_yaml(path)

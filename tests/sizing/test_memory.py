@@ -38,6 +38,13 @@ def test_plan_divides_the_states_by_the_shards_and_counts_adam_moments() -> None
     # softmax, the hidden-state gradient; no dtype-cast copies.
     assert one.lm_head_loss == 8 * VOCAB * D + 4 * tokens * VOCAB + 4 * tokens * D
     assert one.total == 2 * one.params + one.optimizer + one.activations + one.lm_head_loss
+    assert one.total == one.total_without_checkpointing  # debug=smoke does not checkpoint
+    # With checkpointing: each block's input, the final norm's two, and the larger of one block
+    # recomputed and the loss (here the loss) on top of the rest.
+    assert one.lm_head_loss > per_block
+    assert one.total_with_checkpointing == (
+        2 * one.params + one.optimizer + one.activations_checkpointed + one.lm_head_loss
+    )
 
 
 def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
@@ -54,6 +61,22 @@ def test_plan_cli_prints_the_table_and_one_line_errors() -> None:
     assert ok.returncode == 0, ok.stderr
     assert "7.299 B parameters, bf16-mixed, 8 device(s)" in ok.stdout
     assert "optimizer state (AdamW)" in ok.stdout
+    fits = plan("model=olmo2_7b", "trainer=fsdp", "trainer.devices=8", "data.global_batch_size=64",
+                "data.micro_batch_size=2", "data.seq_len=4096", "--device-memory", "40GiB")  # fmt: skip
+    assert "total, no checkpointing              61.69 GiB  <- this config" in fits.stdout
+    assert "total, checkpointing                 22.16 GiB\n" in fits.stdout
+    assert fits.stdout.splitlines()[-1] == (
+        "does not fit: 61.69 GiB, 154% of 40.0 GiB per device; with "
+        "trainer.activation_checkpointing=true it fits (22.16 GiB, 55% of 40.0 GiB)"
+    )
+    uneven = plan("model=olmo2_7b", "trainer=fsdp", "trainer.devices=6", "data.micro_batch_size=2",
+                  "data.global_batch_size=64", "--device-memory", "80GiB")  # fmt: skip
+    assert uneven.returncode == 0, uneven.stderr
+    assert uneven.stderr.strip() == (
+        "note: data.global_batch_size=64 is no multiple of data.micro_batch_size × world size "
+        "(12); planned with the nearest that is, 60"
+    )
+    assert uneven.stdout.splitlines()[-1].startswith("fits: ")
     bad = plan("model=olmo2_nope")
     assert bad.returncode != 0
     [line] = bad.stderr.strip().splitlines()  # as train.py says it, with the options

@@ -80,13 +80,22 @@ def test_config_error_is_one_line_before_torch_and_leaves_no_run_dir(tmp_path):
             "olmo2_32b, olmo2_7b, olmo2_small, olmo2_tiny, wortsman",
         ),
         ("trainer.foo.bar=1", "trainer.foo: no such config key"),
+        (
+            "experiment=qk_lr_sweep_cpu",
+            "experiment=qk_lr_sweep_cpu: experiment is not in train.yaml's defaults; add it with "
+            "+experiment=qk_lr_sweep_cpu",
+        ),
+        (
+            "optim.lr=1e-3 optim.lr=2e-3",
+            "optim.lr is given twice (optim.lr=1e-3, optim.lr=2e-3): keep one",
+        ),
     ],
 )
 def test_a_bad_override_is_one_line_naming_it(tmp_path, override, message):
     """Hydra's own composition errors (before train.py's code runs) are one line too."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "train.py", override, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "train.py", *override.split(), f"hydra.run.dir={run_dir}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -96,6 +105,25 @@ def test_a_bad_override_is_one_line_naming_it(tmp_path, override, message):
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {message}"
     assert not run_dir.exists()
+
+
+def test_help_lists_the_groups_train_py_takes():
+    """The study plans (studies/) are tools/study.py's, not a group of train.py."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    check(result)
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    names = [line.split(":")[0] for line in groups.splitlines()[3:] if line.strip()]
+    assert names == [
+        "checkpoint", "cluster", "data", "debug", "experiment", "logger", "model", "optim",
+        "stability", "trainer",
+    ]  # fmt: skip
+    assert "+experiment=option" in groups
 
 
 def test_bad_input_keeps_a_run_dir_that_holds_a_run(tmp_path):
@@ -207,7 +235,7 @@ def test_console_tells_the_runs_story_in_plain_lines(tmp_path):
     check(result)
     out = result.stdout
     assert "\r" not in out and "step 4/4 | loss" in out and "final val/loss" in out
-    assert "\nmodel: 0.6M parameters (0.3M non-embedding) | 8 × 64 = 512 tokens/step" in "\n" + out
+    assert "\nmodel: 0.6M parameters (0.1M non-embedding) | 8 × 64 = 512 tokens/step" in "\n" + out
     noise = ("wandb:", "anonymous", "litlogger", "LeafSpec", "weights_only", "GPU available")
     assert not [n for n in noise if n in out + result.stderr], out + result.stderr
     log = (tmp_path / "train.log").read_text()
