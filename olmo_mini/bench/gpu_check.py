@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from olmo_mini.bench.trace import Job
 from olmo_mini.config import compose_config
 from olmo_mini.sizing.memory import plan_memory
 
@@ -67,15 +68,7 @@ MEMORY_OVERRIDES = [
     "data.seq_len=2048",
     "data.global_batch_size=4",
 ]
-TRACE_OVERRIDES = [
-    "model=olmo2_1b",
-    "trainer=fsdp",
-    "trainer.devices=8",
-    "trainer.precision=bf16-mixed",
-    "data.micro_batch_size=4",
-    "data.seq_len=4096",
-    "data.global_batch_size=1024",
-]
+TRACE_OVERRIDES = Job("olmo2_1b", 8, 4, 4096, activation_checkpointing=False).overrides()
 # Not yet calibrated on a GPU (none was available when this was written). The GPU parts run in
 # sequence: at most 565 s; the trace (CPU only, about a minute on 2 loaded cores) runs beside.
 LIMITS_S = {
