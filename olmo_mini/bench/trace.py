@@ -219,14 +219,14 @@ def format_trace(trace: MemoryTrace, plan: MemoryPlan) -> str:
     return "\n".join(rows)
 
 
-def shipped_table(jobs: tuple[Job, ...] = SHIPPED_JOBS) -> str:
+def shipped_table() -> str:
     """The markdown table of docs/scaling.md: every shipped job traced and planned."""
     lines = [
         "| model | ranks | micro-batch x seq | AC | params | grads | AdamW | FSDP working set "
         "| activations | traced peak | planned | plan vs trace | trace time | load |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for job in jobs:
+    for job in SHIPPED_JOBS:
         config = compose_or_exit(job.overrides())
         trace, plan = trace_memory(config), plan_memory(config)
         terms = " | ".join(_gib(trace.term(name)) for name in PLANNED_AS)
