@@ -45,13 +45,10 @@ BENCH_TRAIN_ARGS = (
 ).split()
 BENCH_NORM_ARGS = "--m 16384 --d 2048 4096 --providers triton torch compile".split()
 # One step of olmo2_1b on this GPU (tools/bench_memory.py) and the job traced at 8 ranks.
-MEMORY_OVERRIDES = [
-    "model=olmo2_1b",
-    "trainer.precision=bf16-mixed",
-    "data.micro_batch_size=4",
-    "data.seq_len=2048",
-    "data.global_batch_size=4",
-]
+MEMORY_OVERRIDES = (
+    "model=olmo2_1b trainer.precision=bf16-mixed data.micro_batch_size=4 data.seq_len=2048 "
+    "data.global_batch_size=4"
+).split()
 TRACE_OVERRIDES = Job("olmo2_1b", 8, 4, 4096, activation_checkpointing=False).overrides()
 # Not yet calibrated on a GPU (none was available when this was written). The GPU parts run in
 # sequence: at most 565 s; the trace (CPU only, about a minute on 2 loaded cores) runs beside.
@@ -300,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         records = json_records(parts[f"train_{model}"].output)
         train[model] = records[-1].get("rows", []) if records else []
     memory = next(iter(json_records(parts["memory"].output)), None)
-    memory_plan = None
-    if memory is not None:
-        memory_plan = asdict(plan_memory(compose_config(MEMORY_OVERRIDES)))
+    memory_plan = None if memory is None else asdict(plan_memory(compose_config(MEMORY_OVERRIDES)))
     trace = next(iter(json_records(parts["trace"].output)), None)
     norms = norm_rows(out / "norm" / "norm_bench.csv")
     report = summary(
