@@ -468,19 +468,14 @@ class OLMo2(nn.Module):
         forward call (FSDP2's unsharding, ``torch.compile``) cover the LM head too.
         """
         hidden = self.hidden_states(input_ids, cache)
-        if labels is None:
-            return self.logits(hidden)
+        if labels is None:  # soft-capped when final_logit_softcap is set
+            logits, cap = self.lm_head(hidden), self.config.final_logit_softcap
+            return logits if cap is None else cap * torch.tanh(logits / cap)
         if cache is not None:
             raise ValueError("labels and cache are exclusive: the loss is for training")
         return linear_cross_entropy(
             hidden, self.lm_head.weight, labels, z_loss, self.config.final_logit_softcap
         )
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on final hidden states, soft-capped when ``final_logit_softcap`` is set."""
-        logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         """An empty KV cache, one :class:`LayerCache` per block, for incremental decoding."""
