@@ -377,8 +377,8 @@ class OLMo2(nn.Module):
 
     def init_weights(self, seed: int | None = None) -> None:
         """OLMo 2's truncated normal (std ``init_std``, cut at +-3 std) everywhere, or with
-        ``init="wortsman"`` (see ``OLMo2Config``) N(0, 1) embeddings and truncated normals of
-        std 1/sqrt(fan_in); norm weights 1.
+        ``init="wortsman"`` N(0, 1) embeddings and truncated normals of std 1/sqrt(fan_in); norm
+        weights 1.
 
         With ``seed`` the result depends on nothing else (a private generator is used), not even
         on FSDP2 sharding: sharded parameters are drawn whole on the CPU, one at a time, and each
