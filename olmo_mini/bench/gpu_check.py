@@ -1,13 +1,7 @@
 """One command that validates the GPU paths and prints every number a maintainer needs, in one
-markdown file: the ``gpu`` test tier, the host-sync tests, the ahead-of-time Triton compile
-check, the norm kernels against ``torch.compile``, training-step throughput and MFU at the
-olmo2_small and olmo2_1b shapes, one step's peak GPU memory against the planner, and the
-olmo2_1b job traced at its real size (8 ranks) against the planner.
-
-``tools/gpu_check.py`` is the CLI; it is the first thing to run on a machine with a GPU. Each
-part runs in its own process with a time limit; the GPU parts run one after another and their
-limits add up to under 10 minutes, the CPU-only trace runs beside the test tier. Exit code 1 if
-any part fails. Without CUDA it stops with one line and exit code 1.
+markdown file: ``tools/gpu_check.py``, the first thing to run on a machine with a GPU. Each part
+runs in its own process with a time limit; exit code 1 if any part fails, or without CUDA (one
+line). The parts and what each checks: docs/scaling.md.
 """
 
 from __future__ import annotations
