@@ -190,14 +190,12 @@ def format_trace(trace: MemoryTrace, plan: MemoryPlan) -> str:
             f"  {labels.get(name, name):<26}{_gib(trace.term(name)):>9}{_gib(planned[name]):>9}  "
             f"{_diff(trace.term(name), planned[name])}"
         )
-    rows.append(
+    rows += [
         f"  {'peak (total)':<26}{_gib(trace.peak):>9}{_gib(plan.total):>9}  "
-        f"{_diff(trace.peak, plan.total)}"
-    )
-    rows.append(
+        f"{_diff(trace.peak, plan.total)}",
         "  tracker categories: "
-        + ", ".join(f"{k} {_gib(v)}" for k, v in trace.categories.items() if v)
-    )
+        + ", ".join(f"{k} {_gib(v)}" for k, v in trace.categories.items() if v),
+    ]
     return "\n".join(rows)
 
 
