@@ -26,14 +26,8 @@ from olmo_mini.model import IGNORE_INDEX, OLMo2
 # Data settings evaluation may override: they cut the same held-out token stream differently.
 # Every other data.* setting picks the corpus, its held-out split or the token ids.
 _EVAL_FREE_DATA_FIELDS = (
-    "seq_len",
-    "global_batch_size",
-    "micro_batch_size",
-    "val_batches",
-    "num_workers",
-    "prepare_procs",
-    "cache_dir",
-)
+    "seq_len global_batch_size micro_batch_size val_batches num_workers prepare_procs cache_dir"
+).split()
 
 
 @dataclass

@@ -162,21 +162,19 @@ def read_wandb_records(path: str | Path) -> tuple[list[Any], str | None]:
             pending, pending_at = bytearray(), pos
         pending += payload
         if kind in (_FULL, _LAST):
-            records.append(_parse_record(wandb_internal_pb2, bytes(pending), path, pending_at))
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(bytes(pending))
+            except Exception as err:  # protobuf's DecodeError
+                raise RunReadError(
+                    f"{path}: undecodable record at byte {pending_at}: {err}"
+                ) from err
+            records.append(record)
             pending = None
         pos = end
     if pending is not None:
         return records, _tail_note(path, pending_at, len(data))
     return records, None
-
-
-def _parse_record(pb: Any, payload: bytes, path: Path, pos: int) -> Any:
-    record = pb.Record()
-    try:
-        record.ParseFromString(payload)
-    except Exception as err:  # protobuf's DecodeError
-        raise RunReadError(f"{path}: undecodable record at byte {pos}: {err}") from err
-    return record
 
 
 def _tail_note(path: Path, pos: int, size: int) -> str:

@@ -1,13 +1,7 @@
 """One command that validates the GPU paths and prints every number a maintainer needs, in one
-markdown file: the ``gpu`` test tier, the host-sync tests, the ahead-of-time Triton compile
-check, the norm kernels against ``torch.compile``, training-step throughput and MFU at the
-olmo2_small and olmo2_1b shapes, one step's peak GPU memory against the planner, and the
-olmo2_1b job traced at its real size (8 ranks) against the planner.
-
-``tools/gpu_check.py`` is the CLI; it is the first thing to run on a machine with a GPU. Each
-part runs in its own process with a time limit; the GPU parts run one after another and their
-limits add up to under 10 minutes, the CPU-only trace runs beside the test tier. Exit code 1 if
-any part fails. Without CUDA it stops with one line and exit code 1.
+markdown file: ``tools/gpu_check.py``, the first thing to run on a machine with a GPU. Each part
+runs in its own process with a time limit; exit code 1 if any part fails, or without CUDA (one
+line). The parts and what each checks: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -24,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from olmo_mini.bench.trace import Job
 from olmo_mini.config import compose_config
+from olmo_mini.model import OLMo2Config
 from olmo_mini.sizing.memory import plan_memory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,47 +31,19 @@ NO_GPU = (
 # The ahead-of-time compile check of every Triton kernel launch (olmo_mini/kernels/aot.py).
 AOT_TESTS = "tests/kernels/test_aot_compile.py"
 # tools/bench_train.py sizes: configs/model/olmo2_{small,1b}.yaml's shapes, a batch of each.
-SHAPES = {
-    "olmo2_small": {
-        "d_model": 768,
-        "n_layers": 12,
-        "n_heads": 12,
-        "mlp_hidden_size": 2048,
-        "vocab_size": 32768,
-        "seq_len": 2048,
-        "batch_size": 8,
-    },
-    "olmo2_1b": {
-        "d_model": 2048,
-        "n_layers": 16,
-        "n_heads": 16,
-        "mlp_hidden_size": 8192,
-        "vocab_size": 100352,
-        "seq_len": 2048,
-        "batch_size": 4,
-    },
-}
+BATCH_SIZES = {"olmo2_small": 8, "olmo2_1b": 4}
+SEQ_LEN = 2048
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")
 BENCH_TRAIN_ARGS = (
     "--olmo-modes bf16+eager bf16+compile --hf-modes bf16+eager --warmup 2 --repeats 3"
 ).split()
 BENCH_NORM_ARGS = "--m 16384 --d 2048 4096 --providers triton torch compile".split()
 # One step of olmo2_1b on this GPU (tools/bench_memory.py) and the job traced at 8 ranks.
-MEMORY_OVERRIDES = [
-    "model=olmo2_1b",
-    "trainer.precision=bf16-mixed",
-    "data.micro_batch_size=4",
-    "data.seq_len=2048",
-    "data.global_batch_size=4",
-]
-TRACE_OVERRIDES = [
-    "model=olmo2_1b",
-    "trainer=fsdp",
-    "trainer.devices=8",
-    "trainer.precision=bf16-mixed",
-    "data.micro_batch_size=4",
-    "data.seq_len=4096",
-    "data.global_batch_size=1024",
-]
+MEMORY_OVERRIDES = (
+    "model=olmo2_1b trainer.precision=bf16-mixed data.micro_batch_size=4 data.seq_len=2048 "
+    "data.global_batch_size=4"
+).split()
+TRACE_OVERRIDES = Job("olmo2_1b", 8, 4, 4096, activation_checkpointing=False).overrides()
 # Not yet calibrated on a GPU (none was available when this was written). The GPU parts run in
 # sequence: at most 565 s; the trace (CPU only, about a minute on 2 loaded cores) runs beside.
 LIMITS_S = {
@@ -111,8 +79,12 @@ def _command(name: str, out: Path) -> list[str] | None:
         "memory": [python, "tools/bench_memory.py", "--stop-after", "step", *MEMORY_OVERRIDES],
         "trace": [python, "tools/plan_memory.py", "--trace", "--json", *TRACE_OVERRIDES],
     }
-    for model, shape in SHAPES.items():
-        sizes = [a for k, v in shape.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    for model, batch_size in BATCH_SIZES.items():
+        config = OLMo2Config.from_yaml(REPO / "configs" / "model" / f"{model}.yaml")
+        sizes = [
+            a for f in SHAPE_FIELDS for a in (f"--{f.replace('_', '-')}", str(getattr(config, f)))
+        ]
+        sizes += ["--seq-len", str(SEQ_LEN), "--batch-size", str(batch_size)]
         commands[f"train_{model}"] = [python, "tools/bench_train.py", *sizes, *BENCH_TRAIN_ARGS]
     if name == "aot" and not (REPO / AOT_TESTS).is_file():
         return None
@@ -161,7 +133,7 @@ def run_parts(out: Path) -> dict[str, Part]:
     trace = _start("trace", out)
     parts = {"tests": _finish("tests", _start("tests", out))}
     parts["trace"] = _finish("trace", trace)
-    for name in ("syncs", "aot", "bench_norm", *(f"train_{m}" for m in SHAPES), "memory"):
+    for name in ("syncs", "aot", "bench_norm", *(f"train_{m}" for m in BATCH_SIZES), "memory"):
         parts[name] = _finish(name, _start(name, out))
     return parts
 
@@ -270,8 +242,7 @@ def summary(
     )
     for model, rows in train.items():
         lines += _section(
-            f"Training step, {model} shape ({SHAPES[model]['batch_size']} x "
-            f"{SHAPES[model]['seq_len']} tokens), one GPU",
+            f"Training step, {model} shape ({BATCH_SIZES[model]} x {SEQ_LEN} tokens), one GPU",
             "| framework | mode | tokens/s | MFU | peak step MiB |",
             [
                 f"| {r['framework']} | {r['mode']} | {r['tokens_per_s']:.0f} | "
@@ -316,13 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parts = run_parts(out)
     tests = {name: junit_rows(out / f"{name}.xml") for name in ("tests", "syncs", "aot")}
     train = {}
-    for model in SHAPES:
+    for model in BATCH_SIZES:
         records = json_records(parts[f"train_{model}"].output)
         train[model] = records[-1].get("rows", []) if records else []
     memory = next(iter(json_records(parts["memory"].output)), None)
-    memory_plan = None
-    if memory is not None:
-        memory_plan = asdict(plan_memory(compose_config(MEMORY_OVERRIDES)))
+    memory_plan = None if memory is None else asdict(plan_memory(compose_config(MEMORY_OVERRIDES)))
     trace = next(iter(json_records(parts["trace"].output)), None)
     norms = norm_rows(out / "norm" / "norm_bench.csv")
     report = summary(

@@ -1,13 +1,7 @@
-"""Measured per-rank memory of building (and one step of) a training config: what
-``olmo_mini.sizing.memory``'s planner predicts.
-
-    python tools/bench_memory.py --nproc 2 --stop-after init model=olmo2_1b trainer=fsdp
-    python tools/bench_memory.py --nproc 2 --stop-after backward model=olmo2_1b trainer=fsdp \\
-        data.micro_batch_size=1 data.seq_len=64 trainer.precision=32-true
-
-Starts N processes (gloo on CPU, NCCL on GPU), builds the model exactly as the trainer does
-(``training.parallel.build_model``), optionally runs one forward/backward and one AdamW step on
-random tokens, and prints one JSON line per rank (:class:`MemoryRow`).
+"""Measured per-rank memory of building (and one step of) a training config, against what
+``olmo_mini.sizing.memory``'s planner predicts (``tools/bench_memory.py``; usage and the
+measurements: docs/scaling.md). N processes (gloo on CPU, NCCL on GPU) build the model exactly as
+the trainer does (``training.parallel.build_model``) and print one JSON line per rank.
 """
 
 from __future__ import annotations

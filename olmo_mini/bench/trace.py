@@ -1,32 +1,11 @@
 """The memory of one training step, traced at the job's real world size on one CPU process.
 
 ``tools/plan_memory.py --trace`` builds the real model and FSDP2 wrapping
-(``training.parallel.wrap_model``) on torch's "fake" process group (``FakeStore``: every
-collective returns at once) with fake tensors (``FakeTensorMode``: shapes and dtypes, no
-storage), runs a micro-batch and the optimizer update as the trainer runs them (bf16 autocast
-under ``bf16-mixed``, activation checkpointing as configured, gradient clipping, the project's
-fused AdamW, ``zero_grad``; where the config accumulates, the micro-batch finds the sharded
-gradients of the step's earlier ones, as from the second micro-batch on), and reads the
-per-rank memory by category from torch's ``FSDPMemTracker`` beside the analytic plan
-(``olmo_mini.sizing.memory``).
-
-What the trace is and is not:
-
-- Rank 0 of N; FSDP2 shards evenly, so every rank's figures are the same up to padding.
-- On the CPU device (a CPU build of torch cannot place a fake tensor on "cuda": ``fully_shard``
-  asks CUDA for the current device), standing for the GPU: the RMSNorms take the Triton path
-  that ``norm_backend=auto`` takes on CUDA (its ``torch.library`` ops have fake
-  implementations; the torch reference would save fp32 copies the GPU never makes).
-  Attention takes the CPU flash path, which saves the output and the log-sum-exp as the
-  CUDA one does.
-- ``model.compile`` is off (no compiled graphs under fake tensors): a compiled block can
-  save fewer tensors than the eager one traced here.
-- Tensor bytes, not the CUDA caching allocator's reserved memory: fragmentation and cuBLAS /
-  NCCL workspaces come on top (on a GPU, ``max_memory_reserved`` minus ``max_memory_allocated``).
-- An optimizer update runs before the tracker, from zero gradients: it creates AdamW's state
-  (the traced step is a steady-state one) and fills DTensor's sharding-propagation cache; on a cache miss DTensor
-  builds global-shape fake tensors to infer output shapes, which the tracker would count as
-  the rank's memory (in ``FakeTensorMode`` they live in the same fake mode as the step).
+(``training.parallel.wrap_model``) on torch's "fake" process group with fake tensors, runs a
+micro-batch and the optimizer update as the trainer runs them, and reads rank 0's memory by
+category from torch's ``FSDPMemTracker`` beside the analytic plan (``olmo_mini.sizing.memory``).
+What the trace stands for and what it leaves out (the CPU device standing for the GPU with the
+Triton norms, no ``model.compile``, tensor bytes only): docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -134,6 +113,7 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
         raise SystemExit("error: --trace does not trace trainer.precision=bf16-true")
     accumulating = config.grad_accum_steps > 1
     start = time.perf_counter()
+    # The CPU stands for the GPU: the norms take their Triton path (fake implementations), as on CUDA.
     use_triton = kernels.triton_norm is not None and config.model.norm_backend != "torch"
     gpu_norms = mock.patch.object(kernels, "_use_triton", lambda backend, x: use_triton)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=trainer.world_size)
@@ -161,7 +141,9 @@ def trace_memory(config: TrainConfig) -> MemoryTrace:
                 for param in model.parameters():
                     param.grad = torch.zeros_like(param)
 
-            # AdamW's state and DTensor's propagation cache (see the module docstring).
+            # An untracked update first: it creates AdamW's state (the traced step is a steady-state
+            # one) and fills DTensor's sharding-propagation cache, whose misses build global-shape
+            # fake tensors that the tracker would count as the rank's memory.
             earlier_gradients()
             update()
             if accumulating:  # the traced micro-batch adds to the step's earlier ones
@@ -215,25 +197,23 @@ def format_trace(trace: MemoryTrace, plan: MemoryPlan) -> str:
             f"  {labels.get(name, name):<26}{_gib(trace.term(name)):>9}{_gib(planned[name]):>9}  "
             f"{_diff(trace.term(name), planned[name])}"
         )
-    rows.append(
+    rows += [
         f"  {'peak (total)':<26}{_gib(trace.peak):>9}{_gib(plan.total):>9}  "
-        f"{_diff(trace.peak, plan.total)}"
-    )
-    rows.append(
+        f"{_diff(trace.peak, plan.total)}",
         "  tracker categories: "
-        + ", ".join(f"{k} {_gib(v)}" for k, v in trace.categories.items() if v)
-    )
+        + ", ".join(f"{k} {_gib(v)}" for k, v in trace.categories.items() if v),
+    ]
     return "\n".join(rows)
 
 
-def shipped_table(jobs: tuple[Job, ...] = SHIPPED_JOBS) -> str:
+def shipped_table() -> str:
     """The markdown table of docs/scaling.md: every shipped job traced and planned."""
     lines = [
         "| model | ranks | micro-batch x seq | AC | params | grads | AdamW | FSDP working set "
         "| activations | traced peak | planned | plan vs trace | trace time | load |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for job in jobs:
+    for job in SHIPPED_JOBS:
         config = compose_or_exit(job.overrides())
         trace, plan = trace_memory(config), plan_memory(config)
         terms = " | ".join(_gib(trace.term(name)) for name in PLANNED_AS)

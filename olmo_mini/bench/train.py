@@ -277,13 +277,9 @@ def measure_trainer(
     device: torch.device,
     extra_overrides: Sequence[str] = (),
 ) -> tuple[list[float], Runner, str]:
-    """olmo-mini's trainer (``olmo_mini.training.train``, what ``python train.py`` runs) at this
-    size and mode for ``steps`` steps of one micro-batch, each followed by one model-level step in
-    the same mode: a quiet run without stability measurement, on the default corpus with the
-    benchmark's vocabulary. Returns the trainer's step times, the model-level runner and the
-    trainer's command."""
-    if mode.full_logits_loss:
-        raise ValueError("the trainer always uses the chunked loss: no full-ce mode")
+    """The trainer row of the module docstring: ``steps`` steps of one micro-batch in a quiet run
+    without stability measurement, on the default corpus. Returns the trainer's step times, the
+    model-level runner and the trainer's command."""
     if steps < 4:
         raise ValueError(f"the trainer row needs at least 4 steps, got {steps}")
     overrides = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -13,7 +12,7 @@ from olmo_mini.validation import ConfigError, one_of, positive
 
 
 class QKNorm(str, Enum):
-    """``model.qk_norm``: how attention normalizes q and k (see ``OLMo2Config``).
+    """``model.qk_norm``: how attention normalizes q and k (see docs/model.md).
 
     The one list of allowed values: Hydra's schema checks the YAML against it, ``one_of`` a
     value given in Python. Members are named by their values because OmegaConf reads a YAML
@@ -51,22 +50,10 @@ class OLMo2Config:
 
     Defaults are OLMo 2's choices (RoPE theta 500k, eps 1e-6, full-width QK-norm,
     reordered norm, init std 0.02) on a tiny shape; the named sizes live in
-    ``configs/model/*.yaml``. ``n_kv_heads=None`` means plain multi-head attention.
-
-    Stability interventions, all off (OLMo 2) by default:
-    ``qk_norm``: ``full`` (one norm over all heads, OLMo 2), ``head`` (per head, Qwen 3),
-    ``none``, ``l2`` (Henry et al. 2020: unit q and k per head times a learnable scale that
-    replaces 1/sqrt(head_dim)), ``qkv`` (full-width norms on q, k and v; Rybakov et al. 2024).
-    ``norm_type``: ``rms`` or ``layer`` (LayerNorm without bias); ``norm_affine=False``
-    drops the norms' learnable weights (OLMo 1's non-parametric LayerNorm).
-    ``attn_logit_softcap`` / ``final_logit_softcap``: ``cap * tanh(x / cap)`` (Gemma 2).
-
-    Wortsman et al. (2023)'s block, with ``block="pre"``, ``norm_type="layer"`` and
-    ``qk_norm="head"`` (``configs/model/wortsman.yaml``): ``mlp="gelu"`` (``down(gelu(up(x)))``,
-    the tanh approximation, as JAX's default; its width is ``mlp_hidden_size``, 4·d_model
-    there) instead of SwiGLU, and ``init="wortsman"``: embedding N(0, 1), every other
-    matrix a normal truncated at ±2σ whose std is 1/√fan_in (JAX's ``truncated_normal``
-    variance scaling), instead of OLMo 2's truncated N(0, ``init_std``).
+    ``configs/model/*.yaml``. ``n_kv_heads=None`` means plain multi-head attention. The
+    stability interventions (``qk_norm``, ``norm_type``, ``norm_affine``, the soft-caps, the
+    Wortsman et al. 2023 block: ``mlp="gelu"``, ``init="wortsman"``) are all off by default;
+    docs/model.md describes every field, and ``olmo_mini.model.model`` each variant.
     """
 
     vocab_size: int = 4096
@@ -149,6 +136,3 @@ class OLMo2Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)

@@ -377,8 +377,8 @@ class OLMo2(nn.Module):
 
     def init_weights(self, seed: int | None = None) -> None:
         """OLMo 2's truncated normal (std ``init_std``, cut at +-3 std) everywhere, or with
-        ``init="wortsman"`` (see ``OLMo2Config``) N(0, 1) embeddings and truncated normals of
-        std 1/sqrt(fan_in); norm weights 1.
+        ``init="wortsman"`` N(0, 1) embeddings and truncated normals of std 1/sqrt(fan_in); norm
+        weights 1.
 
         With ``seed`` the result depends on nothing else (a private generator is used), not even
         on FSDP2 sharding: sharded parameters are drawn whole on the CPU, one at a time, and each
@@ -468,19 +468,14 @@ class OLMo2(nn.Module):
         forward call (FSDP2's unsharding, ``torch.compile``) cover the LM head too.
         """
         hidden = self.hidden_states(input_ids, cache)
-        if labels is None:
-            return self.logits(hidden)
+        if labels is None:  # soft-capped when final_logit_softcap is set
+            logits, cap = self.lm_head(hidden), self.config.final_logit_softcap
+            return logits if cap is None else cap * torch.tanh(logits / cap)
         if cache is not None:
             raise ValueError("labels and cache are exclusive: the loss is for training")
         return linear_cross_entropy(
             hidden, self.lm_head.weight, labels, z_loss, self.config.final_logit_softcap
         )
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on final hidden states, soft-capped when ``final_logit_softcap`` is set."""
-        logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         """An empty KV cache, one :class:`LayerCache` per block, for incremental decoding."""

@@ -136,7 +136,9 @@ def train(config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = 
             else f"{e} No checkpoint was saved before the streak."
         ) from None
     finally:
-        _finish_wandb(trainer.loggers)
+        for logger in loggers:
+            if isinstance(logger, LazyWandbLogger):
+                logger.finish()
         release(run_dir)
     sample = next((c.text for c in callbacks if isinstance(c, EndOfRunSample)), None)
     return RunResult(module.val_loss, sample, trainer.global_step)
@@ -167,12 +169,6 @@ def _loggers(config: TrainConfig, run_dir: Path, run_id: str | None) -> list[Log
         loggers.append(LazyWandbLogger(config.logger, run_dir, run_id))
     log_config(loggers, config)
     return loggers
-
-
-def _finish_wandb(loggers: Sequence[Logger]) -> None:
-    for logger in loggers:
-        if isinstance(logger, LazyWandbLogger):
-            logger.finish()
 
 
 def _uses_gpu(accelerator: str) -> bool:

@@ -1,12 +1,7 @@
-"""The run's tokenizer, kept in its run dir so that tools never re-derive it from data settings.
-
-The default tokenizer lives in a cache keyed by data settings (``data.vocab_size``,
-``data.val_fraction``, ...): re-deriving it from an edited config gives another tokenizer, and
-its ids fed to the trained weights give a wrong number without an error. So at training start
-the tokenizer file is copied to ``<run_dir>/tokenizer.json`` with its EOS token in
-``tokenizer_config.json`` (which makes the run dir a tokenizer folder for ``data.tokenizer``).
-Every checkpoint also carries the tokenizer's hash in its data-loader fingerprint, against which
-``olmo_mini.interop`` checks the recorded file.
+"""The run's tokenizer, kept in its run dir so that tools never re-derive it from data settings:
+a tokenizer re-derived from an edited config can differ, and its ids fed to the trained weights
+give a wrong number without an error (docs/interop.md). ``olmo_mini.interop`` checks the
+recorded file against the tokenizer hash in every checkpoint's data-loader fingerprint.
 """
 
 from __future__ import annotations
