@@ -30,6 +30,13 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ("checkpoint.every_n_steps=100", "checkpoint.save_final=true")
 
 
+def overridden(base: Sequence[str], *changes: str) -> list[str]:
+    """``base`` with ``changes`` in place of the entries that set the same keys: ``train.py``
+    refuses a key given twice on one command line."""
+    keys = {change.split("=")[0] for change in changes}
+    return [*(o for o in base if o.split("=")[0] not in keys), *changes]
+
+
 def compose_config(*overrides: str) -> TrainConfig:
     return config.compose_config(overrides)
 

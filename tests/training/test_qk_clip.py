@@ -15,7 +15,7 @@ from olmo_mini.stability import metrics
 from olmo_mini.stability.metrics import max_attention_logit
 from olmo_mini.training import train
 from olmo_mini.training.qk_clip import check_supported, clip_model
-from tests.training.helpers import check, compose_config, run_train, series
+from tests.training.helpers import check, compose_config, overridden, run_train, series
 
 
 def reference_max_logits(model: OLMo2, input_ids: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,8 @@ def test_qk_clip_bounds_the_max_logit_of_a_run_that_exceeds_tau_without_it(tmp_p
 
 # GQA (2 query heads per key head, each rank holding its own heads' rows), at an LR where one
 # process and two agree to 1e-4 before any clip; tau is passed within the first steps.
-FSDP_RUN = [
-    *RUN,
+FSDP_RUN = overridden(
+    RUN,
     "optim.lr=1e-2",
     "optim.qk_clip_tau=0.1",
     "model.n_heads=4",
@@ -186,7 +186,7 @@ FSDP_RUN = [
     "trainer.max_steps=6",
     "trainer.val_check_interval=6",
     "stability.enabled=false",
-]
+)
 
 
 def _final_weights(checkpoint) -> dict[str, torch.Tensor]:

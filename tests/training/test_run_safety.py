@@ -42,6 +42,7 @@ from tests.training.helpers import (
     REPO,
     check,
     compose_config,
+    overridden,
     run_train,
     series,
     train_command,
@@ -107,9 +108,8 @@ def test_two_launches_into_one_dir_at_once_leave_one_run(tmp_path):
         subprocess.Popen(
             train_command(
                 tmp_path,
-                *COMMON,
+                *overridden(COMMON, "checkpoint.every_n_steps=1"),
                 "trainer.max_steps=3",
-                "checkpoint.every_n_steps=1",
                 f"seed={seed}",
             ),
             cwd=REPO,
