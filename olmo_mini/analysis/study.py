@@ -2,7 +2,9 @@
 resumable, and rendered as one summary row per run plus an arm table and figures.
 
 A plan is a YAML file (``studies/<name>.yaml``): ``base`` overrides shared by every run,
-``arms`` (name → overrides), ``lrs`` and ``seeds``. Each run trains in this process (no
+``arms`` (name → overrides), ``lrs`` and ``seeds``, and optionally ``sizes`` (name → overrides):
+then every arm runs at every size, and the report adds LR sensitivity against the model's
+non-embedding parameters (Wortsman et al.'s Fig. 1). Each run trains in this process (no
 interpreter start-up per run) in its own directory ``<out>/<run_id>``; the run id carries a
 hash of the run's full overrides, so editing a plan makes new runs instead of reusing old ones.
 A run is complete only when its ``result.json`` (the summary row) exists: it is written
@@ -83,6 +85,8 @@ FIELDS = (
     "arm",
     "lr",
     "seed",
+    "size",
+    "non_embedding_params",
     "run_id",
     "steps",
     "max_steps",
@@ -106,6 +110,8 @@ FIELDS = (
     "load_avg_1m",
     "overrides",
 )
+# Columns CSVs written before plans had sizes lack; they read back as no size (one model).
+_SIZE_DEFAULTS = {"size": "", "non_embedding_params": None}
 _LSE_KEY = "logits/mean_logsumexp"
 # A run's wandb logger from its spec and its config's logger (``study_wandb.run_labels``).
 WandbLabels = Callable[["RunSpec", "LoggerConfig"], "LoggerConfig"]
@@ -123,11 +129,17 @@ class RunSpec:
     lr: float
     seed: int
     overrides: tuple[str, ...]  # the full Hydra override list, base first
+    size: str = ""  # the plan's size name; "" when the plan has no sizes
+
+    @property
+    def label(self) -> str:
+        """The arm as rows and reports name it: ``<size>, <arm>`` when the plan has sizes."""
+        return size_label(self.size, self.arm)
 
     @property
     def run_id(self) -> str:
         digest = hashlib.sha1("\n".join(self.overrides).encode()).hexdigest()[:8]
-        slug = re.sub(r"[^A-Za-z0-9.]+", "_", self.arm).strip("_")
+        slug = re.sub(r"[^A-Za-z0-9.]+", "_", self.label).strip("_")
         return f"{slug}-lr{self.lr:g}-s{self.seed}-{digest}"
 
 
@@ -142,15 +154,28 @@ class Plan:
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]
     series: tuple[str, ...]  # metrics drawn over steps, one figure each
+    sizes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def runs(self) -> list[RunSpec]:
-        """Arm by arm, then LR, then seed: a partial study holds whole arms first."""
+        """Size by size (smallest first, as listed), then arm, LR and seed: a partial study
+        holds whole sizes and arms first."""
         return [
-            RunSpec(arm, lr, seed, (*self.base, *extra, f"optim.lr={lr!r}", f"seed={seed}"))
+            RunSpec(
+                arm,
+                lr,
+                seed,
+                (*self.base, *shape, *extra, f"optim.lr={lr!r}", f"seed={seed}"),
+                size,
+            )
+            for size, shape in (self.sizes or {"": ()}).items()
             for arm, extra in self.arms.items()
             for lr in self.lrs
             for seed in self.seeds
         ]
+
+
+def size_label(size: str, arm: str) -> str:
+    return f"{size}, {arm}" if size else arm
 
 
 def plan_path(name: str | Path) -> Path:
@@ -175,7 +200,8 @@ def load_plan(name: str | Path) -> Plan:
         raise StudyError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise StudyError(f"{path}: expected a mapping with base, arms, lrs, seeds")
-    unknown = sorted(set(data) - {"description", "base", "arms", "lrs", "seeds", "series"})
+    fields = {"description", "base", "arms", "lrs", "seeds", "series", "sizes"}
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise StudyError(f"{path}: unknown fields {unknown}")
 
@@ -202,12 +228,17 @@ def load_plan(name: str | Path) -> Plan:
     if not isinstance(arms_raw, dict) or not arms_raw:
         raise StudyError(f"{path}: arms must be a non-empty mapping of name to overrides")
     arms = {str(k): strings(v, f"arms.{k}") for k, v in arms_raw.items()}
+    sizes_raw = data.get("sizes", {})
+    if not isinstance(sizes_raw, dict) or ("sizes" in data and not sizes_raw):
+        raise StudyError(f"{path}: sizes must be a non-empty mapping of name to overrides")
+    sizes = {str(k): strings(v, f"sizes.{k}") for k, v in sizes_raw.items()}
     lrs = numbers("lrs", float)
     if any(lr <= 0 for lr in lrs):
         raise StudyError(f"{path}: lrs must be positive, got {list(lrs)}")
     base = strings(data.get("base"), "base")
     named = [("base", base)]
     named += [(f"arms.{arm}", overrides) for arm, overrides in arms.items()]
+    named += [(f"sizes.{size}", overrides) for size, overrides in sizes.items()]
     for field, overrides in named:
         for o in overrides:
             if o.split("=", 1)[0].lstrip("+~") in ("optim.lr", "seed"):
@@ -220,6 +251,7 @@ def load_plan(name: str | Path) -> Plan:
         lrs=lrs,
         seeds=numbers("seeds", int) if "seeds" in data else (0,),
         series=strings(data.get("series"), "series"),
+        sizes=sizes,
     )
 
 
@@ -234,6 +266,7 @@ def summarize(
     warmup_steps: int,
     stopped_early: bool,
     cost: dict[str, float],
+    non_embedding_params: int,
 ) -> dict[str, Any]:
     """The summary row of one finished run, from its logged history; ``cost`` holds the
     ``cpu_s``, ``wall_s`` and ``load_avg_1m`` columns."""
@@ -250,9 +283,11 @@ def summarize(
     finite_lse = lse[np.isfinite(lse)]
     return {
         "plan": plan,
-        "arm": spec.arm,
+        "arm": spec.label,
         "lr": spec.lr,
         "seed": spec.seed,
+        "size": spec.size,
+        "non_embedding_params": non_embedding_params,
         "run_id": spec.run_id,
         "steps": run.final_step,
         "max_steps": max_steps,
@@ -284,7 +319,10 @@ def train_run(
     A run that stops on non-finite steps (``TrainingDiverged``) is a result, not an error.
     ``wandb``: log the run to wandb, as this labels its logger (``study_wandb.run_labels``).
     """
+    import torch
+
     from olmo_mini.config import compose_config
+    from olmo_mini.model import OLMo2
     from olmo_mini.training.module import TrainingDiverged
     from olmo_mini.training.run import train
 
@@ -304,7 +342,9 @@ def train_run(
     cost = {"cpu_s": cpu, "wall_s": time.perf_counter() - start, "load_avg_1m": load}
     run = load_run_dir(run_dir)
     max_steps, warmup = config.trainer.max_steps, config.optim.warmup_steps
-    return summarize(spec, plan, run, max_steps, warmup, stopped_early, cost)
+    with torch.device("meta"):
+        params = OLMo2(config.model).num_params(exclude_embeddings=True)
+    return summarize(spec, plan, run, max_steps, warmup, stopped_early, cost, params)
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -312,7 +352,11 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RESULT_FILE
     if not path.is_file():
         return None
-    return {**dict.fromkeys(FIELDS), **legacy_columns(json.loads(path.read_text()))}
+    return {
+        **dict.fromkeys(FIELDS),
+        **_SIZE_DEFAULTS,
+        **legacy_columns(json.loads(path.read_text())),
+    }
 
 
 def legacy_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -333,7 +377,7 @@ def check_runs(plan: Plan) -> None:
         try:
             compose_checked(spec.overrides)
         except ConfigError as err:
-            raise StudyError(f"plan {plan.name!r}, arm {spec.arm}: {err}") from None
+            raise StudyError(f"plan {plan.name!r}, arm {spec.label}: {err}") from None
 
 
 def run_plan(
@@ -395,10 +439,12 @@ def write_rows(rows: Iterable[Mapping[str, Any]], path: Path) -> Path:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Summary rows from a plan's CSV, typed as ``summarize`` wrote them. A CSV from before the
     trajectory columns reads with them None and ``diverged_by_final`` = its ``diverged`` (then
-    judged on the final loss only)."""
+    judged on the final loss only); one from before plans had sizes, with no size and no
+    parameter count."""
     parse: dict[str, Callable[[str], Any]] = dict.fromkeys(FIELDS, float)
-    parse |= dict.fromkeys(("plan", "arm", "run_id", "final_from", "overrides"), str)
+    parse |= dict.fromkeys(("plan", "arm", "size", "run_id", "final_from", "overrides"), str)
     integers = ("seed", "steps", "max_steps", "peak_attn_logit_layer", "peak_attn_logit_step")
+    integers += ("non_embedding_params",)
     integers += ("max_train_loss_step", "non_finite_steps", "steps_above_init", "first_above_init")
     parse |= dict.fromkeys(integers, int)
     flags = ("stopped_early", "diverged", "diverged_by_final", "recovered")
@@ -408,12 +454,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         for line, raw in enumerate(csv.DictReader(f), start=2):
             raw = legacy_columns(raw)
             optional = TRAJECTORY_FIELDS if "max_train_loss" not in raw else ()
-            missing = [k for k in FIELDS if k not in raw and k not in optional]
+            missing = [
+                k for k in FIELDS if k not in raw and k not in optional and k not in _SIZE_DEFAULTS
+            ]
             if missing:
                 raise StudyError(f"{path}:{line}: missing columns {missing}")
-            absent = [k for k in TRAJECTORY_FIELDS if raw.get(k) == ""]  # a legacy row's None
+            absent = [k for k in (*TRAJECTORY_FIELDS, "non_embedding_params") if raw.get(k) == ""]
             raw = {k: v for k, v in raw.items() if k not in absent}
-            rows.append({key: parse[key](raw[key]) if key in raw else None for key in FIELDS})
+            defaults = {**dict.fromkeys(FIELDS), **_SIZE_DEFAULTS}
+            rows.append({k: parse[k](raw[k]) if k in raw else defaults[k] for k in FIELDS})
     return rows
 
 
@@ -477,6 +526,55 @@ def arm_results(rows: Sequence[Mapping[str, Any]]) -> list[ArmResult]:
             )
         )
     return sorted(results, key=lambda a: (a.sensitivity, a.arm, a.seed))
+
+
+@dataclass(frozen=True)
+class SizePoint:
+    """One arm of a plan with sizes at one size: its LR sensitivity per seed (each over that
+    seed's LR grid) and their mean and sample std, the seed noise of the point."""
+
+    arm: str  # the plan's arm, without the size
+    size: str
+    non_embedding_params: int
+    sensitivities: dict[int, float]  # by seed
+    diverged_runs: int  # by the trajectory rule, over every LR and seed
+    runs: int
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.sensitivities.values())))
+
+    @property
+    def std(self) -> float:
+        """The sample std over seeds; NaN with one seed."""
+        values = list(self.sensitivities.values())
+        return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def size_points(rows: Sequence[Mapping[str, Any]]) -> list[SizePoint]:
+    """The rows of a plan with sizes as LR sensitivity against size: a point per (arm, size),
+    by arm then by non-embedding parameters; empty when no row has a size."""
+    groups: dict[tuple[str, str], list[ArmResult]] = {}
+    for result in arm_results([r for r in rows if r["size"]]):
+        size = next(iter(result.runs.values()))["size"]
+        groups.setdefault((result.arm.removeprefix(f"{size}, "), size), []).append(result)
+    points = []
+    for (arm, size), results in groups.items():
+        members = [r for result in results for r in result.runs.values()]
+        params = {r["non_embedding_params"] for r in members}
+        if len(params) != 1:
+            raise StudyError(f"arm {size_label(size, arm)!r}: runs of {sorted(params)} parameters")
+        points.append(
+            SizePoint(
+                arm=arm,
+                size=size,
+                non_embedding_params=params.pop(),
+                sensitivities={res.seed: res.sensitivity for res in results},
+                diverged_runs=sum(bool(r["diverged"]) for r in members),
+                runs=len(members),
+            )
+        )
+    return sorted(points, key=lambda p: (p.arm, p.non_embedding_params))
 
 
 def seed_spread(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, int, float, float]]:
@@ -612,6 +710,7 @@ def report_markdown(
             f"{_num(a.max_spike_score_grad, 2)} | {_percent(a.max_share_above_init)} | "
             f"{diverged} | {by_final} |"
         )
+    lines += size_table(size_points(rows))
     spread = seed_spread(rows)
     if spread:
         lines += [
@@ -689,6 +788,57 @@ def plot_series(
     return save_figure(fig, path, dpi=90, rect=(0, bottom, 1, 1))
 
 
+def plot_sensitivity_vs_size(points: Sequence[SizePoint], path: Path) -> Path:
+    """LR sensitivity against non-embedding parameters (log axis), a line per arm at the mean
+    over seeds with ± one sample std, each seed's value a dot (Wortsman et al.'s Fig. 1)."""
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.subplots()
+    by_arm: dict[str, list[SizePoint]] = {}
+    for point in points:
+        by_arm.setdefault(point.arm, []).append(point)
+    for i, (arm, line) in enumerate(by_arm.items()):
+        x = np.array([p.non_embedding_params for p in line], dtype=np.float64)
+        mean = np.array([p.mean for p in line])
+        std = np.nan_to_num(np.array([p.std for p in line]))
+        style = line_style(i)
+        ax.errorbar(x, mean, yerr=std, **style, marker="o", capsize=3, label=arm)
+        for p in line:
+            values = list(p.sensitivities.values())
+            dots = np.full(len(values), float(p.non_embedding_params))
+            ax.plot(dots, values, ".", color=style["color"], alpha=0.5)
+    ax.set(
+        xscale="log",
+        xlabel="non-embedding parameters",
+        ylabel="LR sensitivity (nats)",
+        title="LR sensitivity vs model size (mean ± std over seeds; dots: seeds)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=100)
+
+
+def size_table(points: Sequence[SizePoint]) -> list[str]:
+    """Report lines: LR sensitivity against model size, a row per (arm, size)."""
+    if not points:
+        return []
+    lines = [
+        "",
+        "LR sensitivity against model size (Wortsman et al. Fig. 1): per seed, each over that "
+        "seed's LR grid; mean ± sample std over the seeds:",
+        "",
+        "| arm | size | non-embedding params | LR sensitivity per seed | mean ± std | "
+        "diverged runs |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for p in points:
+        per_seed = ", ".join(f"{v:.3f}" for _, v in sorted(p.sensitivities.items()))
+        lines.append(
+            f"| {p.arm} | {p.size} | {p.non_embedding_params:,} | {per_seed} | "
+            f"**{p.mean:.3f} ± {_num(p.std, 2)}** | {p.diverged_runs} of {p.runs} |"
+        )
+    return lines
+
+
 def render(
     plan: Plan,
     rows: Sequence[Mapping[str, Any]],
@@ -703,6 +853,8 @@ def render(
     report_dir.mkdir(parents=True, exist_ok=True)
     written = [write_rows(rows, report_dir / SUMMARY_FILE)]
     figures = [plot_final_loss_vs_lr(arm_results(rows), report_dir / "final_loss_vs_lr.png")]
+    if points := size_points(rows):
+        figures.append(plot_sensitivity_vs_size(points, report_dir / "sensitivity_vs_size.png"))
     if runs_dir is not None and plan.series:
         runs = {r["run_id"]: load_run_dir(runs_dir / r["run_id"]) for r in rows}
         for key in plan.series:

@@ -51,8 +51,8 @@ def run_labels(plan: Plan) -> WandbLabels:
 
     def labelled(spec: RunSpec, logger: LoggerConfig) -> LoggerConfig:
         own = spec.overrides[len(plan.base) :]
-        name = f"{plan.name}/{spec.arm}/lr{spec.lr:g}/s{spec.seed}"
-        tagged = label(logger, name, plan.name, own, [spec.arm[:WANDB_TAG_LENGTH]])
+        name = f"{plan.name}/{spec.label}/lr{spec.lr:g}/s{spec.seed}"
+        tagged = label(logger, name, plan.name, own, [spec.label[:WANDB_TAG_LENGTH]])
         return replace(tagged, kind="wandb")
 
     return labelled

@@ -29,6 +29,7 @@ from olmo_mini.analysis.study import (
     StudyError,
     arm_results,
     load_plan,
+    plot_sensitivity_vs_size,
     pooled_std,
     read_result,
     read_rows,
@@ -36,6 +37,7 @@ from olmo_mini.analysis.study import (
     run_plan,
     seed_spread,
     sensitivity_noise,
+    size_points,
     write_rows,
 )
 
@@ -54,17 +56,22 @@ def row(
     logit: float = 10.0,
     entropy: float = 1.0,
     losses: tuple[float, ...] = (),
+    size: str = "",
+    params: int | None = None,
 ) -> dict:
     """A summary row; ``losses``: the training losses of steps 2, 3, ... after ``init`` at
-    step 1 (warmup 1), else a run that falls straight to its final loss."""
+    step 1 (warmup 1), else a run that falls straight to its final loss; ``size`` and
+    ``params``: a plan with sizes' (``arm`` then names the arm without its size)."""
     path = trajectory(range(1, 3 + len(losses)), (init, *losses, final), init, final, 1)
     values = {key: math.nan for key in FIELDS}
     values.update(
         plan="fixed",
-        arm=arm,
+        arm=f"{size}, {arm}" if size else arm,
         lr=lr,
         seed=seed,
-        run_id=f"{arm}-{lr:g}-{seed}",
+        size=size,
+        non_embedding_params=params,
+        run_id=f"{size}{arm}-{lr:g}-{seed}",
         steps=100,
         max_steps=100,
         init_loss=init,
@@ -197,7 +204,8 @@ def test_report_judges_the_trajectory_beside_the_final_loss(tmp_path) -> None:
     # A CSV from before the trajectory columns (its diverged was the final-loss rule's): they
     # read as None.
     legacy = tmp_path / "legacy.csv"
-    columns = [k for k in FIELDS if k not in TRAJECTORY_FIELDS and k != "diverged_by_final"]
+    newer = (*TRAJECTORY_FIELDS, "diverged_by_final", "size", "non_embedding_params")
+    columns = [k for k in FIELDS if k not in newer]
     with legacy.open("w") as f:
         f.write(",".join(columns) + "\n")
         for r in rows:
@@ -205,9 +213,88 @@ def test_report_judges_the_trajectory_beside_the_final_loss(tmp_path) -> None:
             f.write(",".join(str(r[k]) for k in columns) + "\n")
     old = read_rows(legacy)
     assert old[3]["max_train_loss"] is None and old[3]["diverged_by_final"] is False
+    assert (old[3]["size"], old[3]["non_embedding_params"]) == ("", None)
     assert [r["final_loss"] for r in old] == [r["final_loss"] for r in rows]
     assert "No trajectory columns in these rows" in report_markdown("old", "", old)
     assert "| — | — (no trajectory) | none |" in report_markdown("old", "", old)
+
+
+# Two sizes x two arms x LRs 0.1 and 1 x seeds 0 and 1, init 8: (final at 0.1, final at 1).
+# Sensitivity = mean of the two capped finals - the smaller: small "none" (5, 7) -> 1.0 and
+# (5, 6) -> 0.5, mean 0.75, std 0.5/sqrt(2); big "none" (4, 9 capped at 8) and (4, 8) -> 2.0
+# twice, std 0; small "ln" 0.1 and 0.2; big "ln" 0.2 and 0.1 (mean 0.15, std 0.1/sqrt(2)).
+SIZED_FINALS = {
+    ("small", "none"): ((5.0, 7.0), (5.0, 6.0)),
+    ("big", "none"): ((4.0, 9.0), (4.0, 8.0)),
+    ("small", "ln"): ((5.0, 5.2), (5.0, 5.4)),
+    ("big", "ln"): ((4.0, 4.4), (4.0, 4.2)),
+}
+SIZED = [
+    row(arm, lr, final, seed=seed, size=size, params={"small": 1000, "big": 8000}[size])
+    for (size, arm), by_seed in SIZED_FINALS.items()
+    for seed, finals in enumerate(by_seed)
+    for lr, final in zip((0.1, 1.0), finals, strict=True)
+]
+
+
+def test_a_plan_with_sizes_runs_every_arm_at_every_size(tmp_path) -> None:
+    path = tmp_path / "sized.yaml"
+    path.write_text(
+        "base: [trainer.max_steps=2]\narms: {none: [model.qk_norm=none], ln: []}\n"
+        "sizes: {small: [model.d_model=64], big: [model.d_model=128]}\n"
+        "lrs: [0.1, 1.0]\nseeds: [0, 1]\n"
+    )
+    runs = load_plan(path).runs()
+    assert len(runs) == 16
+    assert [(r.size, r.arm, r.lr, r.seed) for r in runs[:3]] == [
+        ("small", "none", 0.1, 0),
+        ("small", "none", 0.1, 1),
+        ("small", "none", 1.0, 0),
+    ]
+    assert runs[4].overrides == (
+        "trainer.max_steps=2",
+        "model.d_model=64",
+        "optim.lr=0.1",
+        "seed=0",
+    )
+    assert (runs[4].label, runs[-1].label) == ("small, ln", "big, ln")
+    assert runs[4].run_id.startswith("small_ln-lr0.1-s0-")
+    assert len({r.run_id for r in runs}) == 16
+    plain = load_plan("tiny").runs()[0]  # no sizes: named by the arm alone, as before
+    assert plain.label == plain.arm and plain.size == ""
+
+
+def test_sensitivity_against_size_hand_worked(tmp_path) -> None:
+    points = size_points(SIZED)
+    assert [(p.arm, p.size, p.non_embedding_params) for p in points] == [
+        ("ln", "small", 1000),
+        ("ln", "big", 8000),
+        ("none", "small", 1000),
+        ("none", "big", 8000),
+    ]
+    expected = {
+        ("ln", "small"): ((0.1, 0.2), 0.15, 0.1 / math.sqrt(2)),
+        ("ln", "big"): ((0.2, 0.1), 0.15, 0.1 / math.sqrt(2)),
+        ("none", "small"): ((1.0, 0.5), 0.75, 0.5 / math.sqrt(2)),
+        ("none", "big"): ((2.0, 2.0), 2.0, 0.0),
+    }
+    for p in points:
+        per_seed, mean, std = expected[(p.arm, p.size)]
+        assert [p.sensitivities[s] for s in (0, 1)] == pytest.approx(per_seed)
+        assert (p.mean, p.std) == (pytest.approx(mean), pytest.approx(std, abs=1e-12))
+    assert [p.diverged_runs for p in points] == [0, 0, 0, 1]  # the 9.0 ended above init
+    md = report_markdown("sized", "", SIZED)
+    assert "| none | small | 1,000 | 1.000, 0.500 | **0.750 ± 0.35** | 0 of 4 |" in md
+    assert "| none | big | 8,000 | 2.000, 2.000 | **2.000 ± 0** | 1 of 4 |" in md
+    back = read_rows(write_rows(SIZED, tmp_path / "summary.csv"))
+    assert size_points(back) == points
+    figure = plot_sensitivity_vs_size(points, tmp_path / "size.png")
+    assert figure.stat().st_size > 10_000
+    assert size_points(FIXED) == []  # a plan without sizes has no such table
+    assert "LR sensitivity against model size" not in report_markdown("fixed", "", FIXED)
+    mixed = [*SIZED[:-1], {**SIZED[-1], "non_embedding_params": 9000}]
+    with pytest.raises(StudyError, match="arm 'big, ln': runs of \\[8000, 9000\\] parameters"):
+        size_points(mixed)
 
 
 def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
@@ -219,6 +306,8 @@ def test_plan_errors_name_the_file_and_field(tmp_path) -> None:
         "arms: {a: []}\nlrs: [0.1, 0.1]\n": "lrs must hold distinct numbers",
         "arms: {a: []}\nlrs: []\n": "lrs must be a non-empty list",
         "arms: {a: model.qk_norm=none}\nlrs: [0.1]\n": "arms.a must be a list of strings",
+        "arms: {a: []}\nlrs: [0.1]\nsizes: {}\n": "sizes must be a non-empty mapping",
+        "arms: {a: []}\nlrs: [0.1]\nsizes: {s: [seed=1]}\n": "sizes.s sets 'seed=1'",
     }
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"plan{i}.yaml"
