@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from olmo_mini.analysis.compare import (
+    LR_KEY,
     final_loss,
     init_loss,
     line_style,
@@ -42,6 +44,8 @@ from olmo_mini.analysis.compare import (
     plot_final_loss_vs_lr,
     run_trajectory,
     save_figure,
+    set_growth_scale,
+    spans_decades,
 )
 from olmo_mini.analysis.runs import Run, load_run_dir
 from olmo_mini.analysis.sensitivity import (
@@ -49,6 +53,7 @@ from olmo_mini.analysis.sensitivity import (
     Arm,
     GridRun,
     Trajectory,
+    capped_loss,
     ended_diverged,
     is_diverged,
     lr_sensitivity,
@@ -556,8 +561,8 @@ def size_points(rows: Sequence[Mapping[str, Any]]) -> list[SizePoint]:
     by arm then by non-embedding parameters; empty when no row has a size."""
     groups: dict[tuple[str, str], list[ArmResult]] = {}
     for result in arm_results([r for r in rows if r["size"]]):
-        size = next(iter(result.runs.values()))["size"]
-        groups.setdefault((result.arm.removeprefix(f"{size}, "), size), []).append(result)
+        first = next(iter(result.runs.values()))
+        groups.setdefault((_arm_without_size(first), first["size"]), []).append(result)
     points = []
     for (arm, size), results in groups.items():
         members = [r for result in results for r in result.runs.values()]
@@ -569,7 +574,9 @@ def size_points(rows: Sequence[Mapping[str, Any]]) -> list[SizePoint]:
                 arm=arm,
                 size=size,
                 non_embedding_params=params.pop(),
-                sensitivities={res.seed: res.sensitivity for res in results},
+                sensitivities={
+                    r.seed: r.sensitivity for r in sorted(results, key=lambda r: r.seed)
+                },
                 diverged_runs=sum(bool(r["diverged"]) for r in members),
                 runs=len(members),
             )
@@ -754,26 +761,32 @@ def report_markdown(
 def plot_series(
     key: str, runs: Mapping[str, Run], rows: Sequence[Mapping[str, Any]], path: Path
 ) -> Path | None:
-    """``key`` over steps: a panel per LR, a line per arm (and seed). None when not logged."""
-    by_lr: dict[float, list[tuple[str, Run]]] = {}
+    """``key`` over steps: a panel per LR, a line per run, colored by arm and dashed by seed.
+    None when not logged."""
+    by_lr: dict[float, list[tuple[str, int, Run]]] = {}
     for row in sorted(rows, key=lambda r: (r["lr"], r["arm"], r["seed"])):
         run = runs.get(row["run_id"])
         if run is not None and key in run.keys():
-            by_lr.setdefault(row["lr"], []).append((f"{row['arm']} s{row['seed']}", run))
+            by_lr.setdefault(row["lr"], []).append((row["arm"], row["seed"], run))
     if not by_lr:
         return None
-    arms = sorted({label for members in by_lr.values() for label, _ in members})
-    style = {label: line_style(i) for i, label in enumerate(arms)}
+    members = [m for group in by_lr.values() for m in group]
+    arms = sorted({arm for arm, _, _ in members})
+    seeds = sorted({seed for _, seed, _ in members})
+    dashes = ("-", "--", ":", "-.")
     cols = min(4, len(by_lr))
     rows_n = math.ceil(len(by_lr) / cols)
-    legend_rows = math.ceil(len(arms) / 4)
+    legend_rows = math.ceil(len(arms) * len(seeds) / 4)
     fig = Figure(figsize=(4.2 * cols, 3.3 * rows_n + 0.25 * legend_rows + 0.3))
     axes = list(fig.subplots(rows_n, cols, squeeze=False, sharey=True).flat)
-    for ax, (lr, members) in zip(axes, sorted(by_lr.items()), strict=False):
-        for label, run in members:
-            ax.plot(*run.series(key), **style[label], linewidth=1.1, label=label)
-        if "max_logit" in key:
-            ax.set_yscale("log")
+    for ax, (lr, group) in zip(axes, sorted(by_lr.items()), strict=False):
+        for arm, seed, run in group:
+            color = line_style(arms.index(arm))["color"]
+            dash = dashes[seeds.index(seed) % len(dashes)]
+            label = f"{arm} s{seed}" if len(seeds) > 1 else arm
+            ax.plot(*run.series(key), color=color, ls=dash, linewidth=1.1, label=label)
+        if spans_decades([run.series(key)[1] for _, _, run in members]):
+            set_growth_scale(ax, [run.series(key)[1] for _, _, run in members])
         ax.set(title=f"lr={lr:g}", xlabel="step", ylabel=key)
         ax.grid(alpha=0.3)
     for ax in axes[len(by_lr) :]:
@@ -786,6 +799,43 @@ def plot_series(
     fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=4, fontsize=8)
     bottom = (0.25 * legend_rows + 0.3) / fig.get_figheight()
     return save_figure(fig, path, dpi=90, rect=(0, bottom, 1, 1))
+
+
+def plot_final_loss_by_size(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Final loss (capped at the loss at init, mean over seeds) against peak LR, a panel per
+    arm and a line per size, smallest to largest from dark to light: Wortsman et al.'s Fig. 1,
+    top."""
+    sized = [r for r in rows if r["size"]]
+    arms = list(dict.fromkeys(_arm_without_size(r) for r in sized))
+    params: dict[str, int] = {}
+    for r in sized:
+        params[r["size"]] = min(
+            params.get(r["size"], r["non_embedding_params"]), r["non_embedding_params"]
+        )
+    sizes = sorted(params, key=params.__getitem__)
+    fig = Figure(figsize=(4.6 * len(arms), 4.4))
+    axes = fig.subplots(1, len(arms), sharey=True, squeeze=False)[0]
+    for ax, arm in zip(axes, arms, strict=True):
+        for i, size in enumerate(sizes):
+            by_lr: dict[float, list[float]] = {}
+            for r in sized:
+                if r["size"] == size and _arm_without_size(r) == arm:
+                    by_lr.setdefault(r["lr"], []).append(
+                        capped_loss(r["final_loss"], r["init_loss"])
+                    )
+            lrs = sorted(by_lr)
+            color = colormaps["viridis"](0.85 * i / max(1, len(sizes) - 1))
+            label = f"{size} ({params[size]:,})"
+            ax.plot(lrs, [np.mean(by_lr[lr]) for lr in lrs], marker="o", color=color, label=label)
+        ax.set(xscale="log", title=arm, xlabel=f"peak learning rate ({LR_KEY})")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("final loss (capped at the loss at init; mean over seeds)")
+    axes[-1].legend(fontsize=8, title="size (non-embedding params)", title_fontsize=8)
+    return save_figure(fig, path, dpi=100)
+
+
+def _arm_without_size(row: Mapping[str, Any]) -> str:
+    return row["arm"].removeprefix(f"{row['size']}, ") if row["size"] else row["arm"]
 
 
 def plot_sensitivity_vs_size(points: Sequence[SizePoint], path: Path) -> Path:
@@ -854,6 +904,7 @@ def render(
     written = [write_rows(rows, report_dir / SUMMARY_FILE)]
     figures = [plot_final_loss_vs_lr(arm_results(rows), report_dir / "final_loss_vs_lr.png")]
     if points := size_points(rows):
+        figures.append(plot_final_loss_by_size(rows, report_dir / "final_loss_by_size.png"))
         figures.append(plot_sensitivity_vs_size(points, report_dir / "sensitivity_vs_size.png"))
     if runs_dir is not None and plan.series:
         runs = {r["run_id"]: load_run_dir(runs_dir / r["run_id"]) for r in rows}

@@ -29,6 +29,7 @@ from olmo_mini.analysis.study import (
     StudyError,
     arm_results,
     load_plan,
+    plot_final_loss_by_size,
     plot_sensitivity_vs_size,
     pooled_std,
     read_result,
@@ -290,6 +291,7 @@ def test_sensitivity_against_size_hand_worked(tmp_path) -> None:
     assert size_points(back) == points
     figure = plot_sensitivity_vs_size(points, tmp_path / "size.png")
     assert figure.stat().st_size > 10_000
+    assert plot_final_loss_by_size(SIZED, tmp_path / "by_size.png").stat().st_size > 10_000
     assert size_points(FIXED) == []  # a plan without sizes has no such table
     assert "LR sensitivity against model size" not in report_markdown("fixed", "", FIXED)
     mixed = [*SIZED[:-1], {**SIZED[-1], "non_embedding_params": 9000}]

@@ -8,12 +8,14 @@ import statistics
 
 import pytest
 
-from olmo_mini.analysis.study import arm_results, pooled_std, read_rows
+from olmo_mini.analysis.sensitivity import lr_sensitivity
+from olmo_mini.analysis.study import arm_results, pooled_std, read_rows, size_points
 from olmo_mini.analysis.sweep import MIN_GRID_POINTS
 from tests.training.helpers import REPO
 
 DOCS = REPO / "docs"
 REPORT = (DOCS / "stability-study.md").read_text()
+README = (REPO / "README.md").read_text()
 
 
 def rows(plan: str) -> list[dict]:
@@ -75,3 +77,184 @@ def test_seed_noise_numbers() -> None:
         assert len(values) == 3
         assert f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" == text
         assert text in REPORT
+
+
+# --- plans D and D_warmup20: the blow-up ----------------------------------------------------
+
+
+def _sci(value: float) -> str:
+    return f"{value:.0f}" if value < 1000 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
+
+
+def _span(values: list[float], fmt) -> str:
+    low, high = fmt(min(values)), fmt(max(values))
+    return low if low == high else f"{low}–{high}"
+
+
+def blow_up_table(plan: str) -> list[str]:
+    """The report's plan D table rows of ``plan``, recomputed: ranges over the seeds."""
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in rows(plan):
+        groups.setdefault((r["lr"], r["arm"]), []).append(r)
+    lines = []
+    for (lr, arm), runs in sorted(groups.items(), key=lambda item: item[0][0]):
+        cells = [
+            _span([r[key] for r in runs], fmt)
+            for key, fmt in (
+                ("final_loss", lambda v: f"{v:.2f}"),
+                ("share_above_init", lambda v: f"{100 * v:.0f}"),
+                ("max_train_loss", lambda v: f"{v:.0f}"),
+                ("peak_attn_logit", _sci),
+                ("peak_abs_logsumexp", lambda v: f"{v:.0f}"),
+            )
+        ]
+        diverged = f"{sum(r['diverged'] for r in runs)} of {len(runs)}"
+        lines.append(
+            f"| {plan} | {arm} | {lr:.1f} | {cells[0]} | {cells[1]}% | {cells[2]} | {cells[3]} | "
+            f"{cells[4]} | {diverged} |"
+        )
+    return lines
+
+
+@pytest.mark.parametrize("plan", ["D", "D_warmup20"])
+def test_blow_up_table_equals_the_csv(plan: str) -> None:
+    table = blow_up_table(plan)
+    assert len(table) == {"D": 6, "D_warmup20": 8}[plan]
+    for line in table:
+        assert line in REPORT, line
+
+
+def test_blow_up_headline_numbers() -> None:
+    both = rows("D") + rows("D_warmup20")
+    assert len(both) == 42 and not any(r["diverged_by_final"] for r in both)
+    assert "the final-loss rule of the\nfirst two editions calls all 42 runs healthy" in REPORT
+    spiky = [r for r in both if r["spike_score_loss"] > 0]
+    assert len(spiky) == 1 and "is 0 in 41 of\nthem (0.34% in the 42nd)" in REPORT
+    assert f"{spiky[0]['spike_score_loss']:.2f}" == "0.34"
+
+    def mean_final(arm: str) -> float:
+        values = [r["final_loss"] for r in rows("D_warmup20") if r["arm"] == arm and r["lr"] == 0.3]
+        assert len(values) == 3
+        return statistics.mean(values)
+
+    none, layer_norm = mean_final("wortsman, qk_norm=none"), mean_final("wortsman, qk-LayerNorm")
+    assert (f"{none:.2f}", f"{layer_norm:.2f}", f"{none - layer_norm:.2f}") == (
+        "5.88",
+        "4.94",
+        "0.94",
+    )
+    assert "costs **0.94 nats** of final loss (5.88 mean without" in REPORT
+    olmo = (mean_final("OLMo 2, qk_norm=none"), mean_final("OLMo 2"))
+    assert tuple(f"{v:.2f}" for v in olmo) == ("4.53", "4.52")
+    for plan, cpu in (("D", "22.4"), ("D_warmup20", "30.3")):
+        assert f"{sum(r['cpu_s'] for r in rows(plan)) / 60:.1f}" == cpu
+    assert "plan D 22.4 CPU-minutes (18 runs), D_warmup20 30.3 (24 runs)" in REPORT
+
+
+# --- plan S: LR sensitivity against model size ------------------------------------------------
+
+
+def _sensitivity(runs: list[dict], max_lr: float) -> list[float]:
+    """Per seed: LR sensitivity over the LRs up to ``max_lr``."""
+    by_seed: dict[int, list[dict]] = {}
+    for r in runs:
+        if r["lr"] <= max_lr:
+            by_seed.setdefault(r["seed"], []).append(r)
+    return [
+        lr_sensitivity(
+            {r["lr"]: r["final_loss"] for r in seed_runs},
+            statistics.mean(r["init_loss"] for r in seed_runs),
+        )
+        for _, seed_runs in sorted(by_seed.items())
+    ]
+
+
+def size_tables() -> list[str]:
+    """The report's three plan S tables, recomputed from the CSV, as markdown lines."""
+    plan = rows("S")
+    sizes = list(dict.fromkeys(r["size"] for r in plan))
+    lrs = sorted({r["lr"] for r in plan})
+    runs = lambda size, arm: [r for r in plan if r["arm"] == f"{size}, {arm}"]  # noqa: E731
+    ms = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}"  # noqa: E731
+    lines = []
+    for size in sizes:
+        none, norm = runs(size, "qk_norm=none"), runs(size, "qk-LayerNorm")
+        full = [_sensitivity(arm, 1.0) for arm in (none, norm)]
+        capped = [_sensitivity(arm, 0.3) for arm in (none, norm)]
+        gap = statistics.mean(full[0]) - statistics.mean(full[1])
+        lines.append(
+            f"| {size} | {none[0]['non_embedding_params']:,} | {ms(full[0])} | {ms(full[1])} | "
+            f"{gap:.2f} | {ms(capped[0])} | {ms(capped[1])} |"
+        )
+        assert f"| {ms(full[0])} | {ms(full[1])} |\n" in README  # the README's table
+    lines += ["| size | arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |"]
+    for size in sizes:
+        for arm in ("qk_norm=none", "qk-LayerNorm"):
+            cells = []
+            for lr in lrs:
+                at = [r for r in runs(size, arm) if r["lr"] == lr]
+                diverged = " ✗" if any(r["diverged"] for r in at) else ""
+                cells.append(f"{statistics.mean(r['final_loss'] for r in at):.2f}{diverged}")
+            lines.append(f"| {size} | {arm} | " + " | ".join(cells) + " |")
+    lines += ["| size | " + " | ".join(f"{lr:g}" for lr in lrs) + " |"]
+    for size in sizes:
+        cells = [
+            _sci(max(r["peak_attn_logit"] for r in runs(size, "qk_norm=none") if r["lr"] == lr))
+            for lr in lrs
+        ]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def test_size_tables_equal_the_csv() -> None:
+    plan = rows("S")
+    assert len(plan) == 112 and len({r["size"] for r in plan}) == 4
+    for line in size_tables():
+        assert line in REPORT, line
+    # The report's own table (tools/study.py) agrees with the test's sensitivity.
+    for point in size_points(plan):
+        runs = [r for r in plan if r["arm"] == f"{point.size}, {point.arm}"]
+        assert list(point.sensitivities.values()) == pytest.approx(_sensitivity(runs, 1.0))
+
+
+def test_size_headline_numbers() -> None:
+    plan = rows("S")
+    diverged = {(r["lr"], r["arm"]) for r in plan if r["diverged"]}
+    assert {lr for lr, _ in diverged} == {1.0} and len(diverged) == 8
+    assert all(r["diverged"] for r in plan if r["lr"] == 1.0)
+    shares = [r["share_above_init"] for r in plan if r["lr"] == 1.0]
+    assert (f"{100 * min(shares):.0f}", f"{100 * max(shares):.0f}") == ("16", "78")
+    assert max(r["share_above_init"] for r in plan if r["lr"] < 1.0) == pytest.approx(
+        0.05, abs=0.005
+    )
+    assert "(above init on 16–78% of its steps)" in REPORT
+
+    def twin_gap(r: dict) -> float:
+        twin = next(
+            t
+            for t in plan
+            if t["arm"] == f"{r['size']}, qk-LayerNorm"
+            and (t["lr"], t["seed"]) == (r["lr"], r["seed"])
+        )
+        return r["final_loss"] - twin["final_loss"]
+
+    unnormalized = [r for r in plan if r["arm"].endswith("qk_norm=none") and r["lr"] < 1.0]
+    # The lowest LR at which the unnormalized model is > 0.25 nats behind in both seeds.
+    onset = {}
+    for size in dict.fromkeys(r["size"] for r in plan):
+        behind = {
+            lr
+            for lr in {r["lr"] for r in unnormalized}
+            if all(twin_gap(r) > 0.25 for r in unnormalized if (r["size"], r["lr"]) == (size, lr))
+        }
+        onset[size] = min(behind)
+    assert list(onset.values()) == [0.3, 0.1, 0.03, 0.01]
+    assert "is 0.3 at d64, 0.1 at d128, 0.03 at\n  d192 and 0.01 at d256" in REPORT
+    past = [twin_gap(r) for r in unnormalized if r["peak_attn_logit"] > 1e4]
+    assert (f"{min(past):.2f}", f"{max(past):.2f}") == ("0.17", "0.93")
+    early = [r for r in unnormalized if r["size"] == "d256 L4" and r["lr"] == 0.01]
+    assert [f"{twin_gap(r):.2f}" for r in early] == ["0.26", "0.28"]
+    assert max(r["peak_attn_logit"] for r in early) < 1e3
+    assert "ended 0.17–0.93 nats behind its qk-LayerNorm twin" in REPORT
+    assert f"{sum(r['cpu_s'] for r in plan) / 60:.1f}" == "46.3"
+    assert "46.3 CPU-minutes for the 112 runs" in REPORT
