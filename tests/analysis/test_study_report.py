@@ -258,3 +258,45 @@ def test_size_headline_numbers() -> None:
     assert "ended 0.17–0.93 nats behind its qk-LayerNorm twin" in REPORT
     assert f"{sum(r['cpu_s'] for r in plan) / 60:.1f}" == "46.3"
     assert "46.3 CPU-minutes for the 112 runs" in REPORT
+
+
+# --- plans A-C re-run for their trajectories ----------------------------------------------------
+
+
+def rejudged_row(plan: str) -> str:
+    """The re-judging table's row of ``plan``: the re-run's verdicts by both rules, the runs the
+    trajectory rule calls diverged, and how far the re-run's final losses moved."""
+    new = read_rows(DOCS / "stability-study" / "rejudged" / plan / "summary.csv")
+    old = {(r["arm"], r["lr"], r["seed"]): r["final_loss"] for r in rows(plan)}
+    moved = [abs(r["final_loss"] - old[(r["arm"], r["lr"], r["seed"])]) for r in new]
+    by_arm: dict[str, list[str]] = {}
+    for r in new:
+        if r["diverged"]:
+            by_arm.setdefault(r["arm"], []).append(f"{r['lr']:g}")
+    which = "; ".join(f"{arm} @ {', '.join(lrs)}" for arm, lrs in by_arm.items()) or "none"
+    return (
+        f"| {plan} | {len(new)} | {sum(r['diverged_by_final'] for r in new)} | "
+        f"{sum(r['diverged'] for r in new)} | {which} | "
+        f"{statistics.median(moved):.3f} / {max(moved):.3f} |"
+    )
+
+
+@pytest.mark.parametrize("plan", ["A", "B", "C1", "C2", "C3"])
+def test_rejudged_table_equals_the_csvs(plan: str) -> None:
+    assert rejudged_row(plan) in REPORT
+
+
+def test_rejudged_plan_a_numbers() -> None:
+    rerun = read_rows(DOCS / "stability-study" / "rejudged" / "A" / "summary.csv")
+    top = [r for r in rerun if r["lr"] == 1.0]
+    shares = sorted(r["share_above_init"] for r in top if r["diverged"])
+    assert len(shares) == 9
+    assert (f"{100 * shares[0]:.1f}", f"{100 * shares[-1]:.0f}") == ("10.5", "36")
+    held = {r["arm"]: r["share_above_init"] for r in top if not r["diverged"]}
+    assert sorted(held) == ["none + QK-Clip 100", "qk_norm=l2"]
+    assert {f"{100 * v:.1f}" for v in held.values()} == {"9.5"}
+    assert max(r["share_above_init"] for r in rerun if r["lr"] < 1.0) < 0.075
+    assert "(10.5–36%, peaks of 24–79 nats by step 35)" in REPORT
+    moved = {a.arm: a.sensitivity for a in arm_results(rerun)}
+    before = {a.arm: a.sensitivity for a in arm_results(rows("A"))}
+    assert f"{max(abs(moved[k] - before[k]) for k in moved):.2f}" == "0.12"
