@@ -116,20 +116,20 @@ def blow_up_table(plan: str) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("plan", ["D", "D_warmup20"])
+@pytest.mark.parametrize("plan", ["D", "D_warmup20", "D_block"])
 def test_blow_up_table_equals_the_csv(plan: str) -> None:
     table = blow_up_table(plan)
-    assert len(table) == {"D": 6, "D_warmup20": 8}[plan]
+    assert len(table) == {"D": 6, "D_warmup20": 8, "D_block": 2}[plan]
     for line in table:
         assert line in REPORT, line
 
 
 def test_blow_up_headline_numbers() -> None:
-    both = rows("D") + rows("D_warmup20")
-    assert len(both) == 42 and not any(r["diverged_by_final"] for r in both)
-    assert "the final-loss rule of the\nfirst two editions calls all 42 runs healthy" in REPORT
+    both = rows("D") + rows("D_warmup20") + rows("D_block")
+    assert len(both) == 48 and not any(r["diverged_by_final"] for r in both)
+    assert "the final-loss rule of the\nfirst two editions calls all 48 runs healthy" in REPORT
     spiky = [r for r in both if r["spike_score_loss"] > 0]
-    assert len(spiky) == 1 and "is 0 in 41 of\nthem (0.34% in the 42nd)" in REPORT
+    assert len(spiky) == 1 and "is 0 in 47 of\nthem (0.34% in the 48th)" in REPORT
     assert f"{spiky[0]['spike_score_loss']:.2f}" == "0.34"
 
     def mean_final(arm: str) -> float:
@@ -146,9 +146,15 @@ def test_blow_up_headline_numbers() -> None:
     assert "costs **0.94 nats** of final loss (5.88 mean without" in REPORT
     olmo = (mean_final("OLMo 2, qk_norm=none"), mean_final("OLMo 2"))
     assert tuple(f"{v:.2f}" for v in olmo) == ("4.53", "4.52")
-    for plan, cpu in (("D", "22.4"), ("D_warmup20", "30.3")):
+    for plan, cpu in (("D", "22.4"), ("D_warmup20", "30.3"), ("D_block", "11.8")):
         assert f"{sum(r['cpu_s'] for r in rows(plan)) / 60:.1f}" == cpu
-    assert "plan D 22.4 CPU-minutes (18 runs), D_warmup20 30.3 (24 runs)" in REPORT
+    assert "plan D 22.4 CPU-minutes (18 runs), D_warmup20 30.3 (24 runs), D_block 11.8 (6" in REPORT
+    pre = rows("D_block")
+    shares = [r["share_above_init"] for r in pre]
+    assert (f"{100 * min(shares):.0f}", f"{100 * max(shares):.0f}") == ("78", "82")
+    log_z = [r["peak_abs_logsumexp"] for r in pre]
+    assert (f"{min(log_z):.0f}", f"{max(log_z):.0f}") == ("194", "364")
+    assert "78–82% of its steps above init and log\n  Z up to 194–364" in REPORT
 
 
 # --- plan S: LR sensitivity against model size ------------------------------------------------
