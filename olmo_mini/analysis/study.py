@@ -774,6 +774,7 @@ def plot_series(
     arms = sorted({arm for arm, _, _ in members})
     seeds = sorted({seed for _, seed, _ in members})
     dashes = ("-", "--", ":", "-.")
+    drawn = [run.series(key)[1] for _, _, run in members]  # one axis scale for every panel
     cols = min(4, len(by_lr))
     rows_n = math.ceil(len(by_lr) / cols)
     legend_rows = math.ceil(len(arms) * len(seeds) / 4)
@@ -785,8 +786,8 @@ def plot_series(
             dash = dashes[seeds.index(seed) % len(dashes)]
             label = f"{arm} s{seed}" if len(seeds) > 1 else arm
             ax.plot(*run.series(key), color=color, ls=dash, linewidth=1.1, label=label)
-        if spans_decades([run.series(key)[1] for _, _, run in members]):
-            set_growth_scale(ax, [run.series(key)[1] for _, _, run in members])
+        if spans_decades(drawn):
+            set_growth_scale(ax, drawn)
         ax.set(title=f"lr={lr:g}", xlabel="step", ylabel=key)
         ax.grid(alpha=0.3)
     for ax in axes[len(by_lr) :]:
